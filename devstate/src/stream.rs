@@ -1,0 +1,799 @@
+//! The stream codec: header, config record, RAM records, sections, end marker.
+//!
+//! Byte layout (all integers little-endian; `FORMAT.md` at the repository root has the table):
+//!
+//! ```text
+//! header  := "FERRYSTM" | u16 format=1 | u8 n | machine[n] | u8 n | producer[n] | u32 crc
+//! record  := config | ram | section | end          (tag byte first; tag 0 is invalid)
+//! config  := 0x01 | same framing as a section      (exactly one, first)
+//! ram     := 0x02 | u64 gpa | u32 pages | u8 kind(1 ZERO, 2 DATA) | DATA: pages*4096 bytes | u32 crc
+//! section := 0x03 | u8 n | name[n] | u32 instance | u32 version | u32 len | payload[len] | u32 crc
+//! payload := u32 body_len | body | u8 nsub | (u8 n | name[n] | u32 version | u32 len | body)*
+//! end     := 0x04 | u64 records | u32 crc
+//! ```
+//!
+//! Every CRC is CRC-32 (IEEE) over the record from its tag byte up to the CRC. Order is fixed:
+//! header, config, RAM records, sections, end. For a page sent twice the last copy wins.
+
+use crate::schema::Catalog;
+use crate::section::SectionInfo;
+use crate::{DecodeError, Reader, Section, put_len};
+use machine_types::MachineType;
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+
+/// First bytes of every stream.
+pub const MAGIC: [u8; 8] = *b"FERRYSTM";
+/// Stream format version this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Guest page size assumed by RAM records.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages one DATA record carries (1 MiB).
+pub const MAX_DATA_PAGES: u32 = 256;
+/// Most pages one ZERO record covers (4 GiB).
+pub const MAX_ZERO_PAGES: u32 = 1 << 20;
+/// Largest section accepted when the catalog does not bound it (lenient readers only).
+pub const MAX_UNKNOWN_SECTION: u64 = 16 << 20;
+
+/// Record tags. 0 is reserved as invalid so a zeroed buffer never parses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    /// The configuration record.
+    Config = 1,
+    /// A run of guest pages.
+    Ram = 2,
+    /// A device-state section.
+    Section = 3,
+    /// The end marker.
+    End = 4,
+}
+
+/// Kind of a RAM record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RamKind {
+    /// Pages that are all zero; no data follows.
+    Zero = 1,
+    /// Page contents follow.
+    Data = 2,
+}
+
+/// The stream header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Format version.
+    pub format_version: u16,
+    /// Canonical machine type name.
+    pub machine: String,
+    /// Producer, e.g. `ferry 0.1.0`.
+    pub producer: String,
+}
+
+/// A framed subsection, body still encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawSubsection {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// Absolute offset of its body.
+    pub body_offset: u64,
+    /// Encoded body.
+    pub body: Vec<u8>,
+}
+
+/// A framed, CRC-checked section (or config record), body still encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawSection {
+    /// Name.
+    pub name: String,
+    /// Instance id.
+    pub instance: u32,
+    /// Version.
+    pub version: u32,
+    /// Absolute offset of the record's tag byte.
+    pub offset: u64,
+    /// Absolute offset of the body.
+    pub body_offset: u64,
+    /// Encoded body.
+    pub body: Vec<u8>,
+    /// Subsections in stream order.
+    pub subsections: Vec<RawSubsection>,
+    /// CRC stored with the record.
+    pub crc: u32,
+}
+
+impl RawSection {
+    /// Decode into the typed state `S`, running its hooks.
+    pub fn load<S: Section>(&self) -> Result<S, DecodeError> {
+        let mut s = S::default();
+        s.pre_load();
+        let mut r = Reader::new(&self.body, self.body_offset, S::NAME);
+        s.decode_into(self.version, &mut r)?;
+        r.finish()?;
+        for raw in &self.subsections {
+            let sub = S::subsections()
+                .iter()
+                .find(|d| d.name() == raw.name)
+                .ok_or_else(|| DecodeError::UnknownSubsection {
+                    section: S::NAME.to_owned(),
+                    name: raw.name.clone(),
+                    offset: raw.body_offset,
+                })?;
+            let mut r = Reader::new(&raw.body, raw.body_offset, S::NAME);
+            sub.decode(&mut s, raw.version, &mut r)?;
+            r.finish()?;
+        }
+        s.post_load(self.version)
+            .map_err(|why| DecodeError::PostLoad {
+                section: S::NAME.to_owned(),
+                why,
+            })?;
+        Ok(s)
+    }
+
+    /// Re-encode this record exactly as framed (tag given by the caller).
+    pub fn encode(&self, tag: Tag) -> Vec<u8> {
+        let subs: Vec<(&str, u32, &[u8])> = self
+            .subsections
+            .iter()
+            .map(|s| (s.name.as_str(), s.version, s.body.as_slice()))
+            .collect();
+        frame_section(
+            tag,
+            &self.name,
+            self.instance,
+            self.version,
+            &self.body,
+            &subs,
+        )
+    }
+}
+
+fn put_name(w: &mut Vec<u8>, name: &str) {
+    let n = u8::try_from(name.len()).expect("section names are at most 255 bytes");
+    w.push(n);
+    w.extend_from_slice(name.as_bytes());
+}
+
+fn frame_section(
+    tag: Tag,
+    name: &str,
+    instance: u32,
+    version: u32,
+    body: &[u8],
+    subs: &[(&str, u32, &[u8])],
+) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(body.len() + 8);
+    put_len(&mut payload, body.len());
+    payload.extend_from_slice(body);
+    payload.push(u8::try_from(subs.len()).expect("at most 255 subsections"));
+    for (n, v, b) in subs {
+        put_name(&mut payload, n);
+        payload.extend_from_slice(&v.to_le_bytes());
+        put_len(&mut payload, b.len());
+        payload.extend_from_slice(b);
+    }
+    let mut out = Vec::with_capacity(payload.len() + name.len() + 18);
+    out.push(tag as u8);
+    put_name(&mut out, name);
+    out.extend_from_slice(&instance.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    put_len(&mut out, payload.len());
+    out.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Encode `s` as a full section record for machine type `m`, or `None` when not needed.
+pub fn encode_section<S: Section>(
+    s: &mut S,
+    instance: u32,
+    m: &MachineType,
+    tag: Tag,
+) -> Option<Vec<u8>> {
+    if !s.needed(m) {
+        return None;
+    }
+    s.pre_save();
+    let version = S::save_version(m);
+    let mut body = Vec::new();
+    s.encode(version, &mut body);
+    let bodies: Vec<(&str, u32, Vec<u8>)> = S::subsections()
+        .iter()
+        .filter(|d| d.for_machine(m) && d.needed(s))
+        .map(|d| {
+            let mut b = Vec::new();
+            d.encode(s, &mut b);
+            (d.name(), d.version(), b)
+        })
+        .collect();
+    let subs: Vec<(&str, u32, &[u8])> = bodies
+        .iter()
+        .map(|(n, v, b)| (*n, *v, b.as_slice()))
+        .collect();
+    Some(frame_section(tag, S::NAME, instance, version, &body, &subs))
+}
+
+/// Encode the header for machine type `machine`.
+pub fn encode_header(machine: &str, producer: &str) -> Vec<u8> {
+    let mut h = Vec::with_capacity(64);
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    put_name(&mut h, machine);
+    put_name(&mut h, producer);
+    let crc = crc32fast::hash(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Encode a RAM record header and CRC around `data` (empty for ZERO).
+fn ram_record(
+    gpa: u64,
+    pages: u32,
+    kind: RamKind,
+    data: &[u8],
+    w: &mut impl Write,
+) -> io::Result<u64> {
+    let mut head = [0u8; 14];
+    head[0] = Tag::Ram as u8;
+    head[1..9].copy_from_slice(&gpa.to_le_bytes());
+    head[9..13].copy_from_slice(&pages.to_le_bytes());
+    head[13] = kind as u8;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(data);
+    w.write_all(&head)?;
+    w.write_all(data)?;
+    w.write_all(&h.finalize().to_le_bytes())?;
+    Ok(14 + data.len() as u64 + 4)
+}
+
+/// Refuse a RAM record the reader would refuse.
+fn check_ram(gpa: u64, pages: u32, max: u32) -> io::Result<()> {
+    if !(1..=max).contains(&pages) || !gpa.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("RAM record at {gpa:#x} with {pages} pages is out of range"),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a stream record by record, enforcing nothing but counting what it wrote.
+#[derive(Debug)]
+pub struct StreamWriter<W: Write> {
+    w: W,
+    machine: &'static MachineType,
+    records: u64,
+    bytes: u64,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Start a stream for machine type `machine` by writing its header.
+    pub fn new(mut w: W, machine: &'static MachineType, producer: &str) -> io::Result<Self> {
+        let h = encode_header(machine.name(), producer);
+        w.write_all(&h)?;
+        Ok(StreamWriter {
+            w,
+            machine,
+            records: 0,
+            bytes: h.len() as u64,
+        })
+    }
+
+    /// The machine type this stream is written for.
+    pub fn machine(&self) -> &'static MachineType {
+        self.machine
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Write the configuration record (first, exactly once).
+    pub fn config<S: Section>(&mut self, s: &mut S) -> io::Result<()> {
+        let rec = encode_section(s, 0, self.machine, Tag::Config)
+            .ok_or_else(|| io::Error::other("configuration record not needed"))?;
+        self.raw(&rec)
+    }
+
+    /// Write section `s` for `instance` if it is needed under this machine type.
+    pub fn section<S: Section>(&mut self, s: &mut S, instance: u32) -> io::Result<bool> {
+        match encode_section(s, instance, self.machine, Tag::Section) {
+            Some(rec) => self.raw(&rec).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Write one already-framed record (from [`encode_section`] or [`RawSection::encode`]).
+    pub fn raw(&mut self, rec: &[u8]) -> io::Result<()> {
+        self.w.write_all(rec)?;
+        self.records += 1;
+        self.bytes += rec.len() as u64;
+        Ok(())
+    }
+
+    /// Write a ZERO record covering `pages` pages from `gpa`.
+    pub fn ram_zero(&mut self, gpa: u64, pages: u32) -> io::Result<()> {
+        check_ram(gpa, pages, MAX_ZERO_PAGES)?;
+        self.bytes += ram_record(gpa, pages, RamKind::Zero, &[], &mut self.w)?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Write a DATA record with whole pages starting at `gpa`.
+    pub fn ram_data(&mut self, gpa: u64, data: &[u8]) -> io::Result<()> {
+        let pages = u32::try_from(data.len() / PAGE_SIZE).unwrap_or(u32::MAX);
+        if !data.len().is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "RAM data is not whole pages",
+            ));
+        }
+        check_ram(gpa, pages, MAX_DATA_PAGES)?;
+        self.bytes += ram_record(gpa, pages, RamKind::Data, data, &mut self.w)?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Write the end marker and hand back the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        let mut end = Vec::with_capacity(13);
+        end.push(Tag::End as u8);
+        end.extend_from_slice(&self.records.to_le_bytes());
+        let crc = crc32fast::hash(&end);
+        end.extend_from_slice(&crc.to_le_bytes());
+        self.w.write_all(&end)?;
+        self.w.flush()?;
+        Ok(self.w)
+    }
+}
+
+/// A RAM record as read: `data` is `None` for a ZERO record.
+#[derive(Debug)]
+pub struct RamRecord<'a> {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub pages: u32,
+    /// Page contents, or `None` when the pages are zero.
+    pub data: Option<&'a [u8]>,
+    /// Absolute offset of the record.
+    pub offset: u64,
+}
+
+/// One decoded record.
+#[derive(Debug)]
+pub enum Item<'a> {
+    /// The configuration record.
+    Config(RawSection),
+    /// A run of pages.
+    Ram(RamRecord<'a>),
+    /// A device-state section.
+    Section(RawSection),
+    /// The end marker; the stream is complete and every expected section arrived.
+    End,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Config,
+    Ram,
+    Sections,
+    Done,
+}
+
+/// Reads and validates a stream record by record from any `Read` (file, socket, slice).
+///
+/// With a catalog it refuses unknown sections and subsections, out-of-range versions, lengths
+/// over the schema's bounds and, at the end marker, missing sections. Without one (lenient
+/// mode, for inspection tools) it checks framing and CRCs only.
+#[derive(Debug)]
+pub struct StreamReader<'c, R: Read> {
+    r: R,
+    catalog: Option<&'c Catalog>,
+    offset: u64,
+    header: Header,
+    phase: Phase,
+    seen: BTreeSet<(String, u32)>,
+    expected: BTreeSet<(String, u32)>,
+    records: u64,
+    buf: Vec<u8>,
+}
+
+impl<'c, R: Read> StreamReader<'c, R> {
+    /// Read and check the header.
+    pub fn new(mut r: R, catalog: Option<&'c Catalog>) -> Result<Self, DecodeError> {
+        let mut head = Vec::with_capacity(64);
+        let mut fixed = [0u8; 10];
+        read_exact(&mut r, &mut fixed, 0, "header")?;
+        if fixed[..8] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let format_version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        if format_version != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedFormat {
+                found: format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        head.extend_from_slice(&fixed);
+        let machine = read_name(&mut r, &mut head, "header")?;
+        let producer = read_name(&mut r, &mut head, "header")?;
+        let crc_at = head.len() as u64;
+        let mut crc = [0u8; 4];
+        read_exact(&mut r, &mut crc, crc_at, "header")?;
+        if u32::from_le_bytes(crc) != crc32fast::hash(&head) {
+            return Err(DecodeError::HeaderCrc { offset: crc_at });
+        }
+        let expected = catalog
+            .map(|c| {
+                c.infos()
+                    .filter(|i| i.required)
+                    .map(|i| (i.name.clone(), 0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(StreamReader {
+            r,
+            catalog,
+            offset: crc_at + 4,
+            header: Header {
+                format_version,
+                machine,
+                producer,
+            },
+            phase: Phase::Config,
+            seen: BTreeSet::new(),
+            expected,
+            records: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The stream's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Absolute offset of the next unread byte.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Require section `name` instance `instance` before the end marker.
+    pub fn expect(&mut self, name: &str, instance: u32) {
+        self.expected.insert((name.to_owned(), instance));
+    }
+
+    fn read(&mut self, buf: &mut [u8], context: &str) -> Result<(), DecodeError> {
+        read_exact(&mut self.r, buf, self.offset, context)?;
+        self.offset += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Read the next record. After [`Item::End`] every further call is an error.
+    pub fn next_item(&mut self) -> Result<Item<'_>, DecodeError> {
+        let at = self.offset;
+        let mut tag = [0u8; 1];
+        self.read(&mut tag, "record tag")?;
+        let unexpected = |why| DecodeError::UnexpectedRecord {
+            tag: tag[0],
+            why,
+            offset: at,
+        };
+        match (tag[0], self.phase) {
+            (_, Phase::Done) => Err(unexpected("record after the end marker")),
+            (1, Phase::Config) => {
+                let s = self.section(Tag::Config, at)?;
+                self.phase = Phase::Ram;
+                Ok(Item::Config(s))
+            }
+            (_, Phase::Config) => Err(unexpected("the configuration record must come first")),
+            (1, _) => Err(unexpected("second configuration record")),
+            (2, Phase::Ram) => self.ram(at),
+            (2, _) => Err(unexpected("RAM record after device state")),
+            (3, _) => {
+                self.phase = Phase::Sections;
+                Ok(Item::Section(self.section(Tag::Section, at)?))
+            }
+            (4, _) => {
+                self.end(at)?;
+                self.phase = Phase::Done;
+                Ok(Item::End)
+            }
+            (_, _) => Err(unexpected("unknown tag")),
+        }
+    }
+
+    fn ram(&mut self, at: u64) -> Result<Item<'_>, DecodeError> {
+        let mut head = [0u8; 14];
+        head[0] = Tag::Ram as u8;
+        self.read(&mut head[1..], "RAM record")?;
+        let gpa = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
+        let pages = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes"));
+        let bad = |why: String| DecodeError::BadRam { offset: at, why };
+        let data_len = match head[13] {
+            1 if (1..=MAX_ZERO_PAGES).contains(&pages) => 0,
+            2 if (1..=MAX_DATA_PAGES).contains(&pages) => pages as usize * PAGE_SIZE,
+            1 | 2 => return Err(bad(format!("page count {pages} out of range"))),
+            k => return Err(bad(format!("unknown kind {k}"))),
+        };
+        self.buf.resize(data_len, 0);
+        let mut data = std::mem::take(&mut self.buf);
+        let res = self.read(&mut data, "RAM record");
+        self.buf = data;
+        res?;
+        let mut crc = [0u8; 4];
+        self.read(&mut crc, "RAM record")?;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&head);
+        h.update(&self.buf);
+        let computed = h.finalize();
+        let stored = u32::from_le_bytes(crc);
+        if stored != computed {
+            return Err(DecodeError::CrcMismatch {
+                section: "RAM record".to_owned(),
+                offset: at,
+                stored,
+                computed,
+            });
+        }
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(bad(format!("address {gpa:#x} is not page aligned")));
+        }
+        if gpa
+            .checked_add(u64::from(pages) * PAGE_SIZE as u64)
+            .is_none()
+        {
+            return Err(bad(format!("range at {gpa:#x} overflows")));
+        }
+        self.records += 1;
+        Ok(Item::Ram(RamRecord {
+            gpa,
+            pages,
+            data: (head[13] == RamKind::Data as u8).then_some(self.buf.as_slice()),
+            offset: at,
+        }))
+    }
+
+    fn section(&mut self, tag: Tag, at: u64) -> Result<RawSection, DecodeError> {
+        let mut rec = vec![tag as u8];
+        let name = read_name(&mut self.r, &mut rec, "section header")
+            .map_err(|e| shift(e, self.offset))?;
+        self.offset = at + rec.len() as u64;
+        let ctx = format!("section '{name}'");
+        let mut fixed = [0u8; 12];
+        self.read(&mut fixed, &ctx)?;
+        rec.extend_from_slice(&fixed);
+        let instance = u32::from_le_bytes(fixed[0..4].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes(fixed[4..8].try_into().expect("4 bytes"));
+        let len = u64::from(u32::from_le_bytes(
+            fixed[8..12].try_into().expect("4 bytes"),
+        ));
+        let info: Option<&'c SectionInfo> = self.catalog.and_then(|c| c.info(&name));
+        let bound = info.as_ref().map_or(MAX_UNKNOWN_SECTION, |i| i.max_len);
+        if len > bound {
+            if info.is_none() && self.catalog.is_some() {
+                return Err(DecodeError::UnknownSection {
+                    name,
+                    instance,
+                    offset: at,
+                });
+            }
+            return Err(DecodeError::LengthOverBound {
+                section: name,
+                what: "section payload".to_owned(),
+                len,
+                bound,
+                offset: at + rec.len() as u64 - 4,
+            });
+        }
+        let payload_at = self.offset;
+        let start = rec.len();
+        rec.resize(start + len as usize, 0);
+        read_exact(&mut self.r, &mut rec[start..], payload_at, &ctx)?;
+        self.offset += len;
+        let mut crc = [0u8; 4];
+        self.read(&mut crc, &ctx)?;
+        let stored = u32::from_le_bytes(crc);
+        let computed = crc32fast::hash(&rec);
+        if stored != computed {
+            return Err(DecodeError::CrcMismatch {
+                section: name,
+                offset: at,
+                stored,
+                computed,
+            });
+        }
+        if self.catalog.is_some() && info.is_none() {
+            return Err(DecodeError::UnknownSection {
+                name,
+                instance,
+                offset: at,
+            });
+        }
+        if let Some(i) = info {
+            if version > i.version {
+                return Err(DecodeError::VersionTooNew {
+                    section: name,
+                    version,
+                    max: i.version,
+                    offset: at,
+                });
+            }
+            if version < i.min_version {
+                return Err(DecodeError::VersionTooOld {
+                    section: name,
+                    version,
+                    min: i.min_version,
+                    offset: at,
+                });
+            }
+        }
+        let raw = parse_payload(
+            &rec[start..],
+            payload_at,
+            name,
+            instance,
+            version,
+            at,
+            stored,
+            info,
+        )?;
+        if tag == Tag::Section {
+            let key = (raw.name.clone(), instance);
+            if !self.seen.insert(key) {
+                return Err(DecodeError::DuplicateSection {
+                    name: raw.name,
+                    instance,
+                    offset: at,
+                });
+            }
+        }
+        self.records += 1;
+        Ok(raw)
+    }
+
+    fn end(&mut self, at: u64) -> Result<(), DecodeError> {
+        let mut rest = [0u8; 12];
+        self.read(&mut rest, "end marker")?;
+        let mut rec = vec![Tag::End as u8];
+        rec.extend_from_slice(&rest[..8]);
+        let stored = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
+        let computed = crc32fast::hash(&rec);
+        if stored != computed {
+            return Err(DecodeError::CrcMismatch {
+                section: "end marker".to_owned(),
+                offset: at,
+                stored,
+                computed,
+            });
+        }
+        let stated = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        if stated != self.records {
+            return Err(DecodeError::CountMismatch {
+                offset: at,
+                stated,
+                seen: self.records,
+            });
+        }
+        if let Some((name, instance)) = self.expected.iter().find(|k| !self.seen.contains(*k)) {
+            return Err(DecodeError::MissingSection {
+                name: name.clone(),
+                instance: *instance,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Re-base an error from a sub-read whose offsets started at 0.
+fn shift(e: DecodeError, base: u64) -> DecodeError {
+    match e {
+        DecodeError::Truncated { context, offset } => DecodeError::Truncated {
+            context,
+            offset: offset + base,
+        },
+        DecodeError::Io { offset, source } => DecodeError::Io {
+            offset: offset + base,
+            source,
+        },
+        e => e,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn parse_payload(
+    payload: &[u8],
+    payload_at: u64,
+    name: String,
+    instance: u32,
+    version: u32,
+    at: u64,
+    crc: u32,
+    info: Option<&SectionInfo>,
+) -> Result<RawSection, DecodeError> {
+    let mut r = Reader::new(payload, payload_at, &name);
+    let body_len = r.count(u32::try_from(payload.len()).unwrap_or(u32::MAX), "body")?;
+    let body_offset = r.offset();
+    let body = r.take(body_len)?.to_vec();
+    let nsub = r.array::<1>()?[0];
+    let mut subsections = Vec::with_capacity(usize::from(nsub));
+    for _ in 0..nsub {
+        let sub_at = r.offset();
+        let n = r.array::<1>()?[0];
+        let sname = String::from_utf8_lossy(r.take(usize::from(n))?).into_owned();
+        let sversion = u32::from_le_bytes(r.array()?);
+        let remaining = u32::try_from(r.remaining()).unwrap_or(u32::MAX);
+        let slen = r.count(remaining, &sname)?;
+        let sbody_offset = r.offset();
+        let sbody = r.take(slen)?.to_vec();
+        if let Some(i) = info {
+            let max = *i
+                .subsections
+                .get(&sname)
+                .ok_or_else(|| DecodeError::UnknownSubsection {
+                    section: name.clone(),
+                    name: sname.clone(),
+                    offset: sub_at,
+                })?;
+            if sversion > max || sversion == 0 {
+                return Err(DecodeError::VersionTooNew {
+                    section: format!("{name}/{sname}"),
+                    version: sversion,
+                    max,
+                    offset: sub_at,
+                });
+            }
+        }
+        subsections.push(RawSubsection {
+            name: sname,
+            version: sversion,
+            body_offset: sbody_offset,
+            body: sbody,
+        });
+    }
+    r.finish()?;
+    Ok(RawSection {
+        name,
+        instance,
+        version,
+        offset: at,
+        body_offset,
+        body,
+        subsections,
+        crc,
+    })
+}
+
+fn read_exact(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    offset: u64,
+    context: &str,
+) -> Result<(), DecodeError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => DecodeError::Truncated {
+            context: context.to_owned(),
+            offset,
+        },
+        _ => DecodeError::Io { offset, source: e },
+    })
+}
+
+/// Read a `u8`-length-prefixed name, appending its raw bytes to `rec`.
+fn read_name(r: &mut impl Read, rec: &mut Vec<u8>, context: &str) -> Result<String, DecodeError> {
+    let at = rec.len() as u64;
+    let mut n = [0u8; 1];
+    read_exact(r, &mut n, at, context)?;
+    let mut name = vec![0u8; usize::from(n[0])];
+    read_exact(r, &mut name, at + 1, context)?;
+    rec.push(n[0]);
+    rec.extend_from_slice(&name);
+    Ok(String::from_utf8_lossy(&name).into_owned())
+}
