@@ -340,6 +340,11 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// Flush buffered records to the underlying writer.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+
     /// Write the end marker and hand back the writer.
     pub fn finish(mut self) -> io::Result<W> {
         let mut end = Vec::with_capacity(13);
@@ -463,6 +468,11 @@ impl<'c, R: Read> StreamReader<'c, R> {
     /// Absolute offset of the next unread byte.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The underlying reader (bytes after the end marker, such as COMMIT, are still there).
+    pub fn into_inner(self) -> R {
+        self.r
     }
 
     /// Require section `name` instance `instance` before the end marker.

@@ -1,1 +1,22 @@
-//! Ferry VMM.
+//! Ferry VMM core: a KVM virtual machine with guest RAM, vCPU threads, a small set of
+//! port-I/O devices and a built-in test guest, plus capture and restore of the whole
+//! machine state into plain `*State` structs.
+//!
+//! Where to look:
+//! - [`vm`]: the VM (KVM VM fd, guest RAM, memory slots, dirty log, VM-level state).
+//! - [`vcpu`]: vCPU threads, long-mode setup, CPUID, the run loop, pause/resume, vCPU state.
+//! - [`devices`]: the port-I/O bus, the UART and the guest-progress device.
+//! - [`guest`]: the test guest (machine code, mailbox ABI, memory-pattern verifier).
+//! - [`runstate`]: the QEMU-style run states.
+//! - [`config`]: machine shape and command-line value parsing.
+
+pub mod config;
+pub mod devices;
+pub mod guest;
+pub mod runstate;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{GuestSpec, VmConfig};
+pub use runstate::RunState;
+pub use vm::{Vm, VmError, VmState};

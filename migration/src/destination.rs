@@ -1,0 +1,211 @@
+//! The destination side: accept or refuse, receive pages and state, load, wait for COMMIT.
+
+use crate::config::{ConfigRecord, SwitchoverRecord};
+use crate::progress::{Progress, Status};
+use crate::protocol::{ACCEPTED_PROTOCOLS, Hello, Kind, Msg, PROTOCOL_VERSION};
+use crate::transport::TeeReader;
+use crate::vm::DestinationVm;
+use crate::{MigrationError, Params};
+use devstate::{Item, RawSection, Section, StreamReader};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::net::TcpStream;
+use tracing::{error, info, info_span};
+
+/// Where the incoming stream comes from.
+#[derive(Debug)]
+pub enum Incoming {
+    /// An accepted TCP connection (with a return path).
+    Tcp(TcpStream),
+    /// A stream file (no return path; loading it is the commit).
+    File(File),
+}
+
+fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
+    move |source| MigrationError::Io { phase, source }
+}
+
+/// Receive a migration into `vm`.
+///
+/// On success the guest runs here if it ran on the source. On failure everything loaded is
+/// discarded through [`DestinationVm::abort_incoming`] and the source is told why when it
+/// can still hear it.
+pub fn receive<V: DestinationVm>(
+    vm: &mut V,
+    incoming: Incoming,
+    params: &Params,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
+    let span = info_span!("migration", side = "destination");
+    let _g = span.enter();
+    progress.start();
+    progress.set_status(Status::Setup);
+    let mut ret = match &incoming {
+        Incoming::Tcp(s) => {
+            s.set_read_timeout(Some(params.io_timeout)).ok();
+            s.set_write_timeout(Some(params.io_timeout)).ok();
+            progress.set_socket(s.try_clone().ok());
+            Some(s.try_clone().map_err(io_err("handshake"))?)
+        }
+        Incoming::File(_) => None,
+    };
+    let mut started = false;
+    let res = run(vm, incoming, params, progress, &mut ret, &mut started);
+    progress.set_socket(None);
+    match &res {
+        Ok(()) => {
+            info!("incoming migration completed");
+            progress.set_status(Status::Completed);
+        }
+        Err(e) => {
+            error!(error = %e, "incoming migration failed");
+            if let (Some(r), false) = (ret.as_mut(), matches!(e, MigrationError::Refused(_))) {
+                let _ = Msg::with_text(Kind::Failed, &crate::chain(e)).write(r);
+            }
+            vm.abort_incoming(&crate::chain(e));
+            progress.fail(Status::Failed, crate::chain(e));
+        }
+    }
+    res
+}
+
+fn refuse(ret: &mut Option<TcpStream>, why: String) -> MigrationError {
+    if let Some(r) = ret.as_mut() {
+        let _ = Msg::with_text(Kind::Refuse, &why).write(r);
+    }
+    MigrationError::Refused(why)
+}
+
+fn run<V: DestinationVm>(
+    vm: &mut V,
+    incoming: Incoming,
+    params: &Params,
+    progress: &Progress,
+    ret: &mut Option<TcpStream>,
+    started: &mut bool,
+) -> Result<(), MigrationError> {
+    let dump = match &params.dump_stream {
+        Some(p) => Some(crate::transport::create_file(p)?),
+        None => None,
+    };
+    let reader: Box<dyn Read + Send> = match incoming {
+        Incoming::Tcp(mut s) => {
+            let hello = Hello::read(&mut s).map_err(io_err("handshake"))?;
+            if !ACCEPTED_PROTOCOLS.contains(&hello.protocol) {
+                return Err(refuse(
+                    ret,
+                    format!(
+                        "migration protocol version {} is not supported (accepted: {ACCEPTED_PROTOCOLS:?})",
+                        hello.protocol
+                    ),
+                ));
+            }
+            if let Some(r) = ret.as_mut() {
+                Msg::new(Kind::HelloAck, u64::from(PROTOCOL_VERSION))
+                    .write(r)
+                    .map_err(io_err("handshake"))?;
+            }
+            Box::new(s)
+        }
+        Incoming::File(f) => Box::new(f),
+    };
+    let mut catalog = vm.catalog();
+    crate::config::register(&mut catalog);
+    let mut stream = StreamReader::new(
+        TeeReader::new(BufReader::with_capacity(4 << 20, reader), dump),
+        Some(&catalog),
+    )?;
+    let machine = vm.machine();
+    if stream.header().machine != machine.name() {
+        return Err(refuse(
+            ret,
+            format!(
+                "machine type: source {}, destination {}",
+                stream.header().machine,
+                machine.name()
+            ),
+        ));
+    }
+    for (name, instance) in vm.expected_sections() {
+        stream.expect(&name, instance);
+    }
+    let Item::Config(raw) = stream.next_item()? else {
+        return Err(MigrationError::Protocol(
+            "configuration record missing".into(),
+        ));
+    };
+    let src_config: ConfigRecord = raw.load()?;
+    let diffs = src_config.differences(&vm.config());
+    if !diffs.is_empty() {
+        return Err(refuse(ret, diffs.join("; ")));
+    }
+    vm.begin_incoming().map_err(MigrationError::Vm)?;
+    *started = true;
+    if let Some(r) = ret.as_mut() {
+        Msg::new(Kind::Accept, 0)
+            .write(r)
+            .map_err(io_err("handshake"))?;
+    }
+    progress.set_status(Status::Active);
+    let mut sections: Vec<RawSection> = Vec::new();
+    loop {
+        match stream.next_item()? {
+            Item::Ram(rec) => {
+                let (gpa, pages, zero) = (rec.gpa, rec.pages, rec.data.is_none());
+                vm.write_ram(gpa, pages, rec.data)
+                    .map_err(MigrationError::Vm)?;
+                progress.update(|s| {
+                    if zero {
+                        s.zero_pages += u64::from(pages);
+                    } else {
+                        s.normal_pages += u64::from(pages);
+                    }
+                });
+            }
+            Item::Section(s) => {
+                if sections.is_empty() {
+                    progress.set_status(Status::Device);
+                }
+                sections.push(s);
+            }
+            Item::Config(_) => {
+                return Err(MigrationError::Protocol(
+                    "second configuration record".into(),
+                ));
+            }
+            Item::End => break,
+        }
+    }
+    progress.update(|s| s.transferred = stream.offset());
+    let switch_at = sections
+        .iter()
+        .position(|s| s.name == SwitchoverRecord::NAME)
+        .expect("required by the catalog");
+    let switchover: SwitchoverRecord = sections.remove(switch_at).load()?;
+    vm.load_devices(&sections).map_err(MigrationError::Vm)?;
+    let Some(r) = ret.as_mut() else {
+        // A file: loading it is the commit.
+        vm.commit(switchover.source_running)
+            .map_err(MigrationError::Vm)?;
+        return Ok(());
+    };
+    Msg::new(Kind::Loaded, sections.len() as u64)
+        .write(r)
+        .map_err(io_err("switchover"))?;
+    // COMMIT comes on the forward path, after the end marker.
+    let mut rest = stream.into_inner().into_inner();
+    let m = Msg::read(&mut rest).map_err(io_err("waiting for COMMIT"))?;
+    if m.kind != Kind::Commit {
+        return Err(MigrationError::Protocol(format!(
+            "expected Commit, got {:?}",
+            m.kind
+        )));
+    }
+    vm.commit(switchover.source_running)
+        .map_err(MigrationError::Vm)?;
+    // The guest is ours now; an unheard ack only leaves the source in "state unknown".
+    if let Err(e) = Msg::new(Kind::Committed, 0).write(r) {
+        error!(error = %e, "could not acknowledge COMMIT; the guest runs here regardless");
+    }
+    Ok(())
+}

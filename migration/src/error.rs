@@ -1,0 +1,75 @@
+//! Migration errors.
+
+use devstate::DecodeError;
+use std::io;
+
+/// Why a migration did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The URI is not `tcp:HOST:PORT` or `file:PATH`.
+    #[error("Invalid migration URI '{0}': expected tcp:HOST:PORT or file:PATH")]
+    BadUri(String),
+    /// Connecting, listening or opening the file failed.
+    #[error("Cannot open {target}")]
+    Open {
+        /// Address or path.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing the migration channel failed.
+    #[error("Migration channel failed during {phase}")]
+    Io {
+        /// What was going on.
+        phase: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The destination refused before any RAM moved.
+    #[error("Destination refused the migration: {0}")]
+    Refused(String),
+    /// The destination could not load what it received.
+    #[error("Destination failed to load the state: {0}")]
+    DestinationFailed(String),
+    /// The dirty rate stayed above what the bandwidth can clear within the downtime limit.
+    #[error(
+        "Migration did not converge after {iterations} iterations: expected downtime {expected_ms} ms exceeds the limit of {limit_ms} ms"
+    )]
+    NotConverged {
+        /// Iterations run.
+        iterations: u64,
+        /// Downtime the last iteration predicted.
+        expected_ms: u64,
+        /// The limit.
+        limit_ms: u64,
+    },
+    /// `migrate_cancel` arrived before COMMIT.
+    #[error("Migration cancelled")]
+    Cancelled,
+    /// COMMIT was sent but not acknowledged: the source must not resume.
+    #[error("Destination state unknown: COMMIT was sent but not acknowledged")]
+    StateUnknown(#[source] io::Error),
+    /// The incoming stream is invalid.
+    #[error("Invalid incoming stream")]
+    Stream(#[from] DecodeError),
+    /// The VMM could not do what the engine asked.
+    #[error("VM operation failed: {0}")]
+    Vm(String),
+    /// The peer broke the protocol.
+    #[error("Protocol error: {0}")]
+    Protocol(String),
+}
+
+/// An error and all its sources, joined with ": " (for wire messages and `query-migrate`).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,254 @@
+//! Migration status, statistics and events, shared between the engine and whoever watches it
+//! (the QMP server answers `query-migrate` from a [`Snapshot`]).
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Migration status, named as QEMU's `MigrationStatus`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Status {
+    /// No migration yet.
+    #[default]
+    None,
+    /// Connecting and handshaking.
+    Setup,
+    /// RAM pre-copy.
+    Active,
+    /// Stop-and-copy: vCPUs paused, last pages and device state.
+    Device,
+    /// Done; the guest runs on the destination.
+    Completed,
+    /// Failed; see the error.
+    Failed,
+    /// `migrate_cancel` received.
+    Cancelling,
+    /// Cancelled; the source runs on.
+    Cancelled,
+}
+
+impl Status {
+    /// QEMU's name for the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::None => "none",
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Device => "device",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether a migration is in flight (hotplug is refused in these states).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            Status::Setup | Status::Active | Status::Device | Status::Cancelling
+        )
+    }
+
+    /// Whether the migration has ended one way or the other.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// Figures for `query-migrate`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Current status.
+    pub status: Status,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Milliseconds from start to completion (or until now).
+    pub total_time_ms: u64,
+    /// Milliseconds spent connecting and handshaking.
+    pub setup_time_ms: u64,
+    /// Source-side downtime: from pausing the vCPUs to the destination's COMMIT ack.
+    pub downtime_ms: u64,
+    /// Downtime the last iteration predicted.
+    pub expected_downtime_ms: u64,
+    /// Stream bytes written.
+    pub transferred: u64,
+    /// Pages sent with data.
+    pub normal_pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Dirty bytes left after the last sync.
+    pub remaining: u64,
+    /// Total guest RAM in bytes.
+    pub total: u64,
+    /// Completed dirty-sync iterations.
+    pub iterations: u64,
+    /// Pages dirtied per second in the last iteration.
+    pub dirty_pages_rate: u64,
+    /// Throughput of the last iteration in Mbit/s.
+    pub mbps: f64,
+}
+
+/// Something that wants to hear about status changes and passes (QMP events).
+pub type Listener = Box<dyn Fn(Notice) + Send + Sync>;
+
+/// A notice for listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The status changed (QMP `MIGRATION`).
+    Status(Status),
+    /// A RAM pass started (QMP `MIGRATION_PASS`, `pass` = dirty-sync count).
+    Pass(u64),
+}
+
+/// Shared progress of one migration: status, counters, cancellation.
+pub struct Progress {
+    snap: Mutex<Snapshot>,
+    changed: Condvar,
+    cancel: AtomicBool,
+    socket: Mutex<Option<TcpStream>>,
+    started: Mutex<Option<Instant>>,
+    listener: Option<Listener>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("snap", &self.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new(None)
+    }
+}
+
+impl Progress {
+    /// Fresh progress; `listener` hears every status change and pass.
+    pub fn new(listener: Option<Listener>) -> Self {
+        Progress {
+            snap: Mutex::new(Snapshot::default()),
+            changed: Condvar::new(),
+            cancel: AtomicBool::new(false),
+            socket: Mutex::new(None),
+            started: Mutex::new(None),
+            listener,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        self.snap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the current figures, `total_time_ms` brought up to date while running.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = self.lock().clone();
+        if !s.status.is_finished()
+            && let Some(t) = *self.started.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            s.total_time_ms = t.elapsed().as_millis() as u64;
+        }
+        s
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        self.lock().status
+    }
+
+    pub(crate) fn start(&self) {
+        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.cancel.store(false, Ordering::SeqCst);
+        *self.lock() = Snapshot::default();
+    }
+
+    pub(crate) fn elapsed_ms(&self) -> u64 {
+        self.started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(0, |t| t.elapsed().as_millis() as u64)
+    }
+
+    /// Set the status, notify listeners and wake waiters.
+    pub fn set_status(&self, status: Status) {
+        {
+            let mut s = self.lock();
+            if s.status == status {
+                return;
+            }
+            s.status = status;
+            if status.is_finished() {
+                s.total_time_ms = self.elapsed_ms();
+            }
+        }
+        self.changed.notify_all();
+        if let Some(l) = &self.listener {
+            l(Notice::Status(status));
+        }
+    }
+
+    pub(crate) fn fail(&self, status: Status, why: String) {
+        self.lock().error = Some(why);
+        self.set_status(status);
+    }
+
+    pub(crate) fn pass(&self, n: u64) {
+        if let Some(l) = &self.listener {
+            l(Notice::Pass(n));
+        }
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        f(&mut self.lock());
+    }
+
+    /// Wait until `done(status)` holds, at most `timeout`; the error is the status reached.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(Status) -> bool,
+    ) -> Result<Status, Status> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        while !done(s.status) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(s.status);
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(s.status)
+    }
+
+    /// Ask the engine to stop; it resumes the source and ends as `cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if self.status().is_active() {
+            self.set_status(Status::Cancelling);
+        }
+        if let Some(s) = self
+            .socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Whether cancellation was asked for.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_socket(&self, s: Option<TcpStream>) {
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+}

@@ -1,0 +1,463 @@
+//! The source side: handshake, RAM pre-copy, stop-and-copy, switchover.
+
+use crate::config::SwitchoverRecord;
+use crate::progress::{Progress, Status};
+use crate::protocol::{Hello, Kind, Msg, PROTOCOL_VERSION};
+use crate::transport::{self, TeeWriter, Uri};
+use crate::vm::{DirtyRegion, SourceVm};
+use crate::{MigrationError, Params, SwitchoverPolicy};
+use devstate::{PAGE_SIZE, StreamWriter};
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use tracing::{error, info, info_span, warn};
+
+const CHUNK_PAGES: usize = devstate::stream::MAX_DATA_PAGES as usize;
+
+type Out = StreamWriter<BufWriter<TeeWriter<Box<dyn Write + Send>>>>;
+
+struct Sender<'a, V: SourceVm> {
+    vm: &'a mut V,
+    params: &'a Params,
+    progress: &'a Progress,
+    buf: Vec<u8>,
+    /// Bytes written at the start of the current iteration, and when it started.
+    iter_bytes: u64,
+    iter_start: Instant,
+}
+
+fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
+    move |source| MigrationError::Io { phase, source }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+impl<V: SourceVm> Sender<'_, V> {
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.progress.cancelled() {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Send `pages` pages from `gpa`, split into ZERO and DATA runs.
+    fn send_run(
+        &mut self,
+        out: &mut Out,
+        mut gpa: u64,
+        mut pages: usize,
+    ) -> Result<(), MigrationError> {
+        while pages > 0 {
+            self.check_cancel()?;
+            let n = pages.min(CHUNK_PAGES);
+            let len = n * PAGE_SIZE;
+            self.vm
+                .read_ram(gpa, &mut self.buf[..len])
+                .map_err(MigrationError::Vm)?;
+            let mut i = 0;
+            while i < n {
+                let zero = is_zero(&self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+                let mut j = i + 1;
+                while j < n && is_zero(&self.buf[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]) == zero {
+                    j += 1;
+                }
+                let at = gpa + (i * PAGE_SIZE) as u64;
+                let count = (j - i) as u32;
+                if zero {
+                    out.ram_zero(at, count).map_err(io_err("RAM transfer"))?;
+                } else {
+                    out.ram_data(at, &self.buf[i * PAGE_SIZE..j * PAGE_SIZE])
+                        .map_err(io_err("RAM transfer"))?;
+                }
+                self.progress.update(|s| {
+                    if zero {
+                        s.zero_pages += u64::from(count);
+                    } else {
+                        s.normal_pages += u64::from(count);
+                    }
+                    s.transferred = out.bytes_written();
+                });
+                i = j;
+            }
+            gpa += len as u64;
+            pages -= n;
+            self.throttle(out.bytes_written());
+        }
+        Ok(())
+    }
+
+    /// Sleep just enough to keep under `max_bandwidth` (bytes/s) for this iteration.
+    fn throttle(&self, written: u64) {
+        if self.params.max_bandwidth == 0 {
+            return;
+        }
+        let sent = written.saturating_sub(self.iter_bytes) as f64;
+        let due = Duration::from_secs_f64(sent / self.params.max_bandwidth as f64);
+        let spent = self.iter_start.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+    }
+
+    fn send_dirty(&mut self, out: &mut Out, dirty: &[DirtyRegion]) -> Result<(), MigrationError> {
+        for r in dirty {
+            let mut page = 0u64;
+            while page < r.pages {
+                let word = r.bitmap.get((page / 64) as usize).copied().unwrap_or(0);
+                if word == 0 && page.is_multiple_of(64) {
+                    page += 64;
+                    continue;
+                }
+                if word >> (page % 64) & 1 == 0 {
+                    page += 1;
+                    continue;
+                }
+                let start = page;
+                while page < r.pages
+                    && r.bitmap.get((page / 64) as usize).copied().unwrap_or(0) >> (page % 64) & 1
+                        == 1
+                {
+                    page += 1;
+                }
+                self.send_run(
+                    out,
+                    r.gpa + start * PAGE_SIZE as u64,
+                    (page - start) as usize,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// OR `more` into `into`, region by region (matched by start address).
+fn merge(into: &mut Vec<DirtyRegion>, more: &[DirtyRegion]) {
+    for m in more {
+        match into.iter_mut().find(|r| r.gpa == m.gpa) {
+            Some(r) => {
+                if r.bitmap.len() < m.bitmap.len() {
+                    r.bitmap.resize(m.bitmap.len(), 0);
+                }
+                for (a, b) in r.bitmap.iter_mut().zip(&m.bitmap) {
+                    *a |= b;
+                }
+            }
+            None => into.push(m.clone()),
+        }
+    }
+}
+
+fn dirty_pages(d: &[DirtyRegion]) -> u64 {
+    d.iter()
+        .map(|r| {
+            r.bitmap
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Migrate `vm` to `uri` (`tcp:HOST:PORT` or `file:PATH`).
+///
+/// On success the source is stopped for good (`postmigrate`). On any failure before COMMIT
+/// the source is resumed exactly where it was, dirty logging is off and nothing changed.
+pub fn send<V: SourceVm>(
+    vm: &mut V,
+    uri: &str,
+    params: &Params,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
+    let span = info_span!("migration", side = "source", uri);
+    let _g = span.enter();
+    progress.start();
+    progress.set_status(Status::Setup);
+    let was_running = vm.is_running();
+    let mut paused = false;
+    let mut logging = false;
+    let mut committed = false;
+    let res = run(
+        vm,
+        uri,
+        params,
+        progress,
+        was_running,
+        &mut paused,
+        &mut logging,
+        &mut committed,
+    );
+    progress.set_socket(None);
+    match &res {
+        Ok(()) => {
+            info!(?was_running, "migration completed");
+            progress.set_status(Status::Completed);
+        }
+        Err(e) => {
+            error!(error = %e, "migration failed");
+            if logging && !committed {
+                let _ = vm.stop_dirty_log();
+            }
+            if paused
+                && was_running
+                && !committed
+                && let Err(r) = vm.resume()
+            {
+                error!(error = %r, "could not resume the source after a failed migration");
+            }
+            let status = if matches!(e, MigrationError::Cancelled) {
+                Status::Cancelled
+            } else {
+                Status::Failed
+            };
+            progress.fail(status, crate::chain(e));
+        }
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<V: SourceVm>(
+    vm: &mut V,
+    uri: &str,
+    params: &Params,
+    progress: &Progress,
+    was_running: bool,
+    paused: &mut bool,
+    logging: &mut bool,
+    committed: &mut bool,
+) -> Result<(), MigrationError> {
+    let uri = Uri::parse(uri)?;
+    let dump = match &params.dump_stream {
+        Some(p) => Some(transport::create_file(p)?),
+        None => None,
+    };
+    // Forward channel, and the return path for TCP.
+    let (fwd, mut ret): (Box<dyn Write + Send>, Option<TcpStream>) = match &uri {
+        Uri::Tcp(_) => {
+            let mut s = transport::connect(&uri, params.io_timeout)?;
+            s.set_write_timeout(Some(params.io_timeout)).ok();
+            s.set_read_timeout(Some(params.io_timeout)).ok();
+            progress.set_socket(s.try_clone().ok());
+            if progress.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            Hello {
+                protocol: PROTOCOL_VERSION,
+            }
+            .write(&mut s)
+            .map_err(io_err("handshake"))?;
+            let ack = Msg::read(&mut s).map_err(io_err("handshake"))?;
+            match ack.kind {
+                Kind::HelloAck => {}
+                Kind::Refuse => return Err(MigrationError::Refused(ack.text)),
+                k => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected HelloAck, got {k:?}"
+                    )));
+                }
+            }
+            let ret = s.try_clone().map_err(io_err("handshake"))?;
+            (Box::new(s), Some(ret))
+        }
+        Uri::File(p) => (Box::new(transport::create_file(p)?), None),
+    };
+    let machine = vm.machine();
+    let producer = concat!("ferry ", env!("CARGO_PKG_VERSION"));
+    let mut out: Out = StreamWriter::new(
+        BufWriter::with_capacity(4 << 20, TeeWriter::new(fwd, dump)),
+        machine,
+        producer,
+    )
+    .map_err(io_err("handshake"))?;
+    let mut config = vm.config();
+    let total: u64 = config.memory.iter().map(|r| r.size).sum();
+    progress.update(|s| s.total = total);
+    out.config(&mut config).map_err(io_err("handshake"))?;
+    if let Some(ret) = ret.as_mut() {
+        out_flush(&mut out)?;
+        let m = Msg::read(ret).map_err(io_err("handshake"))?;
+        match m.kind {
+            Kind::Accept => {}
+            Kind::Refuse => return Err(MigrationError::Refused(m.text)),
+            k => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Accept, got {k:?}"
+                )));
+            }
+        }
+    }
+    vm.start_dirty_log().map_err(MigrationError::Vm)?;
+    *logging = true;
+    progress.update(|s| s.setup_time_ms = progress.elapsed_ms());
+    progress.set_status(Status::Active);
+
+    let mut tx = Sender {
+        vm,
+        params,
+        progress,
+        buf: vec![0u8; CHUNK_PAGES * PAGE_SIZE],
+        iter_bytes: out.bytes_written(),
+        iter_start: Instant::now(),
+    };
+    // Pass 0: all of RAM.
+    let mut iteration = 0u64;
+    {
+        let _s = info_span!("iteration", n = iteration).entered();
+        progress.pass(iteration);
+        for r in &config.memory {
+            tx.send_run(&mut out, r.gpa, (r.size / PAGE_SIZE as u64) as usize)?;
+        }
+    }
+    // Dirty passes until the rest fits in the downtime limit.
+    let pending = loop {
+        let elapsed = tx.iter_start.elapsed().as_secs_f64().max(1e-6);
+        let sent = out.bytes_written() - tx.iter_bytes;
+        let bandwidth = sent as f64 / elapsed; // bytes per second
+        let dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
+        let dirty_n = dirty_pages(&dirty);
+        iteration += 1;
+        let expected_ms = (dirty_n as f64 * PAGE_SIZE as f64 / bandwidth.max(1.0) * 1000.0) as u64;
+        progress.update(|s| {
+            s.iterations = iteration;
+            s.remaining = dirty_n * PAGE_SIZE as u64;
+            s.expected_downtime_ms = expected_ms;
+            s.dirty_pages_rate = (dirty_n as f64 / elapsed) as u64;
+            s.mbps = bandwidth * 8.0 / 1e6;
+        });
+        info!(
+            iteration,
+            dirty_pages = dirty_n,
+            expected_ms,
+            mbps = bandwidth * 8.0 / 1e6,
+            "pre-copy pass done"
+        );
+        if expected_ms <= params.downtime_limit_ms {
+            // Converged: these pages go in stop-and-copy, with whatever dirties meanwhile.
+            break dirty;
+        }
+        if iteration >= u64::from(params.max_iterations) {
+            match params.switchover_policy {
+                SwitchoverPolicy::Force => {
+                    warn!(iteration, expected_ms, "not converged; forcing switchover");
+                    break dirty;
+                }
+                SwitchoverPolicy::Cancel => {
+                    return Err(MigrationError::NotConverged {
+                        iterations: iteration,
+                        expected_ms,
+                        limit_ms: params.downtime_limit_ms,
+                    });
+                }
+            }
+        }
+        let _s = info_span!("iteration", n = iteration).entered();
+        progress.pass(iteration);
+        tx.iter_bytes = out.bytes_written();
+        tx.iter_start = Instant::now();
+        tx.send_dirty(&mut out, &dirty)?;
+    };
+
+    // Stop-and-copy.
+    tx.check_cancel()?;
+    let pause_at = Instant::now();
+    if was_running {
+        tx.vm.pause().map_err(MigrationError::Vm)?;
+    }
+    *paused = true;
+    progress.set_status(Status::Device);
+    let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
+    merge(&mut dirty, &pending);
+    tx.send_dirty(&mut out, &dirty)?;
+    let sections = tx.vm.save_devices(machine).map_err(MigrationError::Vm)?;
+    for s in &sections {
+        out.raw(s).map_err(io_err("device state"))?;
+    }
+    out.section(
+        &mut SwitchoverRecord {
+            source_running: was_running,
+        },
+        0,
+    )
+    .map_err(io_err("device state"))?;
+    let written = out.bytes_written();
+    let mut w = out.finish().map_err(io_err("device state"))?;
+    w.flush().map_err(io_err("device state"))?;
+    progress.update(|s| s.transferred = written);
+    let Some(mut ret) = ret else {
+        // A file: complete once written; the guest stays stopped (postmigrate).
+        tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
+        *logging = false;
+        progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
+        tx.vm.handed_over();
+        *committed = true;
+        return Ok(());
+    };
+    drop(w);
+    let m = Msg::read(&mut ret).map_err(io_err("waiting for the destination to load"))?;
+    match m.kind {
+        Kind::Loaded => {}
+        Kind::Failed => return Err(MigrationError::DestinationFailed(m.text)),
+        k => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Loaded, got {k:?}"
+            )));
+        }
+    }
+    tx.check_cancel()?;
+    // Point of no return: from here the source never resumes by itself.
+    tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
+    *logging = false;
+    *committed = true;
+    tx.vm.handed_over();
+    Msg::new(Kind::Commit, 0)
+        .write(&mut ret)
+        .map_err(MigrationError::StateUnknown)?;
+    match Msg::read(&mut ret) {
+        Ok(m) if m.kind == Kind::Committed => {}
+        Ok(m) => {
+            return Err(MigrationError::StateUnknown(std::io::Error::other(
+                format!("expected Committed, got {:?}", m.kind),
+            )));
+        }
+        Err(e) => return Err(MigrationError::StateUnknown(e)),
+    }
+    progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+fn out_flush(out: &mut Out) -> Result<(), MigrationError> {
+    out.flush().map_err(io_err("handshake"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_ors_bitmaps() {
+        let r = |gpa, w: u64| DirtyRegion {
+            gpa,
+            pages: 64,
+            bitmap: vec![w],
+        };
+        let mut a = vec![r(0, 0b0011)];
+        merge(&mut a, &[r(0, 0b0110), r(1 << 20, 1)]);
+        assert_eq!(a, vec![r(0, 0b0111), r(1 << 20, 1)]);
+        assert_eq!(dirty_pages(&a), 4);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; PAGE_SIZE + 3];
+        assert!(is_zero(&p[1..PAGE_SIZE + 1]));
+        p[PAGE_SIZE] = 1;
+        assert!(!is_zero(&p[1..PAGE_SIZE + 1]));
+    }
+}

@@ -1,0 +1,174 @@
+//! Migration URIs, channels and the `--dump-stream` tee.
+
+use crate::MigrationError;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+
+/// Where a migration goes to or comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uri {
+    /// `tcp:HOST:PORT`.
+    Tcp(String),
+    /// `file:PATH`.
+    File(PathBuf),
+}
+
+impl Uri {
+    /// Parse `tcp:HOST:PORT` (IPv6 hosts in brackets) or `file:PATH`.
+    pub fn parse(s: &str) -> Result<Uri, MigrationError> {
+        let bad = || MigrationError::BadUri(s.to_owned());
+        if let Some(rest) = s.strip_prefix("tcp:") {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad());
+            }
+            Ok(Uri::Tcp(rest.to_owned()))
+        } else if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(bad());
+            }
+            Ok(Uri::File(PathBuf::from(path)))
+        } else {
+            Err(bad())
+        }
+    }
+
+    /// Resolve a TCP address.
+    pub fn socket_addr(&self) -> Result<SocketAddr, MigrationError> {
+        let Uri::Tcp(a) = self else {
+            return Err(MigrationError::BadUri(format!("{self:?}")));
+        };
+        a.to_socket_addrs()
+            .map_err(|source| MigrationError::Open {
+                target: a.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| MigrationError::BadUri(a.clone()))
+    }
+}
+
+/// Bind the incoming listener to exactly the address given (never a wildcard it was not
+/// asked for).
+pub fn listen(uri: &Uri) -> Result<TcpListener, MigrationError> {
+    let addr = uri.socket_addr()?;
+    TcpListener::bind(addr).map_err(|source| MigrationError::Open {
+        target: addr.to_string(),
+        source,
+    })
+}
+
+/// Connect to a destination.
+pub fn connect(uri: &Uri, timeout: std::time::Duration) -> Result<TcpStream, MigrationError> {
+    let addr = uri.socket_addr()?;
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|source| MigrationError::Open {
+        target: addr.to_string(),
+        source,
+    })?;
+    s.set_nodelay(true).ok();
+    Ok(s)
+}
+
+/// Open a stream file for writing.
+pub fn create_file(path: &PathBuf) -> Result<File, MigrationError> {
+    File::create(path).map_err(|source| MigrationError::Open {
+        target: path.display().to_string(),
+        source,
+    })
+}
+
+/// A writer that also copies everything into an optional capture file.
+#[derive(Debug)]
+pub struct TeeWriter<W: Write> {
+    inner: W,
+    copy: Option<File>,
+}
+
+impl<W: Write> TeeWriter<W> {
+    /// Write to `inner`, and to `copy` when given.
+    pub fn new(inner: W, copy: Option<File>) -> Self {
+        TeeWriter { inner, copy }
+    }
+}
+
+impl<W: Write> Write for TeeWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(c) = &mut self.copy {
+            c.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(c) = &mut self.copy {
+            c.flush()?;
+        }
+        self.inner.flush()
+    }
+}
+
+/// A reader that copies everything it hands out into an optional capture file.
+#[derive(Debug)]
+pub struct TeeReader<R: Read> {
+    inner: R,
+    copy: Option<File>,
+}
+
+impl<R: Read> TeeReader<R> {
+    /// Read from `inner`, copying into `copy` when given.
+    pub fn new(inner: R, copy: Option<File>) -> Self {
+        TeeReader { inner, copy }
+    }
+
+    /// The wrapped reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for TeeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(c) = &mut self.copy {
+            c.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert_eq!(
+            Uri::parse("tcp:127.0.0.1:4444").unwrap(),
+            Uri::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            Uri::parse("tcp:[::1]:4444").unwrap(),
+            Uri::Tcp("[::1]:4444".into())
+        );
+        assert_eq!(
+            Uri::parse("file:/tmp/x").unwrap(),
+            Uri::File("/tmp/x".into())
+        );
+        for bad in [
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:99999",
+            "exec:cat",
+            "file:",
+            "unix:/x",
+        ] {
+            let e = Uri::parse(bad).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("Invalid migration URI '{bad}': expected tcp:HOST:PORT or file:PATH")
+            );
+        }
+    }
+}

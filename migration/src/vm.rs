@@ -1,0 +1,71 @@
+//! What the engine needs from a VMM. `vmm` implements these traits for its KVM VM; the engine
+//! never sees KVM.
+
+use crate::config::ConfigRecord;
+use devstate::{Catalog, RawSection};
+use machine_types::MachineType;
+
+/// Dirty pages of one RAM region: bit `i` of `bitmap` is the page at `gpa + i * 4096`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyRegion {
+    /// Start of the region.
+    pub gpa: u64,
+    /// Pages in the region.
+    pub pages: u64,
+    /// One bit per page, least significant bit first.
+    pub bitmap: Vec<u64>,
+}
+
+/// A VMM error, already in words.
+pub type VmError = String;
+
+/// The source side of a migration.
+pub trait SourceVm {
+    /// The machine type the guest runs.
+    fn machine(&self) -> &'static MachineType;
+    /// The configuration the destination must match.
+    fn config(&self) -> ConfigRecord;
+    /// Whether the guest runs now.
+    fn is_running(&self) -> bool;
+    /// Stop every vCPU outside KVM_RUN.
+    fn pause(&mut self) -> Result<(), VmError>;
+    /// Restart the vCPUs.
+    fn resume(&mut self) -> Result<(), VmError>;
+    /// Start dirty tracking (KVM log and the VMM's own bitmap), clearing both.
+    fn start_dirty_log(&mut self) -> Result<(), VmError>;
+    /// Stop dirty tracking.
+    fn stop_dirty_log(&mut self) -> Result<(), VmError>;
+    /// Pages written since the last call (or since tracking started), per region.
+    fn take_dirty(&mut self) -> Result<Vec<DirtyRegion>, VmError>;
+    /// Copy guest RAM at `gpa` into `buf` (whole pages).
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
+    /// Every device section, encoded for machine type `m` with `devstate::encode_section`
+    /// (vCPUs paused).
+    fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError>;
+    /// The guest is now the destination's: tear down nothing, but never run again.
+    fn handed_over(&mut self) {}
+}
+
+/// The destination side of a migration.
+pub trait DestinationVm {
+    /// The machine type this process was started with.
+    fn machine(&self) -> &'static MachineType;
+    /// The configuration after pre-start `device_add`s.
+    fn config(&self) -> ConfigRecord;
+    /// Every section type this build reads (the engine adds its own).
+    fn catalog(&self) -> Catalog;
+    /// Sections that must arrive (e.g. one per vCPU), beyond the catalog's required ones.
+    fn expected_sections(&self) -> Vec<(String, u32)>;
+    /// The stream has started: refuse hotplug from now on, reset every connector and clear
+    /// the pending guest-event queue (after the pre-start adds, before anything is loaded).
+    fn begin_incoming(&mut self) -> Result<(), VmError>;
+    /// Write pages at `gpa`; `None` means `pages` zero pages. Must refuse any range outside
+    /// guest RAM.
+    fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), VmError>;
+    /// Load every device section (vCPUs not yet running).
+    fn load_devices(&mut self, sections: &[RawSection]) -> Result<(), VmError>;
+    /// COMMIT arrived: run the guest if the source was running.
+    fn commit(&mut self, run: bool) -> Result<(), VmError>;
+    /// The incoming migration failed: discard what was loaded, allow hotplug again.
+    fn abort_incoming(&mut self, why: &str);
+}

@@ -1,0 +1,11 @@
+//! Devices: the bus the vCPU run loop dispatches port and MMIO accesses to, the UART and
+//! the guest-progress device, and their plain state structs ([`persist`]).
+
+pub mod bus;
+pub mod persist;
+pub mod progress;
+pub mod uart;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use progress::{ProgressDevice, ProgressMonitor};
+pub use uart::Uart;

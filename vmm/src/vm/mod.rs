@@ -1,0 +1,520 @@
+//! The VM: KVM VM fd, in-kernel irqchip and PIT, guest RAM, devices and vCPUs; run-state
+//! changes (start, pause, resume); dirty logging; whole-machine save and restore.
+//!
+//! - [`memory`]: guest RAM, KVM slots, dirty log.
+//! - [`persist`]: the plain VM-level state and [`VmState`].
+
+pub mod memory;
+pub mod persist;
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::config::{ConfigError, GuestSpec, VmConfig};
+use crate::devices::progress::{PROGRESS_BASE, PROGRESS_LEN, WaitError};
+use crate::devices::uart::{COM1_BASE, COM1_GSI, COM1_LEN, SerialOut};
+use crate::devices::{Bus, BusError, ProgressDevice, ProgressMonitor, Uart};
+use crate::guest::{self, GuestError, Mailbox, PatternError, layout};
+use crate::runstate::RunState;
+use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, cpuid, longmode};
+pub use memory::{DirtyBitmap, GuestMem, GuestRam, MemoryError};
+pub use persist::VmState;
+
+/// Guest-physical address of the TSS pages KVM needs on Intel (inside the PCI hole).
+pub const TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Guest-physical address of KVM's identity-map page (inside the PCI hole).
+pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors of the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// Bad machine shape or guest.
+    #[error("Invalid configuration")]
+    Config(#[from] ConfigError),
+    /// `/dev/kvm` cannot be opened.
+    #[error("/dev/kvm is not available")]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM call failed.
+    #[error("{op} failed")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM setup or tracking failed.
+    #[error("Guest RAM error")]
+    Memory(#[from] MemoryError),
+    /// Guest RAM access failed.
+    #[error("Cannot access guest RAM")]
+    GuestMemory(#[from] GuestMemoryError),
+    /// A vCPU failed.
+    #[error("vCPU error")]
+    Vcpu(#[from] VcpuError),
+    /// The test guest could not be built.
+    #[error("Cannot build the test guest")]
+    Guest(#[from] GuestError),
+    /// Device registration failed.
+    #[error("Cannot register a device")]
+    Bus(#[from] BusError),
+    /// Device setup or restore failed.
+    #[error("Device {0} failed")]
+    Device(&'static str, #[source] io::Error),
+    /// The operation is not valid in the current run state.
+    #[error("Cannot {op} while the VM is {state}")]
+    WrongState {
+        /// What was attempted.
+        op: &'static str,
+        /// Current state.
+        state: RunState,
+    },
+    /// State capture with running vCPUs.
+    #[error("vCPUs are running; pause the VM before capturing its state")]
+    NotPaused,
+    /// A saved state of another shape.
+    #[error("Saved state does not fit this VM: {0}")]
+    ShapeMismatch(String),
+    /// Waiting for the guest failed.
+    #[error("Guest made no progress")]
+    Wait(#[from] WaitError),
+    /// The guest memory pattern is broken.
+    #[error("Guest memory pattern is broken")]
+    Pattern(#[from] PatternError),
+}
+
+fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+/// A KVM virtual machine.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: vCPU threads stop before the VM fd and RAM go away.
+    vcpus: Vec<Vcpu>,
+    config: VmConfig,
+    fd: Arc<VmFd>,
+    ram: GuestRam,
+    kvm: Kvm,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    uart: Arc<Mutex<Uart>>,
+    progress: Arc<ProgressMonitor>,
+    msrs: Vec<u32>,
+    run_state: Arc<Mutex<RunState>>,
+    guest: Option<GuestSpec>,
+}
+
+impl Vm {
+    /// Creates a VM of `config`'s shape, guest serial output discarded. The vCPUs exist and
+    /// are parked; the VM is in `prelaunch`.
+    pub fn new(config: &VmConfig) -> Result<Vm, VmError> {
+        Vm::with_serial(config, Box::new(io::sink()))
+    }
+
+    /// Like [`Vm::new`], guest serial output going to `serial`.
+    pub fn with_serial(config: &VmConfig, serial: SerialOut) -> Result<Vm, VmError> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?);
+        fd.set_tss_address(TSS_ADDRESS as usize)
+            .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_op("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(config.memory_size)?;
+        ram.register(&fd)?;
+
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device("uart", e))?;
+        fd.register_irqfd(&irq, COM1_GSI)
+            .map_err(kvm_op("KVM_IRQFD"))?;
+        let uart = Arc::new(Mutex::new(Uart::new(irq, serial)));
+        io_bus.insert(COM1_BASE.into(), COM1_LEN.into(), uart.clone())?;
+        let progress = Arc::new(ProgressMonitor::default());
+        io_bus.insert(
+            PROGRESS_BASE.into(),
+            PROGRESS_LEN.into(),
+            Arc::new(Mutex::new(ProgressDevice::new(progress.clone()))),
+        )?;
+
+        let mut base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::mask_entries(base_cpuid.as_mut_slice());
+        let run_state = Arc::new(Mutex::new(RunState::Prelaunch));
+        let ctx = RunContext {
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            run_state: run_state.clone(),
+        };
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let mut c = base_cpuid.clone();
+            cpuid::set_apic_id(c.as_mut_slice(), index);
+            vcpus.push(Vcpu::new(&fd, index, &c)?);
+        }
+        let msrs = vcpus[0].probe_msrs(&kvm)?;
+        for v in &mut vcpus {
+            v.spawn(ctx.clone())?;
+        }
+        tracing::info!(
+            memory = config.memory_size,
+            vcpus = config.vcpus,
+            machine = %config.machine,
+            msrs = msrs.len(),
+            "VM created"
+        );
+        Ok(Vm {
+            vcpus,
+            config: config.clone(),
+            fd,
+            ram,
+            kvm,
+            io_bus,
+            mmio_bus,
+            uart,
+            progress,
+            msrs,
+            run_state,
+            guest: None,
+        })
+    }
+
+    /// The machine shape.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Guest RAM for `Bytes` access.
+    pub fn memory(&self) -> &GuestMem {
+        self.ram.mem()
+    }
+
+    /// The port-I/O bus (for adding devices).
+    pub fn io_bus(&self) -> &Arc<Bus> {
+        &self.io_bus
+    }
+
+    /// The MMIO bus (for adding devices).
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// The vCPUs.
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// MSRs captured per vCPU.
+    pub fn msr_list(&self) -> &[u32] {
+        &self.msrs
+    }
+
+    /// The guest-progress counters.
+    pub fn progress(&self) -> &Arc<ProgressMonitor> {
+        &self.progress
+    }
+
+    /// The guest loaded by [`Vm::load_guest`], if any.
+    pub fn guest(&self) -> Option<GuestSpec> {
+        self.guest
+    }
+
+    fn state_lock(&self) -> MutexGuard<'_, RunState> {
+        self.run_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current run state.
+    pub fn run_state(&self) -> RunState {
+        *self.state_lock()
+    }
+
+    /// Sets the run state without touching the vCPUs (migration uses this for `inmigrate`,
+    /// `finish-migrate`, `postmigrate`). Use [`Vm::pause`]/[`Vm::resume`] to stop and start.
+    pub fn set_run_state(&self, state: RunState) {
+        *self.state_lock() = state;
+    }
+
+    /// Writes the test guest into RAM (code, GDT, IDT, page tables, mailbox) and puts every
+    /// vCPU at its entry in long mode. Only in `prelaunch`.
+    pub fn load_guest(&mut self, spec: &GuestSpec) -> Result<(), VmError> {
+        let state = self.run_state();
+        if state != RunState::Prelaunch {
+            return Err(VmError::WrongState {
+                op: "load a guest",
+                state,
+            });
+        }
+        self.config.validate_for(spec)?;
+        let mem = self.ram.mem();
+        let image = guest::assemble(layout::CODE_GPA)?;
+        mem.write_slice(&image.code, GuestAddress(layout::CODE_GPA))?;
+        for (i, e) in longmode::gdt().iter().enumerate() {
+            mem.write_obj(*e, GuestAddress(layout::GDT_GPA + i as u64 * 8))?;
+        }
+        mem.write_slice(
+            &guest::asm::build_idt(&image.vectors),
+            GuestAddress(layout::IDT_GPA),
+        )?;
+        let tables =
+            longmode::identity_page_tables(self.ram.top()).ok_or(ConfigError::TooMuchMemory {
+                size: self.config.memory_size,
+                max: crate::config::MAX_MEMORY,
+            })?;
+        for (gpa, entry) in tables {
+            mem.write_obj(entry, GuestAddress(gpa))?;
+        }
+        let mailbox = match *spec {
+            GuestSpec::Dirty {
+                working_set,
+                delay_loops,
+            } => Mailbox::dirty(
+                layout::WORKING_SET_GPA,
+                working_set / guest::PAGE_SIZE,
+                delay_loops,
+            ),
+            GuestSpec::Idle => Mailbox::idle(),
+        };
+        mailbox.write(mem)?;
+        for v in &self.vcpus {
+            let entry = if v.index() == 0 {
+                image.entry
+            } else {
+                image.ap_entry
+            };
+            v.configure_boot(entry)?;
+        }
+        self.guest = Some(*spec);
+        tracing::info!(guest = %spec, code_bytes = image.code.len(), "test guest loaded");
+        Ok(())
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`; returns once all have acknowledged. From
+    /// `running` the VM becomes `paused`; in other states the vCPUs are already parked
+    /// and nothing changes.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let mut state = self.state_lock();
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        for v in &self.vcpus {
+            v.wait_parked(deadline)?;
+        }
+        if *state == RunState::Running {
+            *state = RunState::Paused;
+            tracing::debug!("VM paused");
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run; the VM becomes `running`. Refused after shutdown.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let mut state = self.state_lock();
+        if *state == RunState::Shutdown {
+            return Err(VmError::WrongState {
+                op: "resume",
+                state: *state,
+            });
+        }
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        *state = RunState::Running;
+        tracing::debug!("VM running");
+        Ok(())
+    }
+
+    /// Whether every vCPU is parked outside `KVM_RUN`.
+    pub fn all_parked(&self) -> bool {
+        self.vcpus.iter().all(Vcpu::is_parked)
+    }
+
+    /// Reads the test guest's mailbox.
+    pub fn mailbox(&self) -> Result<Mailbox, VmError> {
+        Ok(Mailbox::read(self.ram.mem())?)
+    }
+
+    /// Changes the dirtying guest's delay loop (takes effect at the next page).
+    pub fn set_guest_delay(&self, delay_loops: u64) -> Result<(), VmError> {
+        Mailbox::write_field(
+            self.ram.mem(),
+            guest::mailbox::offset::DELAY_LOOPS,
+            delay_loops,
+        )?;
+        Ok(())
+    }
+
+    /// Sets the mailbox `flags` (e.g. [`guest::mailbox::FLAG_GO_IDLE`]).
+    pub fn set_guest_flags(&self, flags: u64) -> Result<(), VmError> {
+        Mailbox::write_field(self.ram.mem(), guest::mailbox::offset::FLAGS, flags)?;
+        Ok(())
+    }
+
+    /// Checks the dirtying guest's memory pattern; the vCPUs must be paused.
+    pub fn verify_guest_pattern(&self) -> Result<(), VmError> {
+        if !self.all_parked() {
+            return Err(VmError::NotPaused);
+        }
+        let mb = self.mailbox()?;
+        guest::verify_pattern(self.ram.mem(), &mb)?;
+        Ok(())
+    }
+
+    /// Blocks until the guest reports pass `pass` on the progress port, or `timeout`.
+    pub fn wait_for_pass(&self, pass: u32, timeout: Duration) -> Result<u32, VmError> {
+        Ok(self.progress.wait_for_pass(pass, timeout)?)
+    }
+
+    /// Enables or disables dirty logging of every memory slot (enabling clears the logs).
+    pub fn set_dirty_log(&self, enable: bool) -> Result<(), VmError> {
+        Ok(self.ram.set_dirty_log_all(&self.fd, enable)?)
+    }
+
+    /// Enables or disables dirty logging of one memory slot.
+    pub fn set_slot_dirty_log(&self, slot: u32, enable: bool) -> Result<(), VmError> {
+        Ok(self.ram.set_dirty_log(&self.fd, slot, enable)?)
+    }
+
+    /// Pages dirtied since the last call: KVM's log OR the VMM bitmap, per slot.
+    pub fn dirty_pages(&self) -> Result<Vec<DirtyBitmap>, VmError> {
+        Ok(self.ram.dirty_pages(&self.fd)?)
+    }
+
+    /// Captures the whole machine except RAM. Every vCPU must be parked (pause first).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        if !self.all_parked() {
+            return Err(VmError::NotPaused);
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.save_state(&self.msrs)?);
+        }
+        let (pic_master, pic_slave, ioapic) =
+            persist::save_irqchip(&self.fd).map_err(kvm_op("KVM_GET_IRQCHIP"))?;
+        let pit = self.fd.get_pit2().map_err(kvm_op("KVM_GET_PIT2"))?;
+        let clock = self.fd.get_clock().map_err(kvm_op("KVM_GET_CLOCK"))?;
+        let uart = self.uart.lock().unwrap_or_else(|e| e.into_inner()).save();
+        Ok(VmState {
+            memory_size: self.config.memory_size,
+            vcpus,
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit: persist::PitState::from_kvm(&pit),
+            clock: persist::ClockState::from_kvm(&clock),
+            uart,
+            progress: self.progress.snapshot(),
+        })
+    }
+
+    /// Checks that `state` was captured from a VM of this shape.
+    pub fn check_shape(&self, state: &VmState) -> Result<(), VmError> {
+        let mut diffs = Vec::new();
+        if state.vcpus.len() != self.vcpus.len() {
+            diffs.push(format!(
+                "vCPU count differs (state has {}, this VM has {})",
+                state.vcpus.len(),
+                self.vcpus.len()
+            ));
+        }
+        if state.memory_size != self.config.memory_size {
+            diffs.push(format!(
+                "memory size differs (state has {} bytes, this VM has {} bytes)",
+                state.memory_size, self.config.memory_size
+            ));
+        }
+        for (i, v) in state.vcpus.iter().enumerate() {
+            if v.index != i as u32 {
+                diffs.push(format!("vCPU state {i} is for vCPU {}", v.index));
+            }
+        }
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::ShapeMismatch(diffs.join("; ")))
+        }
+    }
+
+    /// Loads `state` into this VM, which must be freshly created (parked vCPUs, never run,
+    /// same shape). RAM is not part of the state; load it separately. Leaves the VM `paused`.
+    pub fn restore_state(&mut self, state: &VmState) -> Result<(), VmError> {
+        self.check_shape(state)?;
+        let run_state = self.run_state();
+        if !matches!(
+            run_state,
+            RunState::Prelaunch | RunState::InMigrate | RunState::Paused
+        ) {
+            return Err(VmError::WrongState {
+                op: "restore state",
+                state: run_state,
+            });
+        }
+        if !self.all_parked() {
+            return Err(VmError::NotPaused);
+        }
+        self.fd
+            .set_pit2(&state.pit.to_kvm())
+            .map_err(kvm_op("KVM_SET_PIT2"))?;
+        self.fd
+            .set_clock(&state.clock.to_kvm())
+            .map_err(kvm_op("KVM_SET_CLOCK"))?;
+        persist::restore_irqchip(&self.fd, &state.pic_master, &state.pic_slave, &state.ioapic)
+            .map_err(kvm_op("KVM_SET_IRQCHIP"))?;
+        for (v, s) in self.vcpus.iter_mut().zip(&state.vcpus) {
+            v.restore_state(s)?;
+        }
+        self.uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state.uart)
+            .map_err(|e| VmError::Device("uart", e))?;
+        self.progress.restore(&state.progress);
+        if self.guest.is_none() {
+            // The restored guest is whatever the mailbox says; remember it for reporting.
+            if let Ok(mb) = self.mailbox() {
+                self.guest = Some(if mb.mode == guest::mailbox::MODE_DIRTY {
+                    GuestSpec::Dirty {
+                        working_set: mb.ws_pages * guest::PAGE_SIZE,
+                        delay_loops: mb.delay_loops,
+                    }
+                } else {
+                    GuestSpec::Idle
+                });
+            }
+        }
+        self.set_run_state(RunState::Paused);
+        tracing::info!(vcpus = state.vcpus.len(), "VM state restored");
+        Ok(())
+    }
+}
