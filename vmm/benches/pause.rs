@@ -34,7 +34,7 @@ fn main() {
         let config = VmConfig {
             memory_size: 64 << 20,
             vcpus,
-            machine: "ferry".into(),
+            machine: machine_types::newest(),
         };
         let mut vm = Vm::new(&config).expect("create VM");
         vm.load_guest(&GuestSpec::dirty_mib(4)).expect("load guest");

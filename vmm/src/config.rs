@@ -3,12 +3,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use machine_types::MachineType;
 use thiserror::Error;
 
 use crate::guest::{self, layout};
-
-/// Machine types accepted until the `machine-types` crate provides the lookup.
-pub const KNOWN_MACHINES: &[&str] = &["ferry-1.0", "ferry-1.1", "ferry-2.0", "ferry"];
 
 /// Most vCPUs a VM may have (one boot stack each in the guest layout).
 pub const MAX_VCPUS: u8 = layout::MAX_VCPUS;
@@ -51,9 +49,9 @@ pub enum ConfigError {
     /// vCPU count out of range.
     #[error("vCPU count {0} is out of range 1..={MAX_VCPUS}")]
     VcpuCount(u32),
-    /// Unknown machine type name.
-    #[error("Unknown machine type '{0}' (known: ferry-1.0, ferry-1.1, ferry-2.0, ferry)")]
-    UnknownMachine(String),
+    /// Unknown machine type name (the message lists the valid ones).
+    #[error(transparent)]
+    UnknownMachine(#[from] machine_types::UnknownMachine),
     /// A `--guest` value could not be parsed.
     #[error("Invalid guest '{0}': expected dirty[:MiB[,rate]] or idle")]
     InvalidGuest(String),
@@ -68,6 +66,12 @@ pub enum ConfigError {
     /// A dirtying guest with an empty working set.
     #[error("The dirty guest needs a working set of at least 1 MiB")]
     EmptyWorkingSet,
+}
+
+/// Looks a machine type up by name (`ferry-1.0`, ..., or the alias `ferry`); usable as a
+/// clap `value_parser`.
+pub fn parse_machine(name: &str) -> Result<&'static MachineType, ConfigError> {
+    Ok(MachineType::lookup(name)?)
 }
 
 /// Parses a byte size: a decimal number with an optional binary suffix `K`, `M`, `G` or `T`
@@ -187,8 +191,8 @@ pub struct VmConfig {
     pub memory_size: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// Machine type name (e.g. `ferry-2.0`).
-    pub machine: String,
+    /// Machine type (guest ABI, CPU model, stream layout), from [`MachineType::lookup`].
+    pub machine: &'static MachineType,
 }
 
 impl Default for VmConfig {
@@ -196,7 +200,7 @@ impl Default for VmConfig {
         VmConfig {
             memory_size: 64 << 20,
             vcpus: 1,
-            machine: "ferry".to_string(),
+            machine: machine_types::newest(),
         }
     }
 }
@@ -204,9 +208,6 @@ impl Default for VmConfig {
 impl VmConfig {
     /// Checks the machine shape on its own (no guest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !KNOWN_MACHINES.contains(&self.machine.as_str()) {
-            return Err(ConfigError::UnknownMachine(self.machine.clone()));
-        }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(self.vcpus.into()));
         }
@@ -315,12 +316,13 @@ mod tests {
         );
         assert_eq!(c.validate_for(&GuestSpec::dirty_mib(3071)), Ok(()));
         c.memory_size = 64 << 20;
-        c.machine = "pc-i440fx".into();
+        let e = parse_machine("pc-i440fx").unwrap_err();
         assert_eq!(
-            c.validate(),
-            Err(ConfigError::UnknownMachine("pc-i440fx".into()))
+            e.to_string(),
+            "Unknown machine type 'pc-i440fx'; valid types: ferry, ferry-2.0, ferry-1.1, ferry-1.0"
         );
-        c.machine = "ferry-1.1".into();
+        assert_eq!(parse_machine("ferry").unwrap().name(), "ferry-2.0");
+        c.machine = parse_machine("ferry-1.1").unwrap();
         c.vcpus = 0;
         assert_eq!(c.validate(), Err(ConfigError::VcpuCount(0)));
         c.vcpus = 2;

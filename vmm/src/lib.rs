@@ -9,10 +9,14 @@
 //! - [`guest`]: the test guest (machine code, mailbox ABI, memory-pattern verifier).
 //! - [`runstate`]: the QEMU-style run states.
 //! - [`config`]: machine shape and command-line value parsing.
+//! - [`qmp`]: the QMP control-plane server (protocol only; commands come from [`control`]).
 
 pub mod config;
 pub mod devices;
 pub mod guest;
+pub mod hotplug;
+pub mod migrate;
+pub mod qmp;
 pub mod runstate;
 pub mod vcpu;
 pub mod vm;

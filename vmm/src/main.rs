@@ -68,7 +68,7 @@ fn run(args: RunArgs) -> Result<()> {
     let config = VmConfig {
         memory_size: args.memory,
         vcpus: args.vcpus,
-        machine: args.machine,
+        machine: machine_types::MachineType::lookup(&args.machine)?,
     };
     config
         .validate_for(&args.guest)

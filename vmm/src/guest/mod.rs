@@ -10,8 +10,8 @@ pub mod mailbox;
 pub mod pattern;
 
 pub use asm::{GuestImage, assemble};
-pub use mailbox::Mailbox;
-pub use pattern::{PatternError, verify_pattern};
+pub use mailbox::{GuestHotplugMode, HotplugMailbox, Mailbox};
+pub use pattern::{PatternError, verify_block, verify_pattern};
 
 use thiserror::Error;
 
@@ -19,13 +19,25 @@ use thiserror::Error;
 pub const PAGE_SIZE: u64 = 4096;
 
 /// ABI version written into the mailbox.
-pub const ABI_VERSION: u64 = 1;
+pub const ABI_VERSION: u64 = 2;
 
 /// Port the guest writes its pass count to after every pass.
 pub const PROGRESS_PORT: u16 = 0x510;
 
 /// Port the guest writes an unexpected exception vector to.
 pub const PANIC_PORT: u16 = 0x514;
+
+/// Port a hot-added core writes its core id to when it parks itself (`out` 32-bit).
+pub const HOTPLUG_PARK_PORT: u16 = 0x5c0;
+
+/// Interrupt line (PIC IRQ / GSI) of the hotplug controller.
+pub const HOTPLUG_IRQ: u8 = 5;
+
+/// First port of the hot-pluggable PCI functions' register windows.
+pub const PCI_IO_BASE: u16 = 0x1000;
+
+/// Ports per PCI function window (function `devfn` at `PCI_IO_BASE + devfn * PCI_FN_STRIDE`).
+pub const PCI_FN_STRIDE: u16 = 0x10;
 
 /// Fixed guest-physical layout of the test guest.
 pub mod layout {

@@ -5,7 +5,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::PAGE_SIZE;
-use super::mailbox::{MAGIC, MODE_DIRTY, Mailbox};
+use super::mailbox::{BlockArea, MAGIC, MODE_DIRTY, Mailbox};
 use crate::vm::memory::GuestMem;
 
 /// Why guest RAM does not hold the pattern the mailbox promises.
@@ -103,6 +103,32 @@ pub fn verify_pattern(mem: &GuestMem, mailbox: &Mailbox) -> Result<(), PatternEr
         bytes.push(b);
     }
     verify_bytes(&bytes, mailbox)
+}
+
+/// Checks a hot-plugged memory block (`pages` pages from `gpa`) against its mailbox area
+/// (the same invariant as the main working set, over the block's own `progress`). Read
+/// while the vCPUs are paused; `mem` must hold the block.
+pub fn verify_block(
+    mem: &GuestMem,
+    gpa: u64,
+    pages: u64,
+    area: &BlockArea,
+) -> Result<(), PatternError> {
+    let mut bytes = Vec::with_capacity(pages as usize);
+    for i in 0..pages {
+        let at = gpa + i * PAGE_SIZE;
+        let b = mem
+            .read_obj::<u8>(GuestAddress(at))
+            .map_err(|e| PatternError::Memory {
+                gpa: at,
+                source: GuestMemoryErrorEq(e),
+            })?;
+        bytes.push(b);
+    }
+    let mut mb = Mailbox::dirty(gpa, pages, 0);
+    mb.progress = area.progress;
+    mb.pass_count = area.passes;
+    verify_bytes(&bytes, &mb)
 }
 
 /// [`verify_pattern`] on the first bytes of the pages, already read.

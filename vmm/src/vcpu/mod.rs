@@ -69,7 +69,7 @@ pub enum VcpuError {
     #[error("Cannot build a KVM {0} list")]
     Fam(&'static str, #[source] vmm_sys_util::fam::Error),
     /// KVM refused part of an MSR list.
-    #[error("KVM set {set} of {total} MSRs on vCPU {index}; MSR {msr:#x} was refused")]
+    #[error("KVM accessed {set} of {total} MSRs on vCPU {index}; MSR {msr:#x} was refused")]
     MsrRefused {
         /// vCPU index.
         index: u8,
@@ -258,8 +258,10 @@ impl Vcpu {
         self.index
     }
 
-    /// The MSRs KVM lists that this vCPU can read and write back unchanged.
-    pub fn probe_msrs(&self, kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
+    /// The MSRs of `wanted` (the CPU model's fixed list, in its order) that KVM lists and
+    /// that this vCPU can read and write back unchanged. `IA32_TSC` is always captured on its
+    /// own ([`persist::VcpuState::tsc`]) and is left out here.
+    pub fn probe_msrs(&self, kvm: &Kvm, wanted: &[u32]) -> Result<Vec<u32>, VcpuError> {
         let list = kvm
             .get_msr_index_list()
             .map_err(|source| VcpuError::Ioctl {
@@ -267,26 +269,33 @@ impl Vcpu {
                 index: self.index,
                 source,
             })?;
+        let listed = list.as_slice();
         let fd = lock_fd(&self.fd);
         let mut usable = Vec::new();
-        for &index in list.as_slice() {
+        let mut missing = Vec::new();
+        for &index in wanted {
+            if index == cpuid::MSR_IA32_TSC {
+                continue;
+            }
+            if !listed.contains(&index) {
+                missing.push(index);
+                continue;
+            }
             let mut one = Msrs::from_entries(&[kvm_msr_entry {
                 index,
                 ..Default::default()
             }])
             .map_err(|e| VcpuError::Fam("MSR", e))?;
-            if !matches!(fd.get_msrs(&mut one), Ok(1)) {
-                continue;
-            }
-            if matches!(fd.set_msrs(&one), Ok(1)) {
+            if matches!(fd.get_msrs(&mut one), Ok(1)) && matches!(fd.set_msrs(&one), Ok(1)) {
                 usable.push(index);
+            } else {
+                missing.push(index);
             }
         }
-        tracing::debug!(
-            listed = list.as_slice().len(),
-            usable = usable.len(),
-            "MSRs probed"
-        );
+        if !missing.is_empty() {
+            tracing::debug!(?missing, "MSRs of the CPU model this host does not offer");
+        }
+        tracing::debug!(listed = listed.len(), usable = usable.len(), "MSRs probed");
         Ok(usable)
     }
 
@@ -418,7 +427,8 @@ impl Vcpu {
         Ok(lock_fd(&self.fd))
     }
 
-    /// Captures the vCPU state (the vCPU must be parked). `msrs` lists the MSRs to read.
+    /// Captures the vCPU state (the vCPU must be parked). `msrs` lists the MSRs to read
+    /// besides `IA32_TSC`; `cpu_model` is left empty for the VM to fill in.
     pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
         let i = self.index;
         let fd = self.parked_fd()?;
@@ -434,9 +444,10 @@ impl Vcpu {
         let xcrs = fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS", i))?;
         let debug_regs = fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS", i))?;
         let lapic = fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC", i))?;
-        let entries: Vec<kvm_msr_entry> = msrs
-            .iter()
-            .map(|&index| kvm_msr_entry {
+        // IA32_TSC first, then the model's list.
+        let entries: Vec<kvm_msr_entry> = std::iter::once(cpuid::MSR_IA32_TSC)
+            .chain(msrs.iter().copied().filter(|&m| m != cpuid::MSR_IA32_TSC))
+            .map(|index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
@@ -447,21 +458,21 @@ impl Vcpu {
             .map_err(ioctl("KVM_GET_MSRS", i))?;
         let mut msr_entries = MsrEntry::list_from_kvm(&kvm_msrs);
         if read < msr_entries.len() {
-            tracing::warn!(
-                vcpu = i,
-                read,
-                listed = msr_entries.len(),
-                msr = msrs[read],
-                "MSR read stopped early"
-            );
-            msr_entries.truncate(read);
+            return Err(VcpuError::MsrRefused {
+                index: i,
+                set: read,
+                total: msr_entries.len(),
+                msr: msr_entries[read].index,
+            });
         }
+        let tsc = msr_entries.remove(0).data;
         let events = fd
             .get_vcpu_events()
             .map_err(ioctl("KVM_GET_VCPU_EVENTS", i))?;
         let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
         Ok(VcpuState {
             index: u32::from(i),
+            cpu_model: String::new(),
             cpuid: self.cpuid.clone(),
             regs: RegsState::from_kvm(&regs),
             sregs: SregsState::from_kvm(&sregs),
@@ -469,6 +480,7 @@ impl Vcpu {
             xsave: persist::xsave_from_kvm(&xsave),
             xcrs: XcrsState::from_kvm(&xcrs),
             msrs: msr_entries,
+            tsc,
             lapic: persist::lapic_from_kvm(&lapic),
             mp_state,
             events: VcpuEventsState::from_kvm(&events),
@@ -507,14 +519,21 @@ impl Vcpu {
                 .map_err(ioctl("KVM_SET_DEBUGREGS", i))?;
             fd.set_lapic(&persist::lapic_to_kvm(&state.lapic))
                 .map_err(ioctl("KVM_SET_LAPIC", i))?;
-            let msrs = MsrEntry::list_to_kvm(&state.msrs).map_err(|e| VcpuError::Fam("MSR", e))?;
+            // IA32_TSC before the rest (the TSC deadline is relative to it).
+            let all: Vec<MsrEntry> = std::iter::once(MsrEntry {
+                index: cpuid::MSR_IA32_TSC,
+                data: state.tsc,
+            })
+            .chain(state.msrs.iter().cloned())
+            .collect();
+            let msrs = MsrEntry::list_to_kvm(&all).map_err(|e| VcpuError::Fam("MSR", e))?;
             let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS", i))?;
-            if set < state.msrs.len() {
+            if set < all.len() {
                 return Err(VcpuError::MsrRefused {
                     index: i,
                     set,
-                    total: state.msrs.len(),
-                    msr: state.msrs[set].index,
+                    total: all.len(),
+                    msr: all[set].index,
                 });
             }
             fd.set_vcpu_events(&state.events.to_kvm())

@@ -7,54 +7,114 @@ use kvm_bindings::{
     kvm_xcrs, kvm_xsave,
 };
 
-/// Everything needed to resume one vCPU.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VcpuState {
-    /// vCPU index (APIC id).
-    pub index: u32,
-    /// CPUID the vCPU was given.
-    pub cpuid: Vec<CpuidEntry>,
-    /// General registers.
-    pub regs: RegsState,
-    /// Segment, control and descriptor-table registers.
-    pub sregs: SregsState,
-    /// Legacy x87/SSE state (`KVM_GET_FPU`).
-    pub fpu: FpuState,
-    /// XSAVE area (`KVM_GET_XSAVE`, 4 KiB as 1024 words).
-    pub xsave: Vec<u32>,
-    /// Extended control registers.
-    pub xcrs: XcrsState,
-    /// Model-specific registers.
-    pub msrs: Vec<MsrEntry>,
-    /// Local APIC registers (`KVM_GET_LAPIC`, 1 KiB).
-    pub lapic: Vec<u8>,
-    /// Multiprocessing state (`KVM_MP_STATE_*`).
-    pub mp_state: u32,
-    /// Pending exceptions, interrupts, NMIs, SMIs.
-    pub events: VcpuEventsState,
-    /// Debug registers.
-    pub debug_regs: DebugRegsState,
-    /// TSC frequency in kHz (0 when KVM does not report it); informational.
-    pub tsc_khz: u32,
+/// Largest CPUID table a stream may carry.
+pub const MAX_CPUID_ENTRIES: u32 = 256;
+/// Largest MSR list a stream may carry.
+pub const MAX_MSRS: u32 = 256;
+/// Words of the (legacy, 4 KiB) XSAVE area.
+pub const XSAVE_WORDS: u32 = 1024;
+/// Bytes of the LAPIC register page.
+pub const LAPIC_BYTES: u32 = 1024;
+/// Longest CPU model name.
+pub const MAX_CPU_MODEL_NAME: u32 = 32;
+
+devstate::record! {
+    /// Everything needed to resume one vCPU: the body of section `cpu`, instance = vCPU index.
+    pub struct VcpuState {
+        /// vCPU index (APIC id).
+        pub index: u32,
+        /// CPU model the vCPU was created with (e.g. `ferry-cpu-v2`); checked on restore.
+        pub cpu_model: String [max = 32],
+        /// CPUID the vCPU was given.
+        pub cpuid: Vec<CpuidEntry> [max = 256],
+        /// General registers.
+        pub regs: RegsState,
+        /// Segment, control and descriptor-table registers.
+        pub sregs: SregsState,
+        /// Legacy x87/SSE state (`KVM_GET_FPU`).
+        pub fpu: FpuState,
+        /// XSAVE area (`KVM_GET_XSAVE`, 4 KiB as 1024 words).
+        pub xsave: Vec<u32> [max = 1024],
+        /// Extended control registers.
+        pub xcrs: XcrsState,
+        /// Model-specific registers of the CPU model's fixed list, `IA32_TSC` excepted.
+        pub msrs: Vec<MsrEntry> [max = 256],
+        /// `IA32_TSC`: moves with host time while the vCPU is stopped.
+        pub tsc: u64 [volatile],
+        /// Local APIC registers (`KVM_GET_LAPIC`, 1 KiB).
+        pub lapic: Vec<u8> [max = 1024],
+        /// Multiprocessing state (`KVM_MP_STATE_*`).
+        pub mp_state: u32,
+        /// Pending exceptions, interrupts, NMIs, SMIs.
+        pub events: VcpuEventsState,
+        /// Debug registers.
+        pub debug_regs: DebugRegsState,
+        /// TSC frequency in kHz (0 when KVM does not report it); a property of the host.
+        pub tsc_khz: u32 [volatile],
+    }
 }
 
-/// One CPUID leaf/subleaf.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CpuidEntry {
-    /// Leaf.
-    pub function: u32,
-    /// Subleaf.
-    pub index: u32,
-    /// `KVM_CPUID_FLAG_*`.
-    pub flags: u32,
-    /// EAX.
-    pub eax: u32,
-    /// EBX.
-    pub ebx: u32,
-    /// ECX.
-    pub ecx: u32,
-    /// EDX.
-    pub edx: u32,
+impl devstate::Section for VcpuState {
+    const NAME: &'static str = "cpu";
+    const VERSION: u32 = 1;
+    const MIN_VERSION: u32 = 1;
+    /// Instance 0 always; the VM expects one instance per vCPU on top.
+    const REQUIRED: bool = true;
+
+    fn post_load(&mut self, _version: u32) -> Result<(), String> {
+        if self.xsave.len() != XSAVE_WORDS as usize {
+            return Err(format!(
+                "XSAVE area has {} words, expected {XSAVE_WORDS}",
+                self.xsave.len()
+            ));
+        }
+        if self.lapic.len() != LAPIC_BYTES as usize {
+            return Err(format!(
+                "LAPIC page has {} bytes, expected {LAPIC_BYTES}",
+                self.lapic.len()
+            ));
+        }
+        if self.sregs.interrupt_bitmap.len() != 4 {
+            return Err(format!(
+                "interrupt bitmap has {} words, expected 4",
+                self.sregs.interrupt_bitmap.len()
+            ));
+        }
+        if self.fpu.fpr.len() != 128 || self.fpu.xmm.len() != 256 {
+            return Err(format!(
+                "FPU state has {} x87 and {} XMM bytes, expected 128 and 256",
+                self.fpu.fpr.len(),
+                self.fpu.xmm.len()
+            ));
+        }
+        if self.debug_regs.db.len() != 4 {
+            return Err(format!(
+                "debug state has {} address registers, expected 4",
+                self.debug_regs.db.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+devstate::record! {
+    /// One CPUID leaf/subleaf.
+    pub struct CpuidEntry {
+        /// Leaf.
+        pub function: u32,
+        /// Subleaf.
+        pub index: u32,
+        /// `KVM_CPUID_FLAG_*`.
+        pub flags: u32,
+        /// EAX.
+        pub eax: u32,
+        /// EBX.
+        pub ebx: u32,
+        /// ECX.
+        pub ecx: u32,
+        /// EDX.
+        pub edx: u32,
+    }
 }
 
 impl CpuidEntry {
@@ -97,28 +157,29 @@ impl CpuidEntry {
     }
 }
 
-/// General-purpose registers, RIP and RFLAGS.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct RegsState {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rsp: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    pub rip: u64,
-    pub rflags: u64,
+devstate::record! {
+    /// General-purpose registers, RIP and RFLAGS.
+    #[allow(missing_docs)]
+    pub struct RegsState {
+        pub rax: u64,
+        pub rbx: u64,
+        pub rcx: u64,
+        pub rdx: u64,
+        pub rsi: u64,
+        pub rdi: u64,
+        pub rsp: u64,
+        pub rbp: u64,
+        pub r8: u64,
+        pub r9: u64,
+        pub r10: u64,
+        pub r11: u64,
+        pub r12: u64,
+        pub r13: u64,
+        pub r14: u64,
+        pub r15: u64,
+        pub rip: u64,
+        pub rflags: u64,
+    }
 }
 
 impl RegsState {
@@ -171,22 +232,23 @@ impl RegsState {
     }
 }
 
-/// A segment register (hidden part included).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct SegmentState {
-    pub base: u64,
-    pub limit: u32,
-    pub selector: u16,
-    pub type_: u8,
-    pub present: u8,
-    pub dpl: u8,
-    pub db: u8,
-    pub s: u8,
-    pub l: u8,
-    pub g: u8,
-    pub avl: u8,
-    pub unusable: u8,
+devstate::record! {
+    /// A segment register (hidden part included).
+    #[allow(missing_docs)]
+    pub struct SegmentState {
+        pub base: u64,
+        pub limit: u32,
+        pub selector: u16,
+        pub type_: u8,
+        pub present: u8,
+        pub dpl: u8,
+        pub db: u8,
+        pub s: u8,
+        pub l: u8,
+        pub g: u8,
+        pub avl: u8,
+        pub unusable: u8,
+    }
 }
 
 impl SegmentState {
@@ -228,13 +290,14 @@ impl SegmentState {
     }
 }
 
-/// GDTR or IDTR.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DtableState {
-    /// Linear base.
-    pub base: u64,
-    /// Limit.
-    pub limit: u16,
+devstate::record! {
+    /// GDTR or IDTR.
+    pub struct DtableState {
+        /// Linear base.
+        pub base: u64,
+        /// Limit.
+        pub limit: u16,
+    }
 }
 
 impl DtableState {
@@ -254,29 +317,30 @@ impl DtableState {
     }
 }
 
-/// Segment, descriptor-table and control registers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct SregsState {
-    pub cs: SegmentState,
-    pub ds: SegmentState,
-    pub es: SegmentState,
-    pub fs: SegmentState,
-    pub gs: SegmentState,
-    pub ss: SegmentState,
-    pub tr: SegmentState,
-    pub ldt: SegmentState,
-    pub gdt: DtableState,
-    pub idt: DtableState,
-    pub cr0: u64,
-    pub cr2: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub cr8: u64,
-    pub efer: u64,
-    pub apic_base: u64,
-    /// Pending external interrupt, 256 bits.
-    pub interrupt_bitmap: Vec<u64>,
+devstate::record! {
+    /// Segment, descriptor-table and control registers.
+    #[allow(missing_docs)]
+    pub struct SregsState {
+        pub cs: SegmentState,
+        pub ds: SegmentState,
+        pub es: SegmentState,
+        pub fs: SegmentState,
+        pub gs: SegmentState,
+        pub ss: SegmentState,
+        pub tr: SegmentState,
+        pub ldt: SegmentState,
+        pub gdt: DtableState,
+        pub idt: DtableState,
+        pub cr0: u64,
+        pub cr2: u64,
+        pub cr3: u64,
+        pub cr4: u64,
+        pub cr8: u64,
+        pub efer: u64,
+        pub apic_base: u64,
+        /// Pending external interrupt, 256 bits.
+        pub interrupt_bitmap: Vec<u64> [max = 4],
+    }
 }
 
 impl SregsState {
@@ -333,27 +397,28 @@ impl SregsState {
     }
 }
 
-/// Legacy FPU/SSE state.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FpuState {
-    /// ST0-ST7, 16 bytes each.
-    pub fpr: Vec<u8>,
-    /// Control word.
-    pub fcw: u16,
-    /// Status word.
-    pub fsw: u16,
-    /// Abridged tag word.
-    pub ftwx: u8,
-    /// Last opcode.
-    pub last_opcode: u16,
-    /// Last instruction pointer.
-    pub last_ip: u64,
-    /// Last data pointer.
-    pub last_dp: u64,
-    /// XMM0-XMM15, 16 bytes each.
-    pub xmm: Vec<u8>,
-    /// MXCSR.
-    pub mxcsr: u32,
+devstate::record! {
+    /// Legacy FPU/SSE state.
+    pub struct FpuState {
+        /// ST0-ST7, 16 bytes each.
+        pub fpr: Vec<u8> [max = 128],
+        /// Control word.
+        pub fcw: u16,
+        /// Status word.
+        pub fsw: u16,
+        /// Abridged tag word.
+        pub ftwx: u8,
+        /// Last opcode.
+        pub last_opcode: u16,
+        /// Last instruction pointer.
+        pub last_ip: u64,
+        /// Last data pointer.
+        pub last_dp: u64,
+        /// XMM0-XMM15, 16 bytes each.
+        pub xmm: Vec<u8> [max = 256],
+        /// MXCSR.
+        pub mxcsr: u32,
+    }
 }
 
 impl FpuState {
@@ -408,22 +473,24 @@ pub fn xsave_to_kvm(words: &[u32]) -> kvm_xsave {
     x
 }
 
-/// One extended control register.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct XcrEntry {
-    /// XCR number.
-    pub xcr: u32,
-    /// Value.
-    pub value: u64,
+devstate::record! {
+    /// One extended control register.
+    pub struct XcrEntry {
+        /// XCR number.
+        pub xcr: u32,
+        /// Value.
+        pub value: u64,
+    }
 }
 
-/// Extended control registers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct XcrsState {
-    /// Flags.
-    pub flags: u32,
-    /// Registers.
-    pub xcrs: Vec<XcrEntry>,
+devstate::record! {
+    /// Extended control registers.
+    pub struct XcrsState {
+        /// Flags.
+        pub flags: u32,
+        /// Registers.
+        pub xcrs: Vec<XcrEntry> [max = 16],
+    }
 }
 
 impl XcrsState {
@@ -460,13 +527,14 @@ impl XcrsState {
     }
 }
 
-/// One MSR.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MsrEntry {
-    /// MSR index.
-    pub index: u32,
-    /// Value.
-    pub data: u64,
+devstate::record! {
+    /// One MSR.
+    pub struct MsrEntry {
+        /// MSR index.
+        pub index: u32,
+        /// Value.
+        pub data: u64,
+    }
 }
 
 impl MsrEntry {
@@ -514,32 +582,33 @@ pub fn mp_state_to_kvm(mp_state: u32) -> kvm_mp_state {
     kvm_mp_state { mp_state }
 }
 
-/// Pending events (`KVM_GET_VCPU_EVENTS`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct VcpuEventsState {
-    pub exception_injected: u8,
-    pub exception_nr: u8,
-    pub exception_has_error_code: u8,
-    pub exception_pending: u8,
-    pub exception_error_code: u32,
-    pub interrupt_injected: u8,
-    pub interrupt_nr: u8,
-    pub interrupt_soft: u8,
-    pub interrupt_shadow: u8,
-    pub nmi_injected: u8,
-    pub nmi_pending: u8,
-    pub nmi_masked: u8,
-    pub sipi_vector: u32,
-    /// `KVM_VCPUEVENT_VALID_*`.
-    pub flags: u32,
-    pub smi_smm: u8,
-    pub smi_pending: u8,
-    pub smi_smm_inside_nmi: u8,
-    pub smi_latched_init: u8,
-    pub triple_fault_pending: u8,
-    pub exception_has_payload: u8,
-    pub exception_payload: u64,
+devstate::record! {
+    /// Pending events (`KVM_GET_VCPU_EVENTS`).
+    #[allow(missing_docs)]
+    pub struct VcpuEventsState {
+        pub exception_injected: u8,
+        pub exception_nr: u8,
+        pub exception_has_error_code: u8,
+        pub exception_pending: u8,
+        pub exception_error_code: u32,
+        pub interrupt_injected: u8,
+        pub interrupt_nr: u8,
+        pub interrupt_soft: u8,
+        pub interrupt_shadow: u8,
+        pub nmi_injected: u8,
+        pub nmi_pending: u8,
+        pub nmi_masked: u8,
+        pub sipi_vector: u32,
+        /// `KVM_VCPUEVENT_VALID_*`.
+        pub flags: u32,
+        pub smi_smm: u8,
+        pub smi_pending: u8,
+        pub smi_smm_inside_nmi: u8,
+        pub smi_latched_init: u8,
+        pub triple_fault_pending: u8,
+        pub exception_has_payload: u8,
+        pub exception_payload: u64,
+    }
 }
 
 impl VcpuEventsState {
@@ -598,17 +667,18 @@ impl VcpuEventsState {
     }
 }
 
-/// Debug registers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DebugRegsState {
-    /// DR0-DR3.
-    pub db: Vec<u64>,
-    /// DR6.
-    pub dr6: u64,
-    /// DR7.
-    pub dr7: u64,
-    /// Flags.
-    pub flags: u64,
+devstate::record! {
+    /// Debug registers.
+    pub struct DebugRegsState {
+        /// DR0-DR3.
+        pub db: Vec<u64> [max = 4],
+        /// DR6.
+        pub dr6: u64,
+        /// DR7.
+        pub dr7: u64,
+        /// Flags.
+        pub flags: u64,
+    }
 }
 
 impl DebugRegsState {

@@ -7,7 +7,10 @@ use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, MmapRegion,
+};
 
 use crate::guest::{PAGE_SIZE, layout};
 
@@ -57,6 +60,19 @@ pub enum MemoryError {
     /// A copy between guest RAMs failed.
     #[error("Cannot copy guest RAM")]
     Copy(#[source] vm_memory::GuestMemoryError),
+    /// A range that is not entirely guest RAM (nothing was accessed).
+    #[error(
+        "Range {gpa:#x}..{end:#x} is not guest RAM (RAM is {layout}); nothing was written",
+        end = gpa.saturating_add(*len)
+    )]
+    OutsideRam {
+        /// First byte asked for.
+        gpa: u64,
+        /// Length asked for.
+        len: u64,
+        /// The RAM regions, for the message.
+        layout: String,
+    },
 }
 
 /// One KVM memory slot.
@@ -126,6 +142,9 @@ pub struct GuestRam {
     mem: GuestMem,
     slots: Vec<MemorySlot>,
     size: u64,
+    /// No vCPU has run and the VMM bitmap was never reset: a page whose VMM-bitmap bit is
+    /// clear has never been written and reads as zero.
+    pristine: AtomicBool,
 }
 
 impl GuestRam {
@@ -149,7 +168,12 @@ impl GuestRam {
                 dirty_log: AtomicBool::new(false),
             });
         }
-        Ok(GuestRam { mem, slots, size })
+        Ok(GuestRam {
+            mem,
+            slots,
+            size,
+            pristine: AtomicBool::new(true),
+        })
     }
 
     /// The memory, for `Bytes` access.
@@ -236,7 +260,19 @@ impl GuestRam {
         Some(mmap.bitmap())
     }
 
+    /// Whether no vCPU has run yet and every VMM write is still in the VMM bitmap (so
+    /// untouched pages are known to be zero without reading them).
+    pub fn is_pristine(&self) -> bool {
+        self.pristine.load(Ordering::Acquire)
+    }
+
+    /// Records that guest code may have written RAM (called before vCPUs first run).
+    pub fn mark_used(&self) {
+        self.pristine.store(false, Ordering::Release);
+    }
+
     fn vmm_bitmap_reset(&self, slot: u32) {
+        self.mark_used();
         if let Some(b) = self.region_bitmap(slot) {
             b.reset();
         }
@@ -260,6 +296,7 @@ impl GuestRam {
             };
             bitmap.resize(words, 0);
             if let Some(vmm) = self.region_bitmap(s.slot) {
+                self.mark_used();
                 for (w, v) in bitmap.iter_mut().zip(vmm.get_and_reset()) {
                     *w |= v;
                 }
@@ -272,6 +309,135 @@ impl GuestRam {
             });
         }
         Ok(out)
+    }
+
+    /// The RAM regions as `0x0+64 MiB, 0x100000000+1024 MiB`.
+    pub fn describe(&self) -> String {
+        self.slots
+            .iter()
+            .map(|s| format!("{:#x}+{} MiB", s.gpa, s.size >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Splits `[gpa, gpa + len)` into `(region index, offset in region, length)` pieces, or
+    /// refuses it when any byte is not RAM (overflow included). Nothing is accessed.
+    pub fn pieces(&self, gpa: u64, len: u64) -> Result<Vec<(usize, u64, u64)>, MemoryError> {
+        let outside = || MemoryError::OutsideRam {
+            gpa,
+            len,
+            layout: self.describe(),
+        };
+        let end = gpa.checked_add(len).ok_or_else(outside)?;
+        let mut out = Vec::with_capacity(1);
+        let mut at = gpa;
+        while at < end {
+            let (i, s) = self
+                .slots
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.gpa <= at && at < s.gpa + s.size)
+                .ok_or_else(outside)?;
+            let n = (s.gpa + s.size).min(end) - at;
+            out.push((i, at - s.gpa, n));
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn region(&self, index: usize) -> &vm_memory::GuestRegionMmap<AtomicBitmap> {
+        self.mem
+            .iter()
+            .nth(index)
+            .expect("slots and regions are built together")
+    }
+
+    /// Copies guest RAM at `gpa` into `buf` (refused, untouched, unless it is all RAM).
+    pub fn read_range(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        for (i, off, n) in self.pieces(gpa, buf.len() as u64)? {
+            let n = n as usize;
+            let src = self
+                .region(i)
+                .get_slice(MemoryRegionAddress(off), n)
+                .map_err(MemoryError::Copy)?;
+            src.copy_to(&mut buf[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest RAM at `gpa`, marking the VMM dirty bitmap. The whole range is
+    /// checked first: a range that is not all RAM is refused and nothing is written.
+    pub fn write_range(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        for (i, off, n) in self.pieces(gpa, data.len() as u64)? {
+            let n = n as usize;
+            let dst = self
+                .region(i)
+                .get_slice(MemoryRegionAddress(off), n)
+                .map_err(MemoryError::Copy)?;
+            dst.copy_from(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Makes `pages` pages from `gpa` read as zero without materialising the ones that
+    /// already are. While the RAM is [pristine](Self::is_pristine), a page the VMM never wrote
+    /// is not even read; any other page is read first and written only when it holds data,
+    /// so a page never touched stays unallocated (reads map the shared zero page). Refused,
+    /// untouched, unless the range is all RAM. Returns the number of pages that had to be
+    /// cleared.
+    pub fn zero_range(&self, gpa: u64, pages: u64) -> Result<u64, MemoryError> {
+        const CHUNK: u64 = 16;
+        let len = pages
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(|| MemoryError::OutsideRam {
+                gpa,
+                len: u64::MAX,
+                layout: self.describe(),
+            })?;
+        let pieces = self.pieces(gpa, len)?;
+        let pristine = self.is_pristine();
+        let mut buf = vec![0u8; (CHUNK * PAGE_SIZE) as usize];
+        let zero = [0u8; PAGE_SIZE as usize];
+        let mut cleared = 0;
+        for (i, off, n) in pieces {
+            let region = self.region(i);
+            let bitmap = self.region_bitmap(i as u32);
+            // Pages that may hold data: all of them, unless pristine and never VMM-written.
+            let maybe_data = |page_off: u64| match (pristine, bitmap) {
+                (true, Some(b)) => b.is_addr_set(page_off as usize),
+                _ => true,
+            };
+            let mut at = 0u64;
+            while at < n {
+                let chunk = (n - at).min(CHUNK * PAGE_SIZE);
+                let first = off + at;
+                if !(0..chunk / PAGE_SIZE).any(|p| maybe_data(first + p * PAGE_SIZE)) {
+                    at += chunk;
+                    continue;
+                }
+                let src = region
+                    .get_slice(MemoryRegionAddress(first), chunk as usize)
+                    .map_err(MemoryError::Copy)?;
+                let bytes = chunk as usize;
+                src.copy_to(&mut buf[..bytes]);
+                for (p, page) in buf[..bytes].chunks(PAGE_SIZE as usize).enumerate() {
+                    // An OR over the page vectorises; an early-exit search does not.
+                    if page.iter().fold(0u8, |a, &b| a | b) != 0 {
+                        let page_off = first + p as u64 * PAGE_SIZE;
+                        region
+                            .write_slice(&zero, MemoryRegionAddress(page_off))
+                            .map_err(MemoryError::Copy)?;
+                        cleared += 1;
+                    }
+                }
+                at += chunk;
+            }
+        }
+        Ok(cleared)
     }
 
     /// Copies every byte of `src` into this RAM (same layout required). Used by tests and
@@ -320,6 +486,80 @@ mod tests {
         assert_eq!(ram_layout(64 << 20), vec![(0, 64 << 20)]);
         assert_eq!(ram_layout(3 << 30), vec![(0, 3 << 30)]);
         assert_eq!(ram_layout(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+    }
+
+    #[test]
+    fn ranges_outside_ram_are_refused_untouched() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let data = vec![0xabu8; 2 * PAGE_SIZE as usize];
+        ram.write_range(0x1000, &data).unwrap();
+        let e = ram
+            .write_range((8 << 20) - PAGE_SIZE, &data)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "Range 0x7ff000..0x801000 is not guest RAM (RAM is 0x0+8 MiB); nothing was written"
+        );
+        let mut last = [1u8; 8];
+        ram.read_range((8 << 20) - 8, &mut last).unwrap();
+        assert_eq!(last, [0; 8], "nothing was written by the refused call");
+        assert!(ram.zero_range(u64::MAX - 4095, 2).is_err());
+        assert!(ram.pieces(u64::MAX, 2).is_err());
+
+        // Zeroing clears only the pages holding data.
+        let mut back = vec![0u8; data.len()];
+        ram.read_range(0x1000, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(ram.zero_range(0, 4).unwrap(), 2);
+        ram.read_range(0x1000, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        assert_eq!(ram.zero_range(0, 4).unwrap(), 0);
+    }
+
+    /// Pages of `[ptr, ptr + len)` resident in this process.
+    fn resident_pages(ram: &GuestRam, len: usize) -> usize {
+        let ptr = ram.mem().get_host_address(GuestAddress(0)).unwrap();
+        let mut vec = vec![0u8; len / PAGE_SIZE as usize];
+        // SAFETY: `ptr..ptr + len` is a live mapping owned by `ram`, page aligned; `vec` has
+        // one byte per page of it. mincore only reads the page tables.
+        let r = unsafe { libc::mincore(ptr.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn zero_records_never_touch_untouched_pages() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        assert!(ram.is_pristine());
+        ram.write_range(0x5000, &[1u8; 4096]).unwrap();
+        assert_eq!(ram.zero_range(0, 2048).unwrap(), 1);
+        assert!(
+            resident_pages(&ram, 8 << 20) <= 512,
+            "only the written page (or its huge page) is resident"
+        );
+        let mut b = [9u8; 16];
+        ram.read_range(0x5000, &mut b).unwrap();
+        assert_eq!(b, [0; 16]);
+        // Once guest code may have run, every page is checked by reading it.
+        ram.mark_used();
+        ram.write_range(0x7000, &[2u8; 4096]).unwrap();
+        assert_eq!(ram.zero_range(0, 2048).unwrap(), 1);
+    }
+
+    #[test]
+    fn ranges_split_around_the_pci_hole() {
+        let ram = GuestRam::new((3 << 30) + (16 << 20)).unwrap();
+        assert_eq!(
+            ram.pieces(layout::PCI_HOLE_END, 8192).unwrap(),
+            [(1, 0, 8192)]
+        );
+        assert!(ram.pieces(layout::PCI_HOLE_START - 4096, 8192).is_err());
+        let mut b = [0u8; 16];
+        ram.write_range(layout::PCI_HOLE_END + 4096, &[7; 16])
+            .unwrap();
+        ram.read_range(layout::PCI_HOLE_END + 4096, &mut b).unwrap();
+        assert_eq!(b, [7; 16]);
     }
 
     #[test]

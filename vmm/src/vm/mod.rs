@@ -4,6 +4,7 @@
 //! - [`memory`]: guest RAM, KVM slots, dirty log.
 //! - [`persist`]: the plain VM-level state and [`VmState`].
 
+pub mod hotplug;
 pub mod memory;
 pub mod persist;
 
@@ -11,21 +12,25 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use devstate::{RawSection, Section};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
+use machine_types::{CpuModel, MachineType};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{ConfigError, GuestSpec, VmConfig};
+use crate::devices::persist::{ProgressState, UartState};
 use crate::devices::progress::{PROGRESS_BASE, PROGRESS_LEN, WaitError};
 use crate::devices::uart::{COM1_BASE, COM1_GSI, COM1_LEN, SerialOut};
 use crate::devices::{Bus, BusError, ProgressDevice, ProgressMonitor, Uart};
 use crate::guest::{self, GuestError, Mailbox, PatternError, layout};
 use crate::runstate::RunState;
+use crate::vcpu::persist::VcpuState;
 use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, cpuid, longmode};
 pub use memory::{DirtyBitmap, GuestMem, GuestRam, MemoryError};
-pub use persist::VmState;
+pub use persist::{ClockState, IrqchipState, PitState, VmState, catalog, full_catalog};
 
 /// Guest-physical address of the TSS pages KVM needs on Intel (inside the PCI hole).
 pub const TSS_ADDRESS: u64 = 0xfffb_d000;
@@ -82,6 +87,9 @@ pub enum VmError {
     /// A saved state of another shape.
     #[error("Saved state does not fit this VM: {0}")]
     ShapeMismatch(String),
+    /// A device-state section could not be decoded (names the section and the offset).
+    #[error("Cannot decode device state")]
+    Decode(#[from] devstate::DecodeError),
     /// Waiting for the guest failed.
     #[error("Guest made no progress")]
     Wait(#[from] WaitError),
@@ -99,6 +107,7 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     // Field order is drop order: vCPU threads stop before the VM fd and RAM go away.
     vcpus: Vec<Vcpu>,
+    hp: hotplug::VmHotplug,
     config: VmConfig,
     fd: Arc<VmFd>,
     ram: GuestRam,
@@ -152,10 +161,12 @@ impl Vm {
             Arc::new(Mutex::new(ProgressDevice::new(progress.clone()))),
         )?;
 
+        let hp = hotplug::VmHotplug::new(&fd, config, &io_bus, &ram)?;
         let mut base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::mask_entries(base_cpuid.as_mut_slice());
+        let cpu_model = config.machine.compat().cpu_model;
+        cpuid::mask_entries(base_cpuid.as_mut_slice(), cpu_model);
         let run_state = Arc::new(Mutex::new(RunState::Prelaunch));
         let ctx = RunContext {
             io_bus: io_bus.clone(),
@@ -168,7 +179,7 @@ impl Vm {
             cpuid::set_apic_id(c.as_mut_slice(), index);
             vcpus.push(Vcpu::new(&fd, index, &c)?);
         }
-        let msrs = vcpus[0].probe_msrs(&kvm)?;
+        let msrs = vcpus[0].probe_msrs(&kvm, cpuid::MODEL_MSRS)?;
         for v in &mut vcpus {
             v.spawn(ctx.clone())?;
         }
@@ -176,11 +187,13 @@ impl Vm {
             memory = config.memory_size,
             vcpus = config.vcpus,
             machine = %config.machine,
+            cpu_model = cpu_model.name(),
             msrs = msrs.len(),
             "VM created"
         );
         Ok(Vm {
             vcpus,
+            hp,
             config: config.clone(),
             fd,
             ram,
@@ -198,6 +211,16 @@ impl Vm {
     /// The machine shape.
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// The machine type.
+    pub fn machine(&self) -> &'static MachineType {
+        self.config.machine
+    }
+
+    /// The CPU model the vCPUs were given (from the machine type).
+    pub fn cpu_model(&self) -> CpuModel {
+        self.config.machine.compat().cpu_model
     }
 
     /// The KVM VM fd.
@@ -331,6 +354,7 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_parked(deadline)?;
         }
+        self.hp.pause(deadline)?;
         if *state == RunState::Running {
             *state = RunState::Paused;
             tracing::debug!("VM paused");
@@ -347,9 +371,12 @@ impl Vm {
                 state: *state,
             });
         }
+        // From now on the guest may write any page behind the VMM's back.
+        self.ram.mark_used();
         for v in &self.vcpus {
             v.resume()?;
         }
+        self.hp.resume()?;
         *state = RunState::Running;
         tracing::debug!("VM running");
         Ok(())
@@ -357,7 +384,7 @@ impl Vm {
 
     /// Whether every vCPU is parked outside `KVM_RUN`.
     pub fn all_parked(&self) -> bool {
-        self.vcpus.iter().all(Vcpu::is_parked)
+        self.vcpus.iter().all(Vcpu::is_parked) && self.hp.all_parked()
     }
 
     /// Reads the test guest's mailbox.
@@ -418,7 +445,9 @@ impl Vm {
         }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
-            vcpus.push(v.save_state(&self.msrs)?);
+            let mut s = v.save_state(&self.msrs)?;
+            s.cpu_model = self.cpu_model().name().to_owned();
+            vcpus.push(s);
         }
         let (pic_master, pic_slave, ioapic) =
             persist::save_irqchip(&self.fd).map_err(kvm_op("KVM_GET_IRQCHIP"))?;
@@ -457,6 +486,32 @@ impl Vm {
         for (i, v) in state.vcpus.iter().enumerate() {
             if v.index != i as u32 {
                 diffs.push(format!("vCPU state {i} is for vCPU {}", v.index));
+            }
+        }
+        let model = self.cpu_model();
+        if let Some(v) = state.vcpus.first()
+            && let Some(d) = cpuid::model_difference(&v.cpu_model, model)
+        {
+            diffs.push(d);
+        }
+        for v in &state.vcpus {
+            if v.cpu_model != state.vcpus[0].cpu_model {
+                diffs.push(format!(
+                    "vCPU {} has CPU model {}, vCPU 0 has {}",
+                    v.index, v.cpu_model, state.vcpus[0].cpu_model
+                ));
+            }
+            for x in v.xcrs.xcrs.iter().filter(|x| x.xcr == 0) {
+                let extra = x.value & !model.xcr0_mask();
+                if extra != 0 {
+                    diffs.push(format!(
+                        "vCPU {} has XCR0 {:#x}: {} not offered by {}",
+                        v.index,
+                        x.value,
+                        cpuid::xcr0_features(extra).join(", "),
+                        model.name()
+                    ));
+                }
             }
         }
         if diffs.is_empty() {
@@ -513,8 +568,179 @@ impl Vm {
                 });
             }
         }
-        self.set_run_state(RunState::Paused);
+        if run_state != RunState::InMigrate {
+            self.set_run_state(RunState::Paused);
+        }
         tracing::info!(vcpus = state.vcpus.len(), "VM state restored");
         Ok(())
     }
+
+    /// The sections a stream for this VM must carry: `cpu` once per vCPU (instance = index),
+    /// then the VM-level ones (instance 0).
+    pub fn expected_sections(&self) -> Vec<(String, u32)> {
+        (0..self.vcpus.len() as u32)
+            .map(|i| (VcpuState::NAME.to_owned(), i))
+            .chain(VM_SECTIONS.iter().map(|n| ((*n).to_owned(), 0)))
+            .collect()
+    }
+
+    /// Captures every device section, encoded for machine type `m` with
+    /// [`devstate::encode_section`]: one `cpu` per vCPU, then `irqchip`, `pit`, `kvmclock`,
+    /// `uart`, `guest-progress`. The vCPUs must be parked (pause first).
+    pub fn save_sections(&self, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError> {
+        let state = self.save_state()?;
+        Ok(encode_state(state, m))
+    }
+
+    /// Loads device sections (as read from a stream) into this VM, which must be freshly
+    /// created or incoming (parked vCPUs, never run). Every problem is found before anything
+    /// is loaded and reported together: unknown or duplicate sections, a vCPU count or a CPU
+    /// model that differs, a section that does not decode (with its name and offset).
+    pub fn load_sections(&mut self, sections: &[RawSection]) -> Result<(), VmError> {
+        let state = self.decode_sections(sections)?;
+        self.restore_state(&state)
+    }
+
+    /// Decodes and checks `sections` against this VM without loading anything.
+    pub fn decode_sections(&self, sections: &[RawSection]) -> Result<VmState, VmError> {
+        let mut problems = Vec::new();
+        let mut cpus: Vec<Option<VcpuState>> = vec![None; self.vcpus.len()];
+        let mut extra_cpus = Vec::new();
+        let mut irqchip: Option<IrqchipState> = None;
+        let mut pit: Option<PitState> = None;
+        let mut clock: Option<ClockState> = None;
+        let mut uart: Option<UartState> = None;
+        let mut progress: Option<ProgressState> = None;
+        fn put<T>(slot: &mut Option<T>, v: T, s: &RawSection, problems: &mut Vec<String>) {
+            if slot.replace(v).is_some() {
+                problems.push(format!(
+                    "duplicate section '{}' instance {} at offset {}",
+                    s.name, s.instance, s.offset
+                ));
+            }
+        }
+        for s in sections {
+            let singleton = |problems: &mut Vec<String>| {
+                if s.instance != 0 {
+                    problems.push(format!(
+                        "section '{}' has instance {} at offset {}; this VM has only instance 0",
+                        s.name, s.instance, s.offset
+                    ));
+                }
+            };
+            match s.name.as_str() {
+                VcpuState::NAME => {
+                    let v: VcpuState = s.load()?;
+                    if v.index != s.instance {
+                        problems.push(format!(
+                            "section 'cpu' instance {} at offset {} holds vCPU {}",
+                            s.instance, s.offset, v.index
+                        ));
+                    }
+                    match cpus.get_mut(s.instance as usize) {
+                        Some(slot) => put(slot, v, s, &mut problems),
+                        None => extra_cpus.push(s.instance),
+                    }
+                }
+                IrqchipState::NAME => {
+                    singleton(&mut problems);
+                    put(&mut irqchip, s.load()?, s, &mut problems);
+                }
+                PitState::NAME => {
+                    singleton(&mut problems);
+                    put(&mut pit, s.load()?, s, &mut problems);
+                }
+                ClockState::NAME => {
+                    singleton(&mut problems);
+                    put(&mut clock, s.load()?, s, &mut problems);
+                }
+                UartState::NAME => {
+                    singleton(&mut problems);
+                    put(&mut uart, s.load()?, s, &mut problems);
+                }
+                ProgressState::NAME => {
+                    singleton(&mut problems);
+                    put(&mut progress, s.load()?, s, &mut problems);
+                }
+                other => problems.push(format!(
+                    "unknown section '{other}' instance {} at offset {}",
+                    s.instance, s.offset
+                )),
+            }
+        }
+        let present = cpus.iter().filter(|c| c.is_some()).count() + extra_cpus.len();
+        if present != self.vcpus.len() || !extra_cpus.is_empty() {
+            problems.push(format!(
+                "vCPU count differs (stream has {present} cpu sections, this VM has {} vCPUs)",
+                self.vcpus.len()
+            ));
+        } else if let Some(i) = cpus.iter().position(Option::is_none) {
+            problems.push(format!("section 'cpu' instance {i} is missing"));
+        }
+        let missing = |name: &str, present: bool, problems: &mut Vec<String>| {
+            if !present {
+                problems.push(format!("section '{name}' is missing"));
+            }
+        };
+        missing(IrqchipState::NAME, irqchip.is_some(), &mut problems);
+        missing(PitState::NAME, pit.is_some(), &mut problems);
+        missing(ClockState::NAME, clock.is_some(), &mut problems);
+        missing(UartState::NAME, uart.is_some(), &mut problems);
+        missing(ProgressState::NAME, progress.is_some(), &mut problems);
+        if !problems.is_empty() {
+            return Err(VmError::ShapeMismatch(problems.join("; ")));
+        }
+        let irqchip = irqchip.unwrap_or_default();
+        let state = VmState {
+            memory_size: self.config.memory_size,
+            vcpus: cpus.into_iter().flatten().collect(),
+            pic_master: irqchip.pic_master,
+            pic_slave: irqchip.pic_slave,
+            ioapic: irqchip.ioapic,
+            pit: pit.unwrap_or_default(),
+            clock: clock.unwrap_or_default(),
+            uart: uart.unwrap_or_default(),
+            progress: progress.unwrap_or_default(),
+        };
+        self.check_shape(&state)?;
+        Ok(state)
+    }
+}
+
+/// The VM-level sections, in the order they are written (after the `cpu` sections).
+pub const VM_SECTIONS: [&str; 5] = [
+    IrqchipState::NAME,
+    PitState::NAME,
+    ClockState::NAME,
+    UartState::NAME,
+    ProgressState::NAME,
+];
+
+/// Encodes a captured machine state as section records for machine type `m`.
+pub fn encode_state(state: VmState, m: &MachineType) -> Vec<Vec<u8>> {
+    fn enc<S: Section>(s: &mut S, instance: u32, m: &MachineType, out: &mut Vec<Vec<u8>>) {
+        if let Some(r) = devstate::encode_section(s, instance, m, devstate::Tag::Section) {
+            out.push(r);
+        }
+    }
+    let mut out = Vec::with_capacity(state.vcpus.len() + VM_SECTIONS.len());
+    for mut v in state.vcpus {
+        let i = v.index;
+        enc(&mut v, i, m, &mut out);
+    }
+    let mut irqchip = IrqchipState {
+        pic_master: state.pic_master,
+        pic_slave: state.pic_slave,
+        ioapic: state.ioapic,
+    };
+    enc(&mut irqchip, 0, m, &mut out);
+    let mut pit = state.pit;
+    enc(&mut pit, 0, m, &mut out);
+    let mut clock = state.clock;
+    enc(&mut clock, 0, m, &mut out);
+    let mut uart = state.uart;
+    enc(&mut uart, 0, m, &mut out);
+    let mut progress = state.progress;
+    enc(&mut progress, 0, m, &mut out);
+    out
 }

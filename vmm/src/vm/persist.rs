@@ -1,6 +1,20 @@
 //! Plain VM-level state: the in-kernel interrupt controllers, the PIT, the KVM clock, and
-//! the whole-machine [`VmState`].
+//! the whole-machine [`VmState`]; and the device registry ([`catalog`]) of every section a VM
+//! writes.
+//!
+//! | section | instance | body | required |
+//! |---|---|---|---|
+//! | `cpu` | vCPU index | [`VcpuState`] | one per vCPU |
+//! | `irqchip` | 0 | [`IrqchipState`]: both 8259s and the IOAPIC | yes |
+//! | `pit` | 0 | [`PitState`] | yes |
+//! | `kvmclock` | 0 | [`ClockState`] | yes |
+//! | `uart` | 0 | [`UartState`] (COM1) | yes |
+//! | `guest-progress` | 0 | [`ProgressState`] | yes |
+//!
+//! All are version 1 (minimum 1). Volatile fields (reported apart by diffs): `cpu.tsc`,
+//! `cpu.tsc_khz`, `kvmclock.*`, `pit.channels[].count_load_time`.
 
+use devstate::{Catalog, Section};
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data,
     kvm_ioapic_state, kvm_irqchip, kvm_pic_state, kvm_pit_channel_state, kvm_pit_state2,
@@ -11,7 +25,7 @@ use crate::devices::persist::{ProgressState, UartState};
 use crate::vcpu::persist::VcpuState;
 
 /// The whole machine except guest RAM (which travels as RAM records).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmState {
     /// Guest RAM size in bytes (shape check on restore).
     pub memory_size: u64,
@@ -33,26 +47,27 @@ pub struct VmState {
     pub progress: ProgressState,
 }
 
-/// One 8259 PIC.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct PicState {
-    pub last_irr: u8,
-    pub irr: u8,
-    pub imr: u8,
-    pub isr: u8,
-    pub priority_add: u8,
-    pub irq_base: u8,
-    pub read_reg_select: u8,
-    pub poll: u8,
-    pub special_mask: u8,
-    pub init_state: u8,
-    pub auto_eoi: u8,
-    pub rotate_on_auto_eoi: u8,
-    pub special_fully_nested_mode: u8,
-    pub init4: u8,
-    pub elcr: u8,
-    pub elcr_mask: u8,
+devstate::record! {
+    /// One 8259 PIC.
+    #[allow(missing_docs)]
+    pub struct PicState {
+        pub last_irr: u8,
+        pub irr: u8,
+        pub imr: u8,
+        pub isr: u8,
+        pub priority_add: u8,
+        pub irq_base: u8,
+        pub read_reg_select: u8,
+        pub poll: u8,
+        pub special_mask: u8,
+        pub init_state: u8,
+        pub auto_eoi: u8,
+        pub rotate_on_auto_eoi: u8,
+        pub special_fully_nested_mode: u8,
+        pub init4: u8,
+        pub elcr: u8,
+        pub elcr_mask: u8,
+    }
 }
 
 impl PicState {
@@ -101,19 +116,20 @@ impl PicState {
     }
 }
 
-/// The IOAPIC.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IoapicState {
-    /// MMIO base.
-    pub base_address: u64,
-    /// Register select.
-    pub ioregsel: u32,
-    /// APIC id.
-    pub id: u32,
-    /// Interrupt request register.
-    pub irr: u32,
-    /// 24 redirection entries.
-    pub redirtbl: Vec<u64>,
+devstate::record! {
+    /// The IOAPIC.
+    pub struct IoapicState {
+        /// MMIO base.
+        pub base_address: u64,
+        /// Register select.
+        pub ioregsel: u32,
+        /// APIC id.
+        pub id: u32,
+        /// Interrupt request register.
+        pub irr: u32,
+        /// 24 redirection entries.
+        pub redirtbl: Vec<u64> [max = 24],
+    }
 }
 
 impl IoapicState {
@@ -150,33 +166,35 @@ impl IoapicState {
     }
 }
 
-/// One PIT channel.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct PitChannelState {
-    pub count: u32,
-    pub latched_count: u16,
-    pub count_latched: u8,
-    pub status_latched: u8,
-    pub status: u8,
-    pub read_state: u8,
-    pub write_state: u8,
-    pub write_latch: u8,
-    pub rw_mode: u8,
-    pub mode: u8,
-    pub bcd: u8,
-    pub gate: u8,
-    /// Host time the count was loaded (ns); volatile across hosts.
-    pub count_load_time: i64,
+devstate::record! {
+    /// One PIT channel.
+    #[allow(missing_docs)]
+    pub struct PitChannelState {
+        pub count: u32,
+        pub latched_count: u16,
+        pub count_latched: u8,
+        pub status_latched: u8,
+        pub status: u8,
+        pub read_state: u8,
+        pub write_state: u8,
+        pub write_latch: u8,
+        pub rw_mode: u8,
+        pub mode: u8,
+        pub bcd: u8,
+        pub gate: u8,
+        /// Host time the count was loaded (ns); volatile across hosts.
+        pub count_load_time: i64 [volatile],
+    }
 }
 
-/// The 8254 PIT (`KVM_GET_PIT2`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PitState {
-    /// Three channels.
-    pub channels: Vec<PitChannelState>,
-    /// `KVM_PIT_FLAGS_*`.
-    pub flags: u32,
+devstate::record! {
+    /// The 8254 PIT (`KVM_GET_PIT2`).
+    pub struct PitState {
+        /// Three channels.
+        pub channels: Vec<PitChannelState> [max = 3],
+        /// `KVM_PIT_FLAGS_*`.
+        pub flags: u32,
+    }
 }
 
 impl PitState {
@@ -233,15 +251,16 @@ impl PitState {
     }
 }
 
-/// The KVM clock (`KVM_GET_CLOCK`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClockState {
-    /// kvmclock nanoseconds; volatile.
-    pub clock: u64,
-    /// `KVM_CLOCK_*` flags as read.
-    pub flags: u32,
-    /// Host realtime when read (valid with `KVM_CLOCK_REALTIME`); volatile.
-    pub realtime: u64,
+devstate::record! {
+    /// The KVM clock (`KVM_GET_CLOCK`).
+    pub struct ClockState {
+        /// kvmclock nanoseconds; volatile.
+        pub clock: u64 [volatile],
+        /// `KVM_CLOCK_*` flags as read.
+        pub flags: u32 [volatile],
+        /// Host realtime when read (valid with `KVM_CLOCK_REALTIME`); volatile.
+        pub realtime: u64 [volatile],
+    }
 }
 
 impl ClockState {
@@ -262,6 +281,85 @@ impl ClockState {
             ..Default::default()
         }
     }
+}
+
+devstate::record! {
+    /// The in-kernel interrupt controllers: body of section `irqchip`.
+    pub struct IrqchipState {
+        /// Master 8259.
+        pub pic_master: PicState,
+        /// Slave 8259.
+        pub pic_slave: PicState,
+        /// IOAPIC.
+        pub ioapic: IoapicState,
+    }
+}
+
+impl Section for IrqchipState {
+    const NAME: &'static str = "irqchip";
+    const VERSION: u32 = 1;
+    const MIN_VERSION: u32 = 1;
+    const REQUIRED: bool = true;
+
+    fn post_load(&mut self, _version: u32) -> Result<(), String> {
+        if self.ioapic.redirtbl.len() != IOAPIC_PINS {
+            return Err(format!(
+                "IOAPIC has {} redirection entries, expected {IOAPIC_PINS}",
+                self.ioapic.redirtbl.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// IOAPIC pins (redirection entries).
+pub const IOAPIC_PINS: usize = 24;
+/// PIT channels.
+pub const PIT_CHANNELS: usize = 3;
+
+impl Section for PitState {
+    const NAME: &'static str = "pit";
+    const VERSION: u32 = 1;
+    const MIN_VERSION: u32 = 1;
+    const REQUIRED: bool = true;
+
+    fn post_load(&mut self, _version: u32) -> Result<(), String> {
+        if self.channels.len() != PIT_CHANNELS {
+            return Err(format!(
+                "PIT has {} channels, expected {PIT_CHANNELS}",
+                self.channels.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Section for ClockState {
+    const NAME: &'static str = "kvmclock";
+    const VERSION: u32 = 1;
+    const MIN_VERSION: u32 = 1;
+    const REQUIRED: bool = true;
+}
+
+/// The device registry: every section type a VM writes and reads. Registration panics on a
+/// duplicate name or an unbounded field, so building it is a test.
+pub fn catalog() -> Catalog {
+    let mut c = Catalog::new();
+    c.register::<VcpuState>()
+        .register::<IrqchipState>()
+        .register::<PitState>()
+        .register::<ClockState>()
+        .register::<UartState>()
+        .register::<ProgressState>();
+    c
+}
+
+/// [`catalog`] plus the sections the migration engine writes itself (`config`,
+/// `migration`): everything a stream file may hold, for `ferry-dump` and schemas.
+pub fn full_catalog() -> Catalog {
+    let mut c = catalog();
+    migration::register(&mut c);
+    c
 }
 
 fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, kvm_ioctls::Error> {
@@ -350,5 +448,93 @@ mod tests {
             flags: 1,
         };
         assert_eq!(PitState::from_kvm(&pit.to_kvm()), pit);
+    }
+
+    #[test]
+    fn catalogs_build_and_bound_every_section() {
+        let c = full_catalog();
+        let names: Vec<&str> = c.infos().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "config",
+                "cpu",
+                "guest-progress",
+                "irqchip",
+                "kvmclock",
+                "migration",
+                "pit",
+                "uart"
+            ]
+        );
+        let cpu = c.info("cpu").unwrap();
+        assert!(cpu.required && cpu.version == 1 && cpu.min_version == 1);
+        // The bound a decoder applies before allocating: the XSAVE area, the LAPIC page and
+        // the lists dominate it.
+        assert!(
+            cpu.max_len > 4096 + 1024 && cpu.max_len < 64 << 10,
+            "{}",
+            cpu.max_len
+        );
+        for m in machine_types::all() {
+            let schema = c.schema(m);
+            let cpu = schema.section("cpu").unwrap();
+            let vol: Vec<&str> = cpu
+                .fields
+                .iter()
+                .filter(|f| f.volatile)
+                .map(|f| f.name.as_str())
+                .collect();
+            assert_eq!(vol, ["tsc", "tsc_khz"]);
+            let clock = schema.section("kvmclock").unwrap();
+            assert!(clock.fields.iter().all(|f| f.volatile));
+        }
+    }
+
+    #[test]
+    fn sections_round_trip_through_the_codec() {
+        let m = machine_types::newest();
+        let mut irq = IrqchipState {
+            pic_master: PicState {
+                imr: 0xfb,
+                irq_base: 0x20,
+                ..Default::default()
+            },
+            pic_slave: PicState::default(),
+            ioapic: IoapicState {
+                base_address: 0xfec0_0000,
+                redirtbl: vec![0x1_0000; IOAPIC_PINS],
+                ..Default::default()
+            },
+        };
+        let rec = devstate::encode_section(&mut irq, 0, m, devstate::Tag::Section).unwrap();
+        let mut w = devstate::StreamWriter::new(Vec::new(), m, "test").unwrap();
+        w.config(&mut migration::ConfigRecord::default()).unwrap();
+        w.raw(&rec).unwrap();
+        let bytes = w.finish().unwrap();
+        let c = full_catalog();
+        let mut r = devstate::StreamReader::new(bytes.as_slice(), Some(&c)).unwrap();
+        assert!(matches!(r.next_item().unwrap(), devstate::Item::Config(_)));
+        let devstate::Item::Section(raw) = r.next_item().unwrap() else {
+            panic!("expected a section");
+        };
+        assert_eq!(raw.load::<IrqchipState>().unwrap(), irq);
+        // A short IOAPIC is refused by post_load, naming the section.
+        irq.ioapic.redirtbl.truncate(3);
+        let rec = devstate::encode_section(&mut irq, 0, m, devstate::Tag::Section).unwrap();
+        let mut w = devstate::StreamWriter::new(Vec::new(), m, "test").unwrap();
+        w.config(&mut migration::ConfigRecord::default()).unwrap();
+        w.raw(&rec).unwrap();
+        let bytes = w.finish().unwrap();
+        let mut r = devstate::StreamReader::new(bytes.as_slice(), Some(&c)).unwrap();
+        r.next_item().unwrap();
+        let devstate::Item::Section(raw) = r.next_item().unwrap() else {
+            panic!("expected a section");
+        };
+        let e = raw.load::<IrqchipState>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Section 'irqchip' rejected by post_load: IOAPIC has 3 redirection entries, expected 24"
+        );
     }
 }

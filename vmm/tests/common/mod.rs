@@ -34,7 +34,7 @@ pub fn config(memory_mib: u64, vcpus: u8) -> VmConfig {
     VmConfig {
         memory_size: memory_mib << 20,
         vcpus,
-        machine: "ferry-2.0".to_string(),
+        machine: machine_types::MachineType::lookup("ferry-2.0").unwrap(),
     }
 }
 

@@ -1,0 +1,491 @@
+//! The VM as the migration engine sees it: [`VmMigration`] implements
+//! [`migration::SourceVm`] and [`migration::DestinationVm`] over a [`Vm`], plus the device
+//! registry ([`catalog`], [`full_catalog`]) and helpers to read, decode and compare device
+//! sections (volatile fields reported apart, as Precise rule 2 asks).
+//!
+//! ```no_run
+//! # use vmm::{Vm, config::VmConfig, migrate::VmMigration};
+//! # fn f(vm: &mut Vm) -> Result<(), migration::MigrationError> {
+//! let progress = migration::Progress::default();
+//! migration::send(
+//!     &mut VmMigration::new(vm),
+//!     "file:/tmp/guest.ferry",
+//!     &migration::Params::default(),
+//!     &progress,
+//! )?;
+//! # Ok(()) }
+//! ```
+//!
+//! Run states: the source goes `running` -> `finish-migrate` (stop-and-copy) -> `postmigrate`
+//! once handed over, or back to `running` when the migration fails before COMMIT. The
+//! destination goes to `inmigrate` when the stream starts and to `running` (or `paused`, when
+//! the source was not running) on COMMIT; a failed incoming migration leaves it `inmigrate`
+//! with its vCPUs parked.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use devstate::{
+    DecodeError, FieldKind, FieldSchema, Item, MachineSchema, RawSection, Reader, StreamReader,
+    Value,
+};
+use machine_types::MachineType;
+use migration::{ConfigRecord, DestinationVm, DirtyRegion, RegionDesc, SourceVm};
+
+use crate::guest::PAGE_SIZE;
+use crate::runstate::RunState;
+pub use crate::vm::persist::{catalog, full_catalog};
+use crate::vm::{Vm, VmError};
+
+/// Called by [`DestinationVm::begin_incoming`] after the VM entered `inmigrate` and before
+/// any RAM or state is written: the place to reset hotplug connectors and clear the pending
+/// guest-event queue (Precise rule 5).
+pub type IncomingHook = Box<dyn FnMut(&mut Vm) -> Result<(), String> + Send>;
+
+/// What the destination did with the RAM records it received.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RamStats {
+    /// Pages written from DATA records.
+    pub data_pages: u64,
+    /// Pages covered by ZERO records.
+    pub zero_pages: u64,
+    /// ZERO pages that held data and had to be cleared (the others were left untouched).
+    pub zero_pages_cleared: u64,
+}
+
+/// A [`Vm`] seen by the migration engine, on either side.
+pub struct VmMigration<'a> {
+    vm: &'a mut Vm,
+    incoming: bool,
+    capture: bool,
+    reserialised: Option<Vec<Vec<u8>>>,
+    hook: Option<IncomingHook>,
+    stats: RamStats,
+    failure: Option<String>,
+}
+
+impl std::fmt::Debug for VmMigration<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmMigration")
+            .field("incoming", &self.incoming)
+            .field("stats", &self.stats)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+fn words(e: VmError) -> String {
+    migration::chain(&e)
+}
+
+impl<'a> VmMigration<'a> {
+    /// Migrate `vm` out, or into it.
+    pub fn new(vm: &'a mut Vm) -> Self {
+        VmMigration {
+            vm,
+            incoming: false,
+            capture: false,
+            reserialised: None,
+            hook: None,
+            stats: RamStats::default(),
+            failure: None,
+        }
+    }
+
+    /// Destination: right after the device state is loaded, and before any vCPU runs,
+    /// re-serialise it (see [`VmMigration::reserialised`]).
+    pub fn capture_after_load(mut self) -> Self {
+        self.capture = true;
+        self
+    }
+
+    /// Destination: run `hook` when the stream starts (connector reset goes here).
+    pub fn on_begin_incoming(mut self, hook: IncomingHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The destination's own sections, encoded after load and before its first `KVM_RUN`
+    /// (with [`VmMigration::capture_after_load`]).
+    pub fn reserialised(&self) -> Option<&[Vec<u8>]> {
+        self.reserialised.as_deref()
+    }
+
+    /// What the destination did with RAM records.
+    pub fn ram_stats(&self) -> RamStats {
+        self.stats
+    }
+
+    /// Why the last incoming migration was aborted, if it was.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        self.vm
+    }
+
+    /// The configuration a peer must match: machine type, CPU model, vCPUs, RAM regions.
+    pub fn config_record(&self) -> ConfigRecord {
+        config_record(self.vm)
+    }
+}
+
+/// The configuration record of `vm`: machine type, CPU model, vCPU count and the RAM
+/// regions (split around the PCI hole); no hotplugged devices yet.
+pub fn config_record(vm: &Vm) -> ConfigRecord {
+    ConfigRecord {
+        machine: vm.machine().name().to_owned(),
+        cpu_model: vm.cpu_model().name().to_owned(),
+        vcpus: vm.vcpus().len() as u32,
+        memory: vm
+            .ram()
+            .slots()
+            .iter()
+            .map(|s| RegionDesc {
+                gpa: s.gpa,
+                size: s.size,
+            })
+            .collect(),
+        devices: Vec::new(),
+    }
+}
+
+impl SourceVm for VmMigration<'_> {
+    fn machine(&self) -> &'static MachineType {
+        self.vm.machine()
+    }
+
+    fn config(&self) -> ConfigRecord {
+        self.config_record()
+    }
+
+    fn is_running(&self) -> bool {
+        self.vm.run_state() == RunState::Running
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        self.vm.pause().map_err(words)?;
+        self.vm.set_run_state(RunState::FinishMigrate);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.vm.resume().map_err(words)
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), String> {
+        self.vm.set_dirty_log(true).map_err(words)
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), String> {
+        self.vm.set_dirty_log(false).map_err(words)
+    }
+
+    fn take_dirty(&mut self) -> Result<Vec<DirtyRegion>, String> {
+        Ok(self
+            .vm
+            .dirty_pages()
+            .map_err(words)?
+            .into_iter()
+            .map(|d| DirtyRegion {
+                gpa: d.gpa,
+                pages: d.size / PAGE_SIZE,
+                bitmap: d.bitmap,
+            })
+            .collect())
+    }
+
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.vm
+            .ram()
+            .read_range(gpa, buf)
+            .map_err(|e| words(e.into()))
+    }
+
+    fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, String> {
+        self.vm.save_sections(m).map_err(words)
+    }
+
+    fn handed_over(&mut self) {
+        self.vm.set_run_state(RunState::PostMigrate);
+        tracing::info!("guest handed over; this VM stays stopped (postmigrate)");
+    }
+}
+
+impl DestinationVm for VmMigration<'_> {
+    fn machine(&self) -> &'static MachineType {
+        self.vm.machine()
+    }
+
+    fn config(&self) -> ConfigRecord {
+        self.config_record()
+    }
+
+    fn catalog(&self) -> devstate::Catalog {
+        catalog()
+    }
+
+    fn expected_sections(&self) -> Vec<(String, u32)> {
+        self.vm.expected_sections()
+    }
+
+    fn begin_incoming(&mut self) -> Result<(), String> {
+        let state = self.vm.run_state();
+        if !matches!(
+            state,
+            RunState::Prelaunch | RunState::InMigrate | RunState::Paused
+        ) || !self.vm.all_parked()
+        {
+            return Err(format!(
+                "cannot receive a migration into a VM that is {state}; start it with incoming migration, or stop it"
+            ));
+        }
+        self.vm.set_run_state(RunState::InMigrate);
+        self.incoming = true;
+        self.failure = None;
+        self.stats = RamStats::default();
+        self.reserialised = None;
+        // Hotplug connectors: reset here (after pre-start adds, before anything is loaded).
+        if let Some(hook) = self.hook.as_mut() {
+            hook(self.vm)?;
+        }
+        Ok(())
+    }
+
+    fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
+        if !self.incoming {
+            return Err("RAM record outside an incoming migration".to_owned());
+        }
+        let ram = self.vm.ram();
+        match data {
+            Some(d) => {
+                if d.len() as u64 != u64::from(pages) * PAGE_SIZE {
+                    return Err(format!(
+                        "RAM record at {gpa:#x} carries {} bytes for {pages} pages",
+                        d.len()
+                    ));
+                }
+                ram.write_range(gpa, d).map_err(|e| words(e.into()))?;
+                self.stats.data_pages += u64::from(pages);
+            }
+            None => {
+                let cleared = ram
+                    .zero_range(gpa, u64::from(pages))
+                    .map_err(|e| words(e.into()))?;
+                self.stats.zero_pages += u64::from(pages);
+                self.stats.zero_pages_cleared += cleared;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_devices(&mut self, sections: &[RawSection]) -> Result<(), String> {
+        if !self.incoming {
+            return Err("device state outside an incoming migration".to_owned());
+        }
+        self.vm.load_sections(sections).map_err(words)?;
+        if self.capture {
+            let m = self.vm.machine();
+            self.reserialised = Some(self.vm.save_sections(m).map_err(words)?);
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, run: bool) -> Result<(), String> {
+        self.incoming = false;
+        if run {
+            self.vm.resume().map_err(words)?;
+        } else {
+            self.vm.set_run_state(RunState::Paused);
+        }
+        tracing::info!(run, "incoming migration committed");
+        Ok(())
+    }
+
+    fn abort_incoming(&mut self, why: &str) {
+        let started = std::mem::replace(&mut self.incoming, false);
+        self.failure = Some(why.to_owned());
+        // The vCPUs never ran: once the stream had started, the VM stays stopped in
+        // `inmigrate` (whatever was loaded is discarded by the next incoming migration).
+        if started && self.vm.run_state() != RunState::Shutdown {
+            self.vm.set_run_state(RunState::InMigrate);
+        }
+        tracing::error!(
+            reason = why,
+            "incoming migration aborted; the VM stays stopped"
+        );
+    }
+}
+
+/// Every section of a stream (RAM skipped), with its header's machine type. The stream is
+/// checked for framing and CRCs only (any section name is accepted).
+pub fn read_stream_sections(r: impl Read) -> Result<(String, Vec<RawSection>), DecodeError> {
+    let mut reader = StreamReader::new(r, None)?;
+    let machine = reader.header().machine.clone();
+    let mut out = Vec::new();
+    loop {
+        match reader.next_item()? {
+            Item::Section(s) => out.push(s),
+            Item::End => break,
+            Item::Config(_) | Item::Ram(_) => {}
+        }
+    }
+    Ok((machine, out))
+}
+
+/// Parses section records (from [`Vm::save_sections`]) back into [`RawSection`]s, checked
+/// against the device registry.
+pub fn parse_sections(
+    m: &'static MachineType,
+    records: &[Vec<u8>],
+) -> Result<Vec<RawSection>, DecodeError> {
+    let mut w = devstate::StreamWriter::new(Vec::new(), m, "vmm").expect("writes to a Vec");
+    w.config(&mut ConfigRecord::default())
+        .expect("writes to a Vec");
+    for r in records {
+        w.raw(r).expect("writes to a Vec");
+    }
+    let bytes = w.finish().expect("writes to a Vec");
+    let mut c = catalog();
+    c.register::<ConfigRecord>();
+    let mut reader = StreamReader::new(bytes.as_slice(), Some(&c))?;
+    let mut out = Vec::new();
+    loop {
+        match reader.next_item()? {
+            Item::Section(s) => out.push(s),
+            Item::End => break,
+            Item::Config(_) | Item::Ram(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Differences between two sets of sections, field by field.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SectionDiff {
+    /// Differences in fields that must be equal (or sections on one side only).
+    pub differences: Vec<String>,
+    /// Differences in fields the schema marks volatile (clocks, timers).
+    pub volatile: Vec<String>,
+}
+
+impl SectionDiff {
+    /// Whether everything but volatile fields is equal.
+    pub fn is_equal(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Uint(x) => format!("{x:#x}"),
+        Value::Int(x) => x.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Str(s) => format!("{s:?}"),
+        Value::List(l) => format!("[{} items]", l.len()),
+        Value::Record(_) => "{..}".to_owned(),
+    }
+}
+
+fn diff_value(
+    kind: &FieldKind,
+    volatile: bool,
+    path: &str,
+    a: &Value,
+    b: &Value,
+    out: &mut SectionDiff,
+) {
+    if a == b {
+        return;
+    }
+    match (kind, a, b) {
+        (FieldKind::Record { fields, .. }, Value::Record(x), Value::Record(y)) => {
+            diff_fields(fields, volatile, path, x, y, out);
+        }
+        (FieldKind::List { of, .. }, Value::List(x), Value::List(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                diff_value(of, volatile, &format!("{path}[{i}]"), p, q, out);
+            }
+        }
+        _ => {
+            let line = format!("{path}: {} != {}", show(a), show(b));
+            if volatile {
+                out.volatile.push(line);
+            } else {
+                out.differences.push(line);
+            }
+        }
+    }
+}
+
+fn diff_fields(
+    fields: &[FieldSchema],
+    volatile: bool,
+    path: &str,
+    a: &[(String, Value)],
+    b: &[(String, Value)],
+    out: &mut SectionDiff,
+) {
+    for (f, ((_, x), (_, y))) in fields.iter().zip(a.iter().zip(b)) {
+        diff_value(
+            &f.kind,
+            volatile || f.volatile,
+            &format!("{path}.{}", f.name),
+            x,
+            y,
+            out,
+        );
+    }
+}
+
+/// Compares two sets of sections by `(name, instance)`, decoding every body by `schema`
+/// alone; volatile fields (at any depth) are reported apart. Subsections are compared as
+/// bytes.
+pub fn diff_sections(
+    schema: &MachineSchema,
+    a: &[RawSection],
+    b: &[RawSection],
+) -> Result<SectionDiff, DecodeError> {
+    let key = |s: &RawSection| (s.name.clone(), s.instance);
+    let left: BTreeMap<_, _> = a.iter().map(|s| (key(s), s)).collect();
+    let right: BTreeMap<_, _> = b.iter().map(|s| (key(s), s)).collect();
+    let mut out = SectionDiff::default();
+    for (k, x) in &left {
+        let path = format!("{}[{}]", k.0, k.1);
+        let Some(y) = right.get(k) else {
+            out.differences.push(format!("{path}: only on the left"));
+            continue;
+        };
+        if x.version != y.version {
+            out.differences
+                .push(format!("{path}: version {} != {}", x.version, y.version));
+            continue;
+        }
+        let Some(s) = schema.section(&k.0) else {
+            if x.body != y.body {
+                out.differences.push(format!("{path}: bodies differ"));
+            }
+            continue;
+        };
+        let fields = devstate::fields_at(s.fields.clone(), x.version);
+        let dx = devstate::decode_fields(&fields, &mut Reader::new(&x.body, x.body_offset, &k.0))?;
+        let dy = devstate::decode_fields(&fields, &mut Reader::new(&y.body, y.body_offset, &k.0))?;
+        diff_fields(&fields, false, &path, &dx, &dy, &mut out);
+        let subs = |s: &RawSection| {
+            s.subsections
+                .iter()
+                .map(|u| (u.name.clone(), u.version, u.body.clone()))
+                .collect::<Vec<_>>()
+        };
+        if subs(x) != subs(y) {
+            out.differences.push(format!("{path}: subsections differ"));
+        }
+    }
+    for k in right.keys().filter(|k| !left.contains_key(*k)) {
+        out.differences
+            .push(format!("{}[{}]: only on the right", k.0, k.1));
+    }
+    Ok(out)
+}

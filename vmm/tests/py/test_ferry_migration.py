@@ -1,0 +1,102 @@
+"""Drive two real `ferry` processes with the real `qemu.qmp` client (PyPI).
+
+Usage: test_ferry_migration.py SRC_SOCKET DST_SOCKET
+
+The destination was started with `--incoming tcp:127.0.0.1:0`, the source with a running
+dirtying guest. Follows MIGRATION events to `completed` on both sides, checks STOP/RESUME,
+run states, refusals while migrating, then quits both. Prints OK on success; any failure
+raises.
+"""
+
+import asyncio
+import sys
+
+from qemu.qmp import ExecuteError, QMPClient
+
+TIMEOUT = 30
+
+
+async def wait_event(qmp, name, pred=lambda data: True):
+    async def inner():
+        async for ev in qmp.events:
+            if ev["event"] == name and pred(ev.get("data", {})):
+                return ev
+    return await asyncio.wait_for(inner(), TIMEOUT)
+
+
+async def main(src_path, dst_path):
+    src, dst = QMPClient("src"), QMPClient("dst")
+    await src.connect(src_path)
+    await dst.connect(dst_path)
+    assert src.greeting["QMP"]["version"]["package"].startswith("ferry"), src.greeting
+
+    st = await src.execute("query-status")
+    assert st["status"] == "running" and st["running"] is True, st
+    st = await dst.execute("query-status")
+    assert st["status"] == "inmigrate" and st["running"] is False, st
+
+    for q in (src, dst):
+        await q.execute("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "events", "state": True}]})
+        caps = await q.execute("query-migrate-capabilities")
+        assert caps == [{"capability": "events", "state": True}], caps
+    await src.execute("migrate-set-parameters", {"downtime-limit": 300})
+    params = await src.execute("query-migrate-parameters")
+    assert params["downtime-limit"] == 300 and params["max-bandwidth"] == 0, params
+
+    info = await dst.execute("query-migrate")
+    port = info["socket-address"][0]["port"]
+    assert isinstance(port, str), info
+
+    # Errors come back with QEMU's classes and texts.
+    try:
+        await src.execute("migrate", {"uri": "exec:cat"})
+        raise AssertionError("bad uri accepted")
+    except ExecuteError as e:
+        assert e.error_class == "GenericError", e
+    try:
+        await dst.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        raise AssertionError("migrate on an incoming destination accepted")
+    except ExecuteError as e:
+        assert str(e) == "Guest is waiting for an incoming migration", str(e)
+
+    src_done = asyncio.ensure_future(wait_event(src, "MIGRATION", lambda d: d["status"] == "completed"))
+    dst_done = asyncio.ensure_future(wait_event(dst, "MIGRATION", lambda d: d["status"] == "completed"))
+    src_stop = asyncio.ensure_future(wait_event(src, "STOP"))
+    dst_resume = asyncio.ensure_future(wait_event(dst, "RESUME"))
+    # libvirt sends detach: accepted and ignored.
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}", "detach": True})
+    await asyncio.gather(src_done, dst_done, src_stop, dst_resume)
+
+    info = await src.execute("query-migrate")
+    assert info["status"] == "completed", info
+    assert info["ram"]["total"] > 0 and info["ram"]["transferred"] > 0, info
+    assert "downtime" in info and info["downtime"] >= 0, info
+    assert (await src.execute("query-status"))["status"] == "postmigrate"
+    assert (await dst.execute("query-status"))["status"] == "running"
+    # The source never runs again by itself, nor on request.
+    try:
+        await src.execute("cont")
+        raise AssertionError("cont accepted on a migrated-away source")
+    except ExecuteError as e:
+        assert e.error_class == "GenericError", e
+
+    g1 = (await dst.execute("__org.ferry_query-guest"))["pass"]
+    for _ in range(2000):
+        g2 = (await dst.execute("__org.ferry_query-guest"))["pass"]
+        if g2 > g1:
+            break
+        await asyncio.sleep(0.005)
+    assert g2 > g1, f"guest made no progress on the destination ({g1} -> {g2})"
+    await dst.execute("stop")
+    v = await dst.execute("__org.ferry_verify-guest")
+    assert v["ok"] is True, v
+
+    for q in (src, dst):
+        await q.execute("quit")
+        await q.disconnect()
+    print("OK")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
