@@ -88,6 +88,7 @@ pub enum FieldKind {
     /// A nested record: its fields in order, all present.
     Record {
         /// Record type name.
+        #[serde(rename = "record")]
         name: String,
         /// Its fields.
         fields: Vec<FieldSchema>,

@@ -162,7 +162,11 @@ impl Progress {
     pub(crate) fn start(&self) {
         *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.cancel.store(false, Ordering::SeqCst);
-        *self.lock() = Snapshot::default();
+        let mut s = self.lock();
+        *s = Snapshot {
+            status: s.status,
+            ..Snapshot::default()
+        };
     }
 
     pub(crate) fn elapsed_ms(&self) -> u64 {

@@ -14,7 +14,10 @@ pub struct Finding {
 }
 
 fn field_list(f: &[FieldSchema]) -> String {
-    f.iter().map(|f| format!("{}:{}", f.name, kind_name(&f.kind))).collect::<Vec<_>>().join(", ")
+    f.iter()
+        .map(|f| format!("{}:{}", f.name, kind_name(&f.kind)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn kind_name(k: &devstate::FieldKind) -> String {
@@ -26,14 +29,29 @@ pub fn check(old: &MachineSchema, new: &MachineSchema) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut push = |breaks: bool, what: String| out.push(Finding { breaks, what });
     if old.machine != new.machine {
-        push(true, format!("machine type changed: {} -> {}", old.machine, new.machine));
+        push(
+            true,
+            format!("machine type changed: {} -> {}", old.machine, new.machine),
+        );
     }
     if old.format_version != new.format_version {
-        push(true, format!("stream format version changed: {} -> {}", old.format_version, new.format_version));
+        push(
+            true,
+            format!(
+                "stream format version changed: {} -> {}",
+                old.format_version, new.format_version
+            ),
+        );
     }
     for o in &old.sections {
         let Some(n) = new.section(&o.name) else {
-            push(true, format!("section '{}' removed: new destinations refuse old streams", o.name));
+            push(
+                true,
+                format!(
+                    "section '{}' removed: new destinations refuse old streams",
+                    o.name
+                ),
+            );
             continue;
         };
         if n.version != o.version {
@@ -57,11 +75,26 @@ pub fn check(old: &MachineSchema, new: &MachineSchema) -> Vec<Finding> {
         if n.version == o.version && n.fields != o.fields {
             for (i, (a, b)) in o.fields.iter().zip(&n.fields).enumerate() {
                 if a.name != b.name {
-                    push(true, format!("section '{}' field {i} renamed or moved: '{}' -> '{}'", o.name, a.name, b.name));
+                    push(
+                        true,
+                        format!(
+                            "section '{}' field {i} renamed or moved: '{}' -> '{}'",
+                            o.name, a.name, b.name
+                        ),
+                    );
                 } else if a.kind != b.kind {
-                    push(true, format!("section '{}' field '{}' retyped", o.name, a.name));
+                    push(
+                        true,
+                        format!("section '{}' field '{}' retyped", o.name, a.name),
+                    );
                 } else if a.volatile != b.volatile {
-                    push(false, format!("section '{}' field '{}' volatile flag changed", o.name, a.name));
+                    push(
+                        false,
+                        format!(
+                            "section '{}' field '{}' volatile flag changed",
+                            o.name, a.name
+                        ),
+                    );
                 }
             }
             if o.fields.len() != n.fields.len() {
@@ -81,11 +114,17 @@ pub fn check(old: &MachineSchema, new: &MachineSchema) -> Vec<Finding> {
             match n.subsections.iter().find(|s| s.name == os.name) {
                 None => push(
                     true,
-                    format!("subsection '{}/{}' no longer emitted or understood", o.name, os.name),
+                    format!(
+                        "subsection '{}/{}' no longer emitted or understood",
+                        o.name, os.name
+                    ),
                 ),
                 Some(ns) if ns.version != os.version || ns.fields != os.fields => push(
                     true,
-                    format!("subsection '{}/{}' changed (v{} -> v{})", o.name, os.name, os.version, ns.version),
+                    format!(
+                        "subsection '{}/{}' changed (v{} -> v{})",
+                        o.name, os.name, os.version, ns.version
+                    ),
                 ),
                 Some(_) => {}
             }
@@ -102,7 +141,13 @@ pub fn check(old: &MachineSchema, new: &MachineSchema) -> Vec<Finding> {
             }
         }
         if n.required && !o.required {
-            push(true, format!("section '{}' became required: old sources may not send it", o.name));
+            push(
+                true,
+                format!(
+                    "section '{}' became required: old sources may not send it",
+                    o.name
+                ),
+            );
         }
     }
     for n in &new.sections {

@@ -130,10 +130,17 @@ fn view(raw: &devstate::RawSection, schema: Option<&MachineSchema>) -> SectionVi
         .subsections
         .iter()
         .map(|s| {
-            let ss = sec.and_then(|sec| sec.subsections.iter().find(|x| x.name == s.name && x.version == s.version));
+            let ss = sec.and_then(|sec| {
+                sec.subsections
+                    .iter()
+                    .find(|x| x.name == s.name && x.version == s.version)
+            });
             let fields = ss.and_then(|ss| {
                 let mut r = Reader::new(&s.body, s.body_offset, &raw.name);
-                decode_fields(&ss.fields, &mut r).ok().filter(|_| r.remaining() == 0).map(Value::Record)
+                decode_fields(&ss.fields, &mut r)
+                    .ok()
+                    .filter(|_| r.remaining() == 0)
+                    .map(Value::Record)
             });
             SubView {
                 name: s.name.clone(),
@@ -158,14 +165,24 @@ fn view(raw: &devstate::RawSection, schema: Option<&MachineSchema>) -> SectionVi
 }
 
 /// Decode `bytes` completely. `schema` overrides the committed schema of the stream's machine.
-pub fn decode(bytes: &[u8], schema: Option<MachineSchema>, keep_runs: bool) -> Result<StreamView, DecodeError> {
+pub fn decode(
+    bytes: &[u8],
+    schema: Option<MachineSchema>,
+    keep_runs: bool,
+) -> Result<StreamView, DecodeError> {
     let mut r = StreamReader::new(bytes, None)?;
     let h = r.header().clone();
     let (schema, schema_name) = match schema {
         Some(s) => (Some(s), "given on the command line".to_owned()),
         None => match crate::committed_schema(&h.machine) {
             Some(s) => (Some(s), format!("committed schema of {}", h.machine)),
-            None => (None, format!("none: machine type '{}' is unknown to this build", h.machine)),
+            None => (
+                None,
+                format!(
+                    "none: machine type '{}' is unknown to this build",
+                    h.machine
+                ),
+            ),
         },
     };
     let mut sections = Vec::new();
@@ -189,7 +206,11 @@ pub fn decode(bytes: &[u8], schema: Option<MachineSchema>, keep_runs: bool) -> R
                     ram.pages.insert(rec.gpa + i * 4096, crc);
                 }
                 if keep_runs {
-                    ram.runs.push(RamRun { gpa: rec.gpa, pages: rec.pages, zero });
+                    ram.runs.push(RamRun {
+                        gpa: rec.gpa,
+                        pages: rec.pages,
+                        zero,
+                    });
                 }
             }
             Item::End => break,
@@ -215,7 +236,11 @@ pub fn decode(bytes: &[u8], schema: Option<MachineSchema>, keep_runs: bool) -> R
 
 /// A page's content digest (0 for a zero page) used to compare RAM.
 fn page_digest(p: &[u8]) -> u32 {
-    if p.iter().all(|&b| b == 0) { 0 } else { devstate_crc(p) | 1 }
+    if p.iter().all(|&b| b == 0) {
+        0
+    } else {
+        devstate_crc(p) | 1
+    }
 }
 
 fn devstate_crc(p: &[u8]) -> u32 {
@@ -254,13 +279,24 @@ fn scalar(v: &Value) -> String {
         Value::Int(x) => x.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Str(s) => format!("{s:?}"),
-        Value::List(items) if items.iter().all(|i| matches!(i, Value::Uint(x) if *x <= 0xff)) && items.len() > 16 => {
+        Value::List(items)
+            if items
+                .iter()
+                .all(|i| matches!(i, Value::Uint(x) if *x <= 0xff))
+                && items.len() > 16 =>
+        {
             format!("[{} bytes, crc32 {:#010x}]", items.len(), {
-                let b: Vec<u8> = items.iter().map(|i| if let Value::Uint(x) = i { *x as u8 } else { 0 }).collect();
+                let b: Vec<u8> = items
+                    .iter()
+                    .map(|i| if let Value::Uint(x) = i { *x as u8 } else { 0 })
+                    .collect();
                 devstate_crc(&b)
             })
         }
-        Value::List(items) => format!("[{}]", items.iter().map(scalar).collect::<Vec<_>>().join(", ")),
+        Value::List(items) => format!(
+            "[{}]",
+            items.iter().map(scalar).collect::<Vec<_>>().join(", ")
+        ),
         Value::Record(_) => "{..}".to_owned(),
     }
 }
@@ -283,9 +319,18 @@ pub fn render(v: &StreamView, filter: Option<&str>) -> String {
         out.push_str(&format!("  [{a:#x}, {b:#x}) {} MiB\n", (b - a) >> 20));
     }
     for r in &v.ram.runs {
-        out.push_str(&format!("  run {:#x} x{} {}\n", r.gpa, r.pages, if r.zero { "zero" } else { "data" }));
+        out.push_str(&format!(
+            "  run {:#x} x{} {}\n",
+            r.gpa,
+            r.pages,
+            if r.zero { "zero" } else { "data" }
+        ));
     }
-    for s in v.sections.iter().filter(|s| filter.is_none_or(|f| s.name == f)) {
+    for s in v
+        .sections
+        .iter()
+        .filter(|s| filter.is_none_or(|f| s.name == f))
+    {
         out.push_str(&format!(
             "section {} instance {:#x} v{} at {} ({} bytes, crc {})\n",
             s.name, s.instance, s.version, s.offset, s.size, s.crc
@@ -299,7 +344,10 @@ pub fn render(v: &StreamView, filter: Option<&str>) -> String {
             _ => {}
         }
         for ss in &s.subsections {
-            out.push_str(&format!("  subsection {} v{} (present: its needed() held on the source)\n", ss.name, ss.version));
+            out.push_str(&format!(
+                "  subsection {} v{} (present: its needed() held on the source)\n",
+                ss.name, ss.version
+            ));
             match (&ss.fields, &ss.raw) {
                 (Some(f), _) => render_value(f, 4, &mut out),
                 (None, Some(raw)) => out.push_str(&format!("    raw: {raw}\n")),
@@ -319,7 +367,10 @@ pub fn verify(bytes: &[u8], schema: Option<MachineSchema>, all: bool) -> Vec<Str
     };
     let schema = schema.or_else(|| crate::committed_schema(&r.header().machine));
     let Some(schema) = schema else {
-        return vec![format!("Machine type '{}' has no committed schema", r.header().machine)];
+        return vec![format!(
+            "Machine type '{}' has no committed schema",
+            r.header().machine
+        )];
     };
     let catalog = schema.catalog();
     // Re-read strictly: the lenient pass above only got the header.
@@ -436,7 +487,8 @@ fn is_volatile(vol: &[(String, String)], section: &str, path: &str) -> bool {
             _ => norm.push(c),
         }
     }
-    vol.iter().any(|(s, p)| s == section && (*p == norm || norm.starts_with(&format!("{p}["))))
+    vol.iter()
+        .any(|(s, p)| s == section && (*p == norm || norm.starts_with(&format!("{p}["))))
 }
 
 /// Compare two decoded streams.
@@ -444,19 +496,25 @@ pub fn diff(a: &StreamView, b: &StreamView, schema: Option<&MachineSchema>) -> D
     let mut d = Diff::default();
     let vol = schema.map(volatile_paths).unwrap_or_default();
     if a.machine != b.machine {
-        d.differences.push(format!("machine type: {} vs {}", a.machine, b.machine));
+        d.differences
+            .push(format!("machine type: {} vs {}", a.machine, b.machine));
     }
     let key = |s: &SectionView| (s.name.clone(), s.instance);
     let am: BTreeMap<_, _> = a.sections.iter().map(|s| (key(s), s)).collect();
     let bm: BTreeMap<_, _> = b.sections.iter().map(|s| (key(s), s)).collect();
-    for k in am.keys().chain(bm.keys()).collect::<std::collections::BTreeSet<_>>() {
+    for k in am
+        .keys()
+        .chain(bm.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
         let name = format!("{} instance {:#x}", k.0, k.1);
         match (am.get(k), bm.get(k)) {
             (Some(_), None) => d.differences.push(format!("{name}: only in A")),
             (None, Some(_)) => d.differences.push(format!("{name}: only in B")),
             (Some(x), Some(y)) => {
                 if x.version != y.version {
-                    d.differences.push(format!("{name}: version {} vs {}", x.version, y.version));
+                    d.differences
+                        .push(format!("{name}: version {} vs {}", x.version, y.version));
                 }
                 let mut fa = BTreeMap::new();
                 let mut fb = BTreeMap::new();
@@ -479,16 +537,27 @@ pub fn diff(a: &StreamView, b: &StreamView, schema: Option<&MachineSchema>) -> D
                 let xs: Vec<_> = x.subsections.iter().map(|s| &s.name).collect();
                 let ys: Vec<_> = y.subsections.iter().map(|s| &s.name).collect();
                 if xs != ys {
-                    d.differences.push(format!("{name}: subsections {xs:?} vs {ys:?}"));
+                    d.differences
+                        .push(format!("{name}: subsections {xs:?} vs {ys:?}"));
                 }
                 if x.raw.is_some() && x.raw != y.raw {
                     d.differences.push(format!("{name}: raw bodies differ"));
                 }
-                for f in fa.keys().chain(fb.keys()).collect::<std::collections::BTreeSet<_>>() {
+                for f in fa
+                    .keys()
+                    .chain(fb.keys())
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
                     let (va, vb) = (fa.get(f), fb.get(f));
                     if va != vb {
-                        let show = |v: Option<&Value>| v.map(scalar).unwrap_or_else(|| "absent".into());
-                        let line = format!("{name} {}: {} vs {}", f.trim_start_matches('.'), show(va), show(vb));
+                        let show =
+                            |v: Option<&Value>| v.map(scalar).unwrap_or_else(|| "absent".into());
+                        let line = format!(
+                            "{name} {}: {} vs {}",
+                            f.trim_start_matches('.'),
+                            show(va),
+                            show(vb)
+                        );
                         if is_volatile(&vol, &k.0, f) {
                             d.volatile.push(line);
                         } else {
@@ -507,7 +576,12 @@ pub fn diff(a: &StreamView, b: &StreamView, schema: Option<&MachineSchema>) -> D
             .iter()
             .filter(|(gpa, crc)| b.ram.pages.get(gpa).unwrap_or(&0) != *crc)
             .count()
-            + b.ram.pages.keys().filter(|g| !a.ram.pages.contains_key(g)).filter(|g| b.ram.pages[g] != 0).count();
+            + b.ram
+                .pages
+                .keys()
+                .filter(|g| !a.ram.pages.contains_key(g))
+                .filter(|g| b.ram.pages[g] != 0)
+                .count();
         if differing > 0 {
             d.differences.push(format!("ram: {differing} pages differ"));
         }

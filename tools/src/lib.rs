@@ -8,9 +8,18 @@ use devstate::MachineSchema;
 
 /// The committed schema of every released machine type (`compat/schemas/`), as frozen JSON.
 const COMMITTED: &[(&str, &str)] = &[
-    ("ferry-1.0", include_str!("../../compat/schemas/ferry-1.0.json")),
-    ("ferry-1.1", include_str!("../../compat/schemas/ferry-1.1.json")),
-    ("ferry-2.0", include_str!("../../compat/schemas/ferry-2.0.json")),
+    (
+        "ferry-1.0",
+        include_str!("../../compat/schemas/ferry-1.0.json"),
+    ),
+    (
+        "ferry-1.1",
+        include_str!("../../compat/schemas/ferry-1.1.json"),
+    ),
+    (
+        "ferry-2.0",
+        include_str!("../../compat/schemas/ferry-2.0.json"),
+    ),
 ];
 
 /// The committed schema for `machine`, if it is a known machine type.

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use tools::{compat, dump};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry-dump", version, about = "Inspect Ferry state streams and schemas")]
+#[command(
+    name = "ferry-dump",
+    version,
+    about = "Inspect Ferry state streams and schemas"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -71,7 +75,8 @@ enum Cmd {
 }
 
 fn read_schema(p: &PathBuf) -> Result<MachineSchema> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("Cannot read {}", p.display()))?;
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("Cannot read {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a schema", p.display()))
 }
 
@@ -81,14 +86,25 @@ fn read(p: &PathBuf) -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
-        Cmd::Show { file, section, json, ram, schema } => {
+        Cmd::Show {
+            file,
+            section,
+            json,
+            ram,
+            schema,
+        } => {
             let schema = schema.as_ref().map(read_schema).transpose()?;
-            let v = dump::decode(&read(&file)?, schema, ram).with_context(|| format!("Cannot decode {}", file.display()))?;
+            let v = dump::decode(&read(&file)?, schema, ram)
+                .with_context(|| format!("Cannot decode {}", file.display()))?;
             if json {
                 let mut j = serde_json::to_value(&v)?;
                 if let Some(f) = section {
                     j["sections"] = serde_json::Value::Array(
-                        v.sections.iter().filter(|s| s.name == f).map(|s| serde_json::to_value(s).unwrap_or_default()).collect(),
+                        v.sections
+                            .iter()
+                            .filter(|s| s.name == f)
+                            .map(|s| serde_json::to_value(s).unwrap_or_default())
+                            .collect(),
                     );
                 }
                 println!("{}", serde_json::to_string_pretty(&j)?);
@@ -110,8 +126,10 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(false)
         }
         Cmd::Diff { a, b, json } => {
-            let va = dump::decode(&read(&a)?, None, false).with_context(|| format!("Cannot decode {}", a.display()))?;
-            let vb = dump::decode(&read(&b)?, None, false).with_context(|| format!("Cannot decode {}", b.display()))?;
+            let va = dump::decode(&read(&a)?, None, false)
+                .with_context(|| format!("Cannot decode {}", a.display()))?;
+            let vb = dump::decode(&read(&b)?, None, false)
+                .with_context(|| format!("Cannot decode {}", b.display()))?;
             let schema = tools::committed_schema(&va.machine);
             let d = dump::diff(&va, &vb, schema.as_ref());
             if json {
@@ -123,7 +141,11 @@ fn run(cli: Cli) -> Result<bool> {
                 for l in &d.volatile {
                     println!("volatile: {l}");
                 }
-                println!("{} differences, {} volatile differences", d.differences.len(), d.volatile.len());
+                println!(
+                    "{} differences, {} volatile differences",
+                    d.differences.len(),
+                    d.volatile.len()
+                );
             }
             Ok(d.differences.is_empty())
         }
@@ -143,7 +165,12 @@ fn run(cli: Cli) -> Result<bool> {
             for f in &findings {
                 println!("{}: {}", if f.breaks { "BREAK" } else { "note" }, f.what);
             }
-            println!("{}: {} breaking change(s), {} note(s)", o.machine, breaks, findings.len() - breaks);
+            println!(
+                "{}: {} breaking change(s), {} note(s)",
+                o.machine,
+                breaks,
+                findings.len() - breaks
+            );
             if breaks > 0 {
                 bail!("{} would not migrate to or from this build", o.machine);
             }

@@ -12,6 +12,7 @@
 //! - [`qmp`]: the QMP control-plane server (protocol only; commands come from [`control`]).
 
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod guest;
 pub mod hotplug;

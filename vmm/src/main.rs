@@ -1,19 +1,25 @@
-//! `ferry`: run a KVM VM with the built-in test guest.
+//! `ferry`: run a KVM VM with the built-in test guest, controlled over QMP, and migrate it.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vmm::config::{self, GuestSpec, VmConfig};
-use vmm::{RunState, Vm, VmError};
+use vmm::control::{Controller, IncomingMode};
+use vmm::qmp::{EventBus, QmpConfig, QmpServer, VersionInfo};
+use vmm::{RunState, Vm};
+
+mod demo;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry",
     version,
-    about = "A KVM VMM built around live migration"
+    about = "A KVM VMM built around live migration of hot-plugged guests"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,24 +28,42 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Boot a VM running the built-in test guest until interrupted or the guest stops.
+    /// Boot a VM running the built-in test guest (or wait for an incoming migration).
     Run(RunArgs),
+    /// List the machine types.
+    Machines,
+    /// Ferry's main job: live-migrate a running guest between two ferry processes over
+    /// loopback and verify the result.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Machine type (ferry-1.0, ferry-1.1, ferry-2.0, or ferry for the newest).
+    /// Machine type (`help` lists them); `ferry` is the newest.
     #[arg(long, default_value = "ferry")]
     machine: String,
     /// Guest RAM, e.g. 64M, 512M, 4G.
     #[arg(long, default_value = "512M", value_parser = config::parse_size)]
     memory: u64,
-    /// Number of vCPUs.
+    /// Number of boot vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// Guest workload: dirty[:MiB[,rate]] (rate = delay loops per page, 0 = full speed) or idle.
     #[arg(long, default_value = "dirty")]
     guest: GuestSpec,
+    /// QMP control socket, `unix:PATH` (created with mode 0600).
+    #[arg(long)]
+    qmp: Option<String>,
+    /// Wait for an incoming migration: `tcp:HOST:PORT`, `file:PATH` or `defer` (then
+    /// `migrate-incoming`).
+    #[arg(long)]
+    incoming: Option<String>,
+    /// Do not start the guest; wait for `cont` (QEMU's -S).
+    #[arg(short = 'S', long = "paused")]
+    paused: bool,
+    /// Keep a copy of every migration stream this process sends or receives.
+    #[arg(long)]
+    dump_stream: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -48,16 +72,20 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Machines => {
+            print!("{}", machine_types::help_text());
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line with the whole cause chain, e.g.
-            // "/dev/kvm is not available: No such file or directory (os error 2)".
             eprintln!("ferry: {e:#}");
             ExitCode::FAILURE
         }
@@ -65,35 +93,95 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    if args.machine == "help" {
+        print!("{}", machine_types::help_text());
+        return Ok(());
+    }
+    let machine = machine_types::MachineType::lookup(&args.machine)?;
     let config = VmConfig {
         memory_size: args.memory,
         vcpus: args.vcpus,
-        machine: machine_types::MachineType::lookup(&args.machine)?,
+        machine,
     };
     config
         .validate_for(&args.guest)
         .context("Invalid VM configuration")?;
     let mut vm =
-        Vm::with_serial(&config, Box::new(std::io::stdout())).context("Cannot create the VM")?;
-    vm.load_guest(&args.guest)
-        .context("Cannot load the test guest")?;
-    vm.resume().context("Cannot start the vCPUs")?;
-    tracing::info!(guest = %args.guest, "guest running");
-    let mut last = 0;
-    loop {
-        match vm.wait_for_pass(last + 1, Duration::from_secs(1)) {
-            Ok(pass) => {
-                if pass / 100 != last / 100 || last == 0 {
-                    tracing::info!(pass, "guest progress");
-                }
-                last = pass;
-            }
-            Err(VmError::Wait(vmm::devices::progress::WaitError::Timeout { .. })) => {}
-            Err(e) => return Err(e).context("Guest failed"),
-        }
-        if vm.run_state() == RunState::Shutdown {
-            let reasons: Vec<String> = vm.vcpus().iter().filter_map(|v| v.exit_reason()).collect();
-            bail!("Guest stopped: {}", reasons.join("; "));
-        }
+        Vm::with_serial(&config, Box::new(std::io::sink())).context("Cannot create the VM")?;
+    let incoming = match args.incoming.as_deref() {
+        None => IncomingMode::None,
+        Some("defer") => IncomingMode::Defer,
+        Some(uri) => IncomingMode::Started(uri.to_owned()),
+    };
+    // A destination gets its guest (memory and vCPU state) from the stream.
+    if incoming == IncomingMode::None {
+        vm.load_guest(&args.guest)
+            .context("Cannot load the test guest")?;
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("Cannot start the async runtime")?;
+    let events = EventBus::default();
+    let ctl = Controller::new(
+        vm,
+        events.clone(),
+        incoming.clone(),
+        args.dump_stream.clone(),
+    );
+    let _server = match &args.qmp {
+        Some(spec) => {
+            let path = spec
+                .strip_prefix("unix:")
+                .with_context(|| format!("Invalid --qmp '{spec}': expected unix:PATH"))?;
+            let version = VersionInfo::new(0, 1, 0, concat!("ferry ", env!("CARGO_PKG_VERSION")));
+            let cfg = QmpConfig::new(version).with_event_bus(events);
+            let _guard = runtime.enter();
+            let server =
+                QmpServer::bind(path, ctl.clone(), cfg).context("Cannot open the QMP socket")?;
+            ctl.set_server(server.shutdown_handle());
+            let task = runtime.spawn(server.run());
+            tracing::info!(path, "QMP listening");
+            Some(task)
+        }
+        None => None,
+    };
+    if let IncomingMode::Started(uri) = &incoming {
+        ctl.start_incoming(uri)
+            .map_err(anyhow::Error::msg)
+            .context("Cannot start the incoming migration")?;
+        tracing::info!(uri, "waiting for the incoming migration");
+    } else if incoming == IncomingMode::None && !args.paused {
+        ctl.start()
+            .map_err(anyhow::Error::msg)
+            .context("Cannot start the guest")?;
+        tracing::info!(guest = %args.guest, "guest running");
+    }
+    install_signal_handlers(&runtime, ctl.clone());
+    ctl.wait_quit();
+    tracing::info!(state = ctl.run_state().as_str(), "quitting");
+    if ctl.run_state() == RunState::Shutdown {
+        bail!("Guest stopped");
+    }
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+fn install_signal_handlers(runtime: &tokio::runtime::Runtime, ctl: Arc<Controller>) {
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received");
+        ctl.request_quit();
+    });
 }

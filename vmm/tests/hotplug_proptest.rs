@@ -6,10 +6,10 @@
 mod common;
 
 use common::*;
+use proptest::prelude::*;
 use vmm::hotplug::{
     Connector, ConnectorKind, DeviceProps, DrIndicator, GuestOp, HotplugManager, RunPhase,
 };
-use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Act {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vmm::config::GuestSpec;
+use vmm::guest::PatternError;
 use vmm::guest::mailbox::hp;
 use vmm::guest::{GuestHotplugMode, HotplugMailbox};
 use vmm::hotplug::{DeviceProps, Event, HotplugConfig, HotplugError, RunPhase};
 use vmm::vm::hotplug::HotCoreState;
-use vmm::guest::PatternError;
 use vmm::{RunState, Vm, VmError};
 
 const WAIT: Duration = PROGRESS_TIMEOUT;
@@ -177,8 +177,15 @@ fn cpu_core_hotplug_runs_guest_code_and_unplugs() {
     assert!(vm.all_parked());
     let frozen = hpmb(&vm).core[0].counter;
     let pass = vm.progress().last_pass();
-    assert!(vm.wait_for_pass(pass + 1, Duration::from_millis(200)).is_err());
-    assert_eq!(hpmb(&vm).core[0].counter, frozen, "paused core kept counting");
+    assert!(
+        vm.wait_for_pass(pass + 1, Duration::from_millis(200))
+            .is_err()
+    );
+    assert_eq!(
+        hpmb(&vm).core[0].counter,
+        frozen,
+        "paused core kept counting"
+    );
     vm.verify_guest_pattern().unwrap();
     vm.resume().unwrap();
     svc.wait(&mut vm, "the core to count after resume", |vm, _| {
@@ -196,7 +203,11 @@ fn cpu_core_hotplug_runs_guest_code_and_unplugs() {
     let stopped = m.core[0].counter;
     let pass = vm.progress().last_pass();
     wait_pass(&vm, pass + 3);
-    assert_eq!(hpmb(&vm).core[0].counter, stopped, "removed core still runs");
+    assert_eq!(
+        hpmb(&vm).core[0].counter,
+        stopped,
+        "removed core still runs"
+    );
     no_rtas_errors(&vm);
     assert_eq!(svc.take(), vec![deleted("cpu1")]);
 
@@ -222,10 +233,14 @@ fn memory_block_joins_the_dirty_workload_and_leaves() {
     assert!(gpa >= 1 << 32, "block at {gpa:#x}");
     vm.set_dirty_log(true).unwrap();
     vm.hotplug_set_dirty_log(true).unwrap();
-    svc.wait(&mut vm, "the guest to dirty block 1 three times", |vm, _| {
-        let m = hpmb(vm);
-        m.blocks == 1 << 1 && m.block[1].passes >= 3
-    });
+    svc.wait(
+        &mut vm,
+        "the guest to dirty block 1 three times",
+        |vm, _| {
+            let m = hpmb(vm);
+            m.blocks == 1 << 1 && m.block[1].passes >= 3
+        },
+    );
     let dirty = vm.hotplug_dirty_pages().unwrap();
     assert_eq!(dirty.len(), 1);
     assert_eq!(dirty[0].count(), 4096, "every page of the block is dirty");
@@ -247,7 +262,8 @@ fn memory_block_joins_the_dirty_workload_and_leaves() {
     use vm_memory::{Bytes, GuestAddress};
     let page = gpa + 77 * 4096;
     let b: u8 = mem.read_obj(GuestAddress(page)).unwrap();
-    mem.write_obj(b.wrapping_add(9), GuestAddress(page)).unwrap();
+    mem.write_obj(b.wrapping_add(9), GuestAddress(page))
+        .unwrap();
     let err = vm.verify_hotplug_blocks().unwrap_err();
     assert!(
         matches!(
@@ -290,6 +306,10 @@ fn multifunction_pci_slot_in_an_idle_guest() {
         )
         .expect("device_add function");
     }
+    // vCPU 0 has served the controller once and sleeps in `hlt`.
+    svc.wait(&mut vm, "vCPU 0 to idle", |vm, _| {
+        vm.mailbox().unwrap().status == vmm::guest::mailbox::STATUS_IDLE && hpmb(vm).polls >= 1
+    });
     // Functions other than 0 wait for function 0: the guest hears nothing yet.
     svc.pump(&mut vm);
     assert_eq!(hpmb(&vm).events, 0);
@@ -299,7 +319,9 @@ fn multifunction_pci_slot_in_an_idle_guest() {
     svc.wait(&mut vm, "the guest to configure slot 01", |vm, _| {
         hpmb(vm).pci == 0xf << 8
     });
+    // Only the hotplug interrupt can have woken it.
     assert!(vm.mailbox().unwrap().irq_count >= 1);
+    assert!(hpmb(&vm).polls >= 2);
     for f in 0..4u8 {
         let s = vm.pci_function(1, f).expect("present");
         assert_eq!(s.scratch, hp::SCRATCH_MAGIC | u32::from(8 + f), "01.{f}");
@@ -408,7 +430,10 @@ fn ignoring_guest_times_out_and_a_retry_succeeds() {
         ev.contains(&guest_error("mem0"))
     });
     let at = vm.hotplug_clock_ms();
-    assert!(at >= deadline, "guest error at {at} ms, deadline {deadline}");
+    assert!(
+        at >= deadline,
+        "guest error at {at} ms, deadline {deadline}"
+    );
     assert_eq!(svc.take(), vec![guest_error("mem0")]);
     assert_eq!(hpmb(&vm).blocks, 1, "the guest still uses the block");
 
@@ -447,7 +472,10 @@ fn slow_guest_answers_only_when_told() {
         ev.contains(&deleted("cpu3")) && hpmb(vm).deferred == 0
     });
     let m = hpmb(&vm);
-    assert_eq!((m.deferred, m.answer, m.core[2].state), (0, 0, hp::CORE_PARKED));
+    assert_eq!(
+        (m.deferred, m.answer, m.core[2].state),
+        (0, 0, hp::CORE_PARKED)
+    );
     no_rtas_errors(&vm);
 }
 

@@ -10,7 +10,9 @@ use std::process::Command;
 fn python() -> std::path::PathBuf {
     let p = std::env::var_os("FERRY_PYTHON")
         .map(Into::into)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
+        });
     assert!(
         p.exists(),
         "Python with qemu.qmp not found at {}: run scripts/test.sh (it creates .venv) or set FERRY_PYTHON",
@@ -22,12 +24,20 @@ fn python() -> std::path::PathBuf {
 #[test]
 fn qemu_qmp_client_follows_a_live_migration() {
     let dir = tempdir();
-    let args = ["--machine", "ferry-2.0", "--memory", "64M", "--guest", "dirty:4"];
+    let args = [
+        "--machine",
+        "ferry-2.0",
+        "--memory",
+        "64M",
+        "--guest",
+        "dirty:4",
+    ];
     let mut dst_args = args.to_vec();
     dst_args.extend(["--incoming", "tcp:127.0.0.1:0"]);
     let dst = Ferry::spawn(dir.path(), "dst", &dst_args);
     let src = Ferry::spawn(dir.path(), "src", &args);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/test_ferry_migration.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/test_ferry_migration.py");
     let out = Command::new(python())
         .arg(script)
         .arg(&src.socket)

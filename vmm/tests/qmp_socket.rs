@@ -7,8 +7,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{Client, TIMEOUT, error, generic, start, start_with};
-use vmm::qmp::{EventBus, QmpConfig, QmpServer, QmpServerError};
 use serde_json::{Value, json};
+use vmm::qmp::{EventBus, QmpConfig, QmpServer, QmpServerError};
 
 const NEGOTIATE_FIRST: &str = "Expecting capabilities negotiation with 'qmp_capabilities'";
 

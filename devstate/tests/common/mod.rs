@@ -81,10 +81,19 @@ impl Section for Config {
 }
 
 record! {
+    /// A nested record.
+    pub struct Seg {
+        pub base: u64,
+        pub selector: u16,
+    }
+}
+
+record! {
     /// A section every destination requires.
     pub struct Cpu {
         pub rip: u64,
         pub regs: Vec<u64> [max = 16],
+        pub cs: Seg,
     }
 }
 
@@ -130,6 +139,10 @@ pub fn stream(m: &'static MachineType, n: u32) -> Vec<u8> {
         &mut Cpu {
             rip: 0x1000,
             regs: vec![1, 2, 3],
+            cs: Seg {
+                base: 0,
+                selector: 8,
+            },
         },
         0,
     )

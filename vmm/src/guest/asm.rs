@@ -19,6 +19,9 @@ const LAPIC_EOI: u64 = 0xFEE0_00B0;
 // The PCI windows are addressed as `devfn << 4`.
 const _: () = assert!(PCI_FN_STRIDE == 16);
 
+/// Vector of the hotplug interrupt (the guest programs the master PIC's base to 0x20).
+pub const HOTPLUG_VECTOR: u8 = 0x20 + HOTPLUG_IRQ;
+
 /// Connector id bits of a PAPR index.
 const ID_MASK: i32 = 0x0fff_ffff;
 /// Pages of one hot-pluggable memory block.
@@ -48,7 +51,7 @@ pub struct GuestImage {
     pub ap_entry: u64,
     /// Entry of a hot-added CPU core (its counter loop).
     pub core_entry: u64,
-    /// vCPU 0's hotplug service routine (between passes and when woken in idle).
+    /// vCPU 0's hotplug service routine (between passes, and from the hotplug interrupt).
     pub hp_service: u64,
     /// IDT target of each vector.
     pub vectors: Vec<u64>,
@@ -69,7 +72,7 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
     let mut delay = a.create_label();
     let mut delay_done = a.create_label();
     let mut idle = a.create_label();
-    let mut idle0 = a.create_label();
+    let mut hp_irq = a.create_label();
     let mut ap_entry = a.create_label();
     let mut irq = a.create_label();
     let mut exc_common = a.create_label();
@@ -187,14 +190,9 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
     a.set_label(&mut idle)?;
     a.mov(rbx, layout::MAILBOX_GPA)?;
     a.mov(mb(offset::STATUS), STATUS_IDLE as i32)?;
-    // vCPU 0 idles here: serve the hotplug controller, then wait for its interrupt.
-    a.set_label(&mut idle0)?;
-    a.cli()?;
+    // Serve what is already pending; later events arrive with the hotplug interrupt.
     a.call(hp_service)?;
-    a.sti()?;
-    a.hlt()?;
-    a.jmp(idle0)?;
-    // Every other boot vCPU starts here.
+    // Every other vCPU starts here (vCPU 0 idles here too).
     a.set_label(&mut ap_entry)?;
     a.sti()?;
     a.hlt()?;
@@ -303,9 +301,18 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
     a.cmp(ecx, hp::MAX_CORES)?;
     a.jae(plug_logical)?;
     a.shl(ecx, 5)?;
-    a.mov(qword_ptr(rbx + rcx + (hp::CORE_AREA + hp::CORE_STOP) as i32), 0)?;
-    a.mov(qword_ptr(rbx + rcx + (hp::CORE_AREA + hp::CORE_STATE) as i32), 0)?;
-    a.mov(qword_ptr(rbx + rcx + (hp::CORE_AREA + hp::CORE_COUNTER) as i32), 0)?;
+    a.mov(
+        qword_ptr(rbx + rcx + (hp::CORE_AREA + hp::CORE_STOP) as i32),
+        0,
+    )?;
+    a.mov(
+        qword_ptr(rbx + rcx + (hp::CORE_AREA + hp::CORE_STATE) as i32),
+        0,
+    )?;
+    a.mov(
+        qword_ptr(rbx + rcx + (hp::CORE_AREA + hp::CORE_COUNTER) as i32),
+        0,
+    )?;
     a.set_label(&mut plug_logical)?;
     a.mov(r10d, 1)?;
     a.mov(r11d, op::SET_ALLOCATION)?;
@@ -328,8 +335,14 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
     a.jae(plug_ret)?;
     a.mov(edx, ecx)?;
     a.shl(edx, 4)?;
-    a.mov(qword_ptr(rbx + rdx + (hp::BLOCK_AREA + hp::BLOCK_PROGRESS) as i32), 0)?;
-    a.mov(qword_ptr(rbx + rdx + (hp::BLOCK_AREA + hp::BLOCK_PASSES) as i32), 0)?;
+    a.mov(
+        qword_ptr(rbx + rdx + (hp::BLOCK_AREA + hp::BLOCK_PROGRESS) as i32),
+        0,
+    )?;
+    a.mov(
+        qword_ptr(rbx + rdx + (hp::BLOCK_AREA + hp::BLOCK_PASSES) as i32),
+        0,
+    )?;
     a.bts(mb(hp::BLOCKS), rcx)?;
     a.ret()?;
     a.set_label(&mut plug_cpu)?;
@@ -510,12 +523,18 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
     a.mov(rsi, r9)?;
     a.shl(rsi, 4)?;
     a.add(rsi, rbx)?;
-    a.mov(r10, qword_ptr(rsi + (hp::BLOCK_AREA + hp::BLOCK_PROGRESS) as i32))?;
+    a.mov(
+        r10,
+        qword_ptr(rsi + (hp::BLOCK_AREA + hp::BLOCK_PROGRESS) as i32),
+    )?;
     a.xor(ecx, ecx)?;
     a.set_label(&mut blk_page)?;
     a.inc(byte_ptr(rdi))?;
     a.inc(r10)?;
-    a.mov(qword_ptr(rsi + (hp::BLOCK_AREA + hp::BLOCK_PROGRESS) as i32), r10)?;
+    a.mov(
+        qword_ptr(rsi + (hp::BLOCK_AREA + hp::BLOCK_PROGRESS) as i32),
+        r10,
+    )?;
     a.add(rdi, PAGE_SIZE as i32)?;
     a.inc(ecx)?;
     a.cmp(ecx, BLOCK_PAGES)?;
@@ -563,6 +582,24 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
     a.hlt()?;
     a.jmp(core_dead)?;
 
+    // The hotplug interrupt (only vCPU 0 takes PIC interrupts): count, serve, acknowledge.
+    a.set_label(&mut hp_irq)?;
+    let saved = [rax, rbx, rcx, rdx, rsi, rdi, r8, r9, r10, r11, r15];
+    for r in saved {
+        a.push(r)?;
+    }
+    a.mov(rbx, layout::MAILBOX_GPA)?;
+    a.lock().inc(mb(offset::IRQ_COUNT))?;
+    a.call(hp_service)?;
+    a.mov(rax, LAPIC_EOI)?;
+    a.mov(dword_ptr(rax), 0)?;
+    a.mov(al, 0x20)?;
+    a.out(0x20, al)?;
+    for r in saved.into_iter().rev() {
+        a.pop(r)?;
+    }
+    a.iretq()?;
+
     // Vectors 32-255: count, acknowledge, return.
     a.set_label(&mut irq)?;
     a.push(rax)?;
@@ -609,6 +646,7 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
         vectors.push(result.label_ip(l)?);
     }
     vectors.resize(256, irq_ip);
+    vectors[usize::from(HOTPLUG_VECTOR)] = result.label_ip(&hp_irq)?;
     Ok(GuestImage {
         base,
         entry: result.label_ip(&entry)?,

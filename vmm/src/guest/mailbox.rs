@@ -395,6 +395,9 @@ impl HotplugMailbox {
 
     /// The last unexpected RTAS status as `(connector index, status)`.
     pub fn last_error(&self) -> (u32, i32) {
-        ((self.last_error >> 32) as u32, self.last_error as u32 as i32)
+        (
+            (self.last_error >> 32) as u32,
+            self.last_error as u32 as i32,
+        )
     }
 }

@@ -114,11 +114,14 @@ impl QmpClient {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::Protocol(format!("no {name} event within {timeout:?}")));
+                return Err(ClientError::Protocol(format!(
+                    "no {name} event within {timeout:?}"
+                )));
             }
             self.writer.set_read_timeout(Some(left))?;
             let v = self.read();
-            self.writer.set_read_timeout(Some(Duration::from_secs(60)))?;
+            self.writer
+                .set_read_timeout(Some(Duration::from_secs(60)))?;
             let v = v?;
             if matches(&v) {
                 return Ok(v);

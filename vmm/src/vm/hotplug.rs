@@ -42,8 +42,8 @@ use crate::devices::pci_fn::PCI_IO_LEN;
 use crate::devices::{Bus, BusDevice, PciFnState, PciFunctions};
 use crate::guest::mailbox::{Mailbox, hp};
 use crate::guest::{
-    self, GuestHotplugMode, HOTPLUG_IRQ, HOTPLUG_PARK_PORT, HotplugMailbox, PAGE_SIZE,
-    PCI_IO_BASE, layout,
+    self, GuestHotplugMode, HOTPLUG_IRQ, HOTPLUG_PARK_PORT, HotplugMailbox, PAGE_SIZE, PCI_IO_BASE,
+    layout,
 };
 use crate::hotplug::manager::{DEFAULT_UNPLUG_TIMEOUT_MS, MEM_BLOCK_SIZE, PCI_FUNCTIONS};
 use crate::hotplug::{
@@ -433,9 +433,7 @@ impl Vm {
 
     /// State of PCI function `slot.function`, if present.
     pub fn pci_function(&self, slot: u8, function: u8) -> Option<PciFnState> {
-        lock(&self.hp.pci)
-            .function((slot << 3) | function)
-            .cloned()
+        lock(&self.hp.pci).function((slot << 3) | function).cloned()
     }
 
     /// Replaces the hotplug shape (e.g. a shorter unplug timeout). Only before the guest
@@ -586,12 +584,7 @@ impl Vm {
                     "the guest dirties memory block {slot}, which is not mapped"
                 ))
             })?;
-            guest::verify_block(
-                &b.mem,
-                b.gpa,
-                b.size / PAGE_SIZE,
-                &m.block[slot as usize],
-            )?;
+            guest::verify_block(&b.mem, b.gpa, b.size / PAGE_SIZE, &m.block[slot as usize])?;
             n += 1;
         }
         Ok(n)
@@ -652,10 +645,7 @@ impl Vm {
     fn apply_queued_effects(&mut self) {
         let (effects, parks) = {
             let mut p = lock(&self.hp.shared.pending);
-            (
-                std::mem::take(&mut p.effects),
-                std::mem::take(&mut p.parks),
-            )
+            (std::mem::take(&mut p.effects), std::mem::take(&mut p.parks))
         };
         for core in parks {
             if let Err(e) = self.park_core(core) {
@@ -692,7 +682,9 @@ impl Vm {
     fn apply_effect(&mut self, e: &Effect) -> Result<(), VmError> {
         match *e {
             Effect::CreateVcpu { core, .. } => self.ensure_core(core),
-            Effect::MapMemoryBlock { slot, gpa, size, .. } => self.ensure_block(slot, gpa, size),
+            Effect::MapMemoryBlock {
+                slot, gpa, size, ..
+            } => self.ensure_block(slot, gpa, size),
             Effect::EnablePciFunction {
                 slot,
                 function,
@@ -768,7 +760,12 @@ impl Vm {
         if running {
             c.vcpu.resume()?;
         }
-        tracing::info!(core, vcpu = c.vcpu.index(), running, "hot-added vCPU started");
+        tracing::info!(
+            core,
+            vcpu = c.vcpu.index(),
+            running,
+            "hot-added vCPU started"
+        );
         Ok(())
     }
 

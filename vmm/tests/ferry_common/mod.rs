@@ -43,7 +43,12 @@ impl Ferry {
             .expect("cannot start ferry");
         let qmp = QmpClient::connect(&socket, TIMEOUT)
             .unwrap_or_else(|e| panic!("{name} did not open its QMP socket: {e}\n{}", read(&log)));
-        Ferry { child, qmp, socket, log }
+        Ferry {
+            child,
+            qmp,
+            socket,
+            log,
+        }
     }
 
     /// Run a command that must succeed.
@@ -62,11 +67,16 @@ impl Ferry {
     }
 
     pub fn status(&mut self) -> String {
-        self.ok("query-status", json!({}))["status"].as_str().unwrap().to_owned()
+        self.ok("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn pass(&mut self) -> u64 {
-        self.ok("__org.ferry_query-guest", json!({}))["pass"].as_u64().unwrap()
+        self.ok("__org.ferry_query-guest", json!({}))["pass"]
+            .as_u64()
+            .unwrap()
     }
 
     /// Wait until the guest's pass counter reaches `target`.
@@ -77,7 +87,10 @@ impl Ferry {
             if p >= target {
                 return p;
             }
-            assert!(Instant::now() < deadline, "guest stuck at pass {p}, wanted {target}");
+            assert!(
+                Instant::now() < deadline,
+                "guest stuck at pass {p}, wanted {target}"
+            );
             std::thread::yield_now();
         }
     }
@@ -98,7 +111,10 @@ impl Ferry {
     /// The destination's listening port.
     pub fn incoming_port(&mut self) -> String {
         let info = self.ok("query-migrate", json!({}));
-        info["socket-address"][0]["port"].as_str().expect("no listening port").to_owned()
+        info["socket-address"][0]["port"]
+            .as_str()
+            .expect("no listening port")
+            .to_owned()
     }
 
     /// Wait for the process to exit.

@@ -1,0 +1,777 @@
+//! The machine controller: the one place where QMP commands, the VM, migrations and (later)
+//! hotplug meet. It implements [`QmpBackend`]; `main.rs` only wires sockets and signals.
+//!
+//! Locking: the VM sits behind one mutex. A migration thread holds it for the whole
+//! migration, so every command first consults state that lives outside it (the run-state
+//! mirror, the migration progress) and never blocks on the VM while a migration runs.
+
+use crate::migrate::VmMigration;
+use crate::qmp::{Args, EventBus, QmpBackend, QmpError, ShutdownHandle};
+use crate::{RunState, Vm};
+use machine_types::MachineType;
+use migration::{
+    ConfigRecord, DestinationVm, DirtyRegion, Incoming, Notice, Params, Progress, SourceVm, Status,
+    SwitchoverPolicy, Uri,
+};
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use tracing::{error, info};
+
+/// How the process was started with respect to incoming migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// A normal VM.
+    None,
+    /// `--incoming defer`: wait for `migrate-incoming`.
+    Defer,
+    /// `--incoming URI` (or `migrate-incoming` already issued).
+    Started(String),
+}
+
+/// State shared between QMP sessions and migration threads.
+pub struct Controller {
+    vm: Mutex<Vm>,
+    machine: &'static MachineType,
+    state: Mutex<RunState>,
+    events: EventBus,
+    events_cap: Arc<AtomicBool>,
+    params: Mutex<Params>,
+    progress: Mutex<Option<Arc<Progress>>>,
+    /// A migration stream is in flight (source: from `migrate`; destination: from stream
+    /// start). Hotplug is refused while set.
+    migrating: AtomicBool,
+    incoming: Mutex<IncomingMode>,
+    server: Mutex<Option<ShutdownHandle>>,
+    quit: (Mutex<bool>, Condvar),
+    boot_vcpus: u32,
+    /// Guest memory, readable without the VM lock (mailbox queries during migration).
+    mem: crate::vm::memory::GuestMem,
+    /// Where the incoming listener actually bound (port 0 resolved).
+    listen_addr: Mutex<Option<std::net::SocketAddr>>,
+    me: std::sync::Weak<Controller>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("machine", &self.machine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const COMMANDS: &[&str] = &[
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "query-machines",
+    "query-hotpluggable-cpus",
+    "migrate",
+    "migrate-incoming",
+    "migrate_cancel",
+    "query-migrate",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "__org.ferry_query-guest",
+    "__org.ferry_verify-guest",
+];
+
+impl Controller {
+    /// Take charge of `vm` (created, guest loaded, not started).
+    pub fn new(
+        vm: Vm,
+        events: EventBus,
+        incoming: IncomingMode,
+        dump_stream: Option<PathBuf>,
+    ) -> Arc<Controller> {
+        let machine = vm.config().machine;
+        let boot_vcpus = u32::from(vm.config().vcpus);
+        let state = if incoming == IncomingMode::None {
+            RunState::Prelaunch
+        } else {
+            RunState::InMigrate
+        };
+        vm.set_run_state(state);
+        let mem = vm.ram().mem().clone();
+        Arc::new_cyclic(|me| Controller {
+            boot_vcpus,
+            mem,
+            listen_addr: Mutex::new(None),
+            me: me.clone(),
+            vm: Mutex::new(vm),
+            machine,
+            state: Mutex::new(state),
+            events,
+            events_cap: Arc::new(AtomicBool::new(false)),
+            params: Mutex::new(Params {
+                dump_stream,
+                ..Params::default()
+            }),
+            progress: Mutex::new(None),
+            migrating: AtomicBool::new(false),
+            incoming: Mutex::new(incoming),
+            server: Mutex::new(None),
+            quit: (Mutex::new(false), Condvar::new()),
+        })
+    }
+
+    fn arc(&self) -> Arc<Controller> {
+        self.me
+            .upgrade()
+            .expect("the controller outlives its QMP server")
+    }
+
+    /// Let `quit` stop the QMP server too.
+    pub fn set_server(&self, h: ShutdownHandle) {
+        *lock(&self.server) = Some(h);
+    }
+
+    /// The current run state.
+    pub fn run_state(&self) -> RunState {
+        *lock(&self.state)
+    }
+
+    fn set_state(&self, s: RunState) {
+        *lock(&self.state) = s;
+    }
+
+    /// Block until `quit` (or [`Controller::request_quit`]).
+    pub fn wait_quit(&self) {
+        let mut q = lock(&self.quit.0);
+        while !*q {
+            q = self.quit.1.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Ask the process to exit (signal handler, guest failure).
+    pub fn request_quit(&self) {
+        *lock(&self.quit.0) = true;
+        self.quit.1.notify_all();
+        if let Some(h) = lock(&self.server).as_ref() {
+            h.shutdown();
+        }
+    }
+
+    /// Start the guest (the first `cont` of a prelaunch VM, or `ferry run` without `-S`).
+    pub fn start(&self) -> Result<(), String> {
+        self.cont_inner().map(|_| ()).map_err(|e| e.desc)
+    }
+
+    fn refuse_if_migrating(&self, what: &str) -> Result<(), QmpError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(QmpError::generic(format!(
+                "{what} not allowed while migrating"
+            )));
+        }
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<Value, QmpError> {
+        self.refuse_if_migrating("stop")?;
+        if self.run_state() != RunState::Running {
+            return Ok(json!({}));
+        }
+        let vm = lock(&self.vm);
+        vm.pause()
+            .map_err(|e| QmpError::generic(format!("Cannot stop the vCPUs: {e}")))?;
+        vm.set_run_state(RunState::Paused);
+        self.set_state(RunState::Paused);
+        self.events.emit("STOP", None);
+        Ok(json!({}))
+    }
+
+    fn cont_inner(&self) -> Result<Value, QmpError> {
+        self.refuse_if_migrating("cont")?;
+        match self.run_state() {
+            RunState::Running => return Ok(json!({})),
+            RunState::InMigrate => {
+                return Err(QmpError::generic(
+                    "Guest is waiting for an incoming migration",
+                ));
+            }
+            RunState::PostMigrate => {
+                return Err(QmpError::generic(
+                    "The guest has migrated to the destination; running it here too would run it twice",
+                ));
+            }
+            RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
+            RunState::Prelaunch | RunState::Paused | RunState::FinishMigrate => {}
+        }
+        let vm = lock(&self.vm);
+        vm.resume()
+            .map_err(|e| QmpError::generic(format!("Cannot start the vCPUs: {e}")))?;
+        vm.set_run_state(RunState::Running);
+        self.set_state(RunState::Running);
+        self.events.emit("RESUME", None);
+        Ok(json!({}))
+    }
+
+    fn quit(&self) -> Result<Value, QmpError> {
+        self.events.emit(
+            "SHUTDOWN",
+            Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+        );
+        if let Some(p) = lock(&self.progress).as_ref() {
+            p.cancel();
+        }
+        *lock(&self.quit.0) = true;
+        self.quit.1.notify_all();
+        if let Some(h) = lock(&self.server).as_ref() {
+            h.shutdown();
+        }
+        Ok(json!({}))
+    }
+
+    fn query_machines(&self) -> Value {
+        let list: Vec<Value> = machine_types::all()
+            .iter()
+            .map(|m| {
+                let mut v = json!({
+                    "name": m.name(),
+                    "cpu-max": 255,
+                    "hotpluggable-cpus": true,
+                    "deprecated": false,
+                    "is-default": m.is_newest(),
+                });
+                if m.is_newest() {
+                    v["alias"] = json!(machine_types::ALIAS_NEWEST);
+                }
+                v
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    fn query_hotpluggable_cpus(&self) -> Value {
+        let vcpus = self.machine_vcpus();
+        let list: Vec<Value> = (0..vcpus)
+            .map(|i| {
+                json!({
+                    "type": "ferry-cpu-core",
+                    "vcpus-count": 1,
+                    "props": {"core-id": i},
+                    "qom-path": format!("/machine/unattached/cpu[{i}]"),
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    fn machine_vcpus(&self) -> u32 {
+        self.boot_vcpus
+    }
+
+    fn progress_listener(&self) -> migration::Listener {
+        let bus = self.events.clone();
+        let cap = self.events_cap.clone();
+        Box::new(move |n| {
+            if !cap.load(Ordering::SeqCst) {
+                return;
+            }
+            match n {
+                Notice::Status(s) => {
+                    bus.emit("MIGRATION", Some(json!({"status": s.as_str()})));
+                }
+                Notice::Pass(p) => {
+                    bus.emit("MIGRATION_PASS", Some(json!({"pass": p + 1})));
+                }
+            }
+        })
+    }
+
+    fn migrate(self: &Arc<Self>, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.optional_str("uri")?;
+        let _detach = a.optional_bool("detach")?;
+        let blk = a.optional_bool("blk")?;
+        let inc = a.optional_bool("inc")?;
+        let resume = a.optional_bool("resume")?;
+        if a.optional_value("channels").is_some() {
+            return Err(QmpError::generic(
+                "Ferry takes the migration target as 'uri'; 'channels' is not supported",
+            ));
+        }
+        a.finish()?;
+        let Some(uri) = uri else {
+            return Err(QmpError::missing_parameter("uri"));
+        };
+        if blk == Some(true) || inc == Some(true) {
+            return Err(QmpError::generic("Block migration is not supported"));
+        }
+        if resume == Some(true) {
+            return Err(QmpError::generic("Postcopy resume is not supported"));
+        }
+        Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        if let Some(p) = lock(&self.progress).as_ref()
+            && p.status().is_active()
+        {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        match self.run_state() {
+            RunState::InMigrate => {
+                return Err(QmpError::generic(
+                    "Guest is waiting for an incoming migration",
+                ));
+            }
+            RunState::PostMigrate => {
+                return Err(QmpError::generic("The guest has already migrated away"));
+            }
+            RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
+            _ => {}
+        }
+        let progress = Arc::new(Progress::new(Some(self.progress_listener())));
+        progress.set_status(Status::Setup);
+        *lock(&self.progress) = Some(progress.clone());
+        self.migrating.store(true, Ordering::SeqCst);
+        let params = lock(&self.params).clone();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || me.run_outgoing(&uri, &params, &progress))
+            .map_err(|e| QmpError::generic(format!("Cannot start the migration thread: {e}")))?;
+        Ok(json!({}))
+    }
+
+    fn run_outgoing(&self, uri: &str, params: &Params, progress: &Progress) {
+        let mut vm = lock(&self.vm);
+        let mut side = Side {
+            inner: VmMigration::new(&mut vm),
+            ctl: self,
+        };
+        let res = migration::send(&mut side, uri, params, progress);
+        drop(vm);
+        self.migrating.store(false, Ordering::SeqCst);
+        if let Err(e) = res {
+            error!(error = %migration::chain(&e), "outgoing migration failed");
+        }
+    }
+
+    /// Begin receiving from `uri` (from `--incoming URI` or `migrate-incoming`).
+    pub fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
+        let parsed = Uri::parse(uri).map_err(|e| e.to_string())?;
+        let listener = match &parsed {
+            Uri::Tcp(_) => {
+                let l = migration::transport::listen(&parsed).map_err(|e| migration::chain(&e))?;
+                *lock(&self.listen_addr) = l.local_addr().ok();
+                Some(l)
+            }
+            Uri::File(p) => {
+                std::fs::metadata(p).map_err(|e| format!("Cannot open {}: {e}", p.display()))?;
+                None
+            }
+        };
+        *lock(&self.incoming) = IncomingMode::Started(uri.to_owned());
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || me.run_incoming(parsed, listener))
+            .map_err(|e| format!("Cannot start the incoming migration thread: {e}"))?;
+        Ok(())
+    }
+
+    fn run_incoming(&self, uri: Uri, listener: Option<std::net::TcpListener>) {
+        loop {
+            let incoming = match (&uri, &listener) {
+                (Uri::Tcp(_), Some(l)) => match l.accept() {
+                    Ok((s, peer)) => {
+                        info!(%peer, "incoming migration connection");
+                        Incoming::Tcp(s)
+                    }
+                    Err(e) => {
+                        error!(error = %e, "accepting the incoming migration failed");
+                        return;
+                    }
+                },
+                (Uri::File(p), _) => match std::fs::File::open(p) {
+                    Ok(f) => Incoming::File(f),
+                    Err(e) => {
+                        error!(error = %e, path = %p.display(), "cannot open the incoming stream file");
+                        return;
+                    }
+                },
+                _ => return,
+            };
+            let progress = Arc::new(Progress::new(Some(self.progress_listener())));
+            *lock(&self.progress) = Some(progress.clone());
+            let params = lock(&self.params).clone();
+            let mut vm = lock(&self.vm);
+            let mut side = Side {
+                inner: VmMigration::new(&mut vm),
+                ctl: self,
+            };
+            let res = migration::receive(&mut side, incoming, &params, &progress);
+            drop(vm);
+            self.migrating.store(false, Ordering::SeqCst);
+            match res {
+                Ok(()) => return,
+                Err(e) => {
+                    error!(error = %migration::chain(&e), "incoming migration failed; waiting for another attempt");
+                    if listener.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn migrate_incoming(self: &Arc<Self>, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.optional_str("uri")?;
+        let _exit = a.optional_bool("exit-on-error")?;
+        a.finish()?;
+        let Some(uri) = uri else {
+            return Err(QmpError::missing_parameter("uri"));
+        };
+        match &*lock(&self.incoming) {
+            IncomingMode::None => {
+                return Err(QmpError::generic(
+                    "'-incoming' was not specified on the command line",
+                ));
+            }
+            IncomingMode::Started(_) => {
+                return Err(QmpError::generic(
+                    "The incoming migration has already been started",
+                ));
+            }
+            IncomingMode::Defer => {}
+        }
+        self.start_incoming(&uri).map_err(QmpError::generic)?;
+        Ok(json!({}))
+    }
+
+    fn migrate_cancel(&self) -> Value {
+        if let Some(p) = lock(&self.progress).as_ref()
+            && p.status().is_active()
+        {
+            p.cancel();
+        }
+        json!({})
+    }
+
+    fn query_migrate(&self) -> Value {
+        let socket = lock(&self.listen_addr).map(|a| {
+            json!([{"type": "inet", "host": a.ip().to_string(), "port": a.port().to_string(), "ipv4": a.is_ipv4()}])
+        });
+        let Some(p) = lock(&self.progress).clone() else {
+            return match socket {
+                Some(s) => json!({"socket-address": s}),
+                None => json!({}),
+            };
+        };
+        let s = p.snapshot();
+        let mut v = json!({
+            "status": s.status.as_str(),
+            "total-time": s.total_time_ms,
+            "setup-time": s.setup_time_ms,
+            "expected-downtime": s.expected_downtime_ms,
+            "ram": {
+                "transferred": s.transferred,
+                "remaining": s.remaining,
+                "total": s.total,
+                "duplicate": s.zero_pages,
+                "normal": s.normal_pages,
+                "normal-bytes": s.normal_pages * devstate::PAGE_SIZE as u64,
+                "dirty-pages-rate": s.dirty_pages_rate,
+                "mbps": s.mbps,
+                "dirty-sync-count": s.iterations,
+                "page-size": devstate::PAGE_SIZE,
+            },
+        });
+        if s.status == Status::Completed {
+            v["downtime"] = json!(s.downtime_ms);
+        }
+        if let Some(e) = s.error {
+            v["error-desc"] = json!(e);
+        }
+        if let Some(sa) = socket {
+            v["socket-address"] = sa;
+        }
+        v
+    }
+
+    fn query_guest(&self) -> Result<Value, QmpError> {
+        let mb = crate::guest::Mailbox::read(&self.mem)
+            .map_err(|e| QmpError::generic(format!("Cannot read the guest mailbox: {e}")))?;
+        Ok(
+            json!({"pass": mb.current_pass(), "page": mb.current_page(), "working-set-pages": mb.ws_pages}),
+        )
+    }
+
+    fn verify_guest(&self) -> Result<Value, QmpError> {
+        self.refuse_if_migrating("__org.ferry_verify-guest")?;
+        if self.run_state() == RunState::Running {
+            return Err(QmpError::generic(
+                "Stop the guest first: its memory can only be verified while paused",
+            ));
+        }
+        let vm = lock(&self.vm);
+        vm.verify_guest_pattern()
+            .map_err(|e| QmpError::generic(format!("Memory pattern check failed: {e}")))?;
+        let mb = vm.mailbox().map_err(|e| QmpError::generic(e.to_string()))?;
+        Ok(json!({"ok": true, "pages": mb.ws_pages, "pass": mb.current_pass()}))
+    }
+
+    fn set_capabilities(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let caps = a.required_array("capabilities")?;
+        a.finish()?;
+        let mut parsed = Vec::new();
+        for (i, c) in caps.into_iter().enumerate() {
+            let Value::Object(m) = c else {
+                return Err(QmpError::invalid_parameter_type(
+                    &format!("capabilities[{i}]"),
+                    "object",
+                ));
+            };
+            let mut ca = Args::nested(m, format!("capabilities[{i}]"));
+            let name = ca.required_str("capability")?;
+            let state = ca.required_bool("state")?;
+            ca.finish()?;
+            if name != "events" {
+                return Err(QmpError::generic(format!(
+                    "Capability '{name}' is not supported by Ferry"
+                )));
+            }
+            parsed.push(state);
+        }
+        if let Some(p) = lock(&self.progress).as_ref()
+            && p.status().is_active()
+        {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        for s in parsed {
+            self.events_cap.store(s, Ordering::SeqCst);
+        }
+        Ok(json!({}))
+    }
+
+    fn set_parameters(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let downtime = a.optional_u64("downtime-limit")?;
+        let bandwidth = a.optional_u64("max-bandwidth")?;
+        let iterations = a.optional_u64("__org.ferry_max-iterations")?;
+        let policy = a.optional_enum("__org.ferry_switchover-policy", &["cancel", "force"])?;
+        let timeout = a.optional_u64("__org.ferry_io-timeout")?;
+        a.finish()?;
+        if downtime.is_some_and(|d| d > 2_000_000) {
+            return Err(QmpError::generic(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms",
+            ));
+        }
+        if iterations.is_some_and(|i| i == 0 || i > 10_000) {
+            return Err(QmpError::generic(
+                "Parameter '__org.ferry_max-iterations' expects 1 to 10000",
+            ));
+        }
+        if timeout.is_some_and(|t| t == 0) {
+            return Err(QmpError::generic(
+                "Parameter '__org.ferry_io-timeout' expects a positive number of ms",
+            ));
+        }
+        let mut p = lock(&self.params);
+        if let Some(d) = downtime {
+            p.downtime_limit_ms = d;
+        }
+        if let Some(b) = bandwidth {
+            p.max_bandwidth = b;
+        }
+        if let Some(i) = iterations {
+            p.max_iterations = i as u32;
+        }
+        if let Some(pol) = policy {
+            p.switchover_policy = if pol == "force" {
+                SwitchoverPolicy::Force
+            } else {
+                SwitchoverPolicy::Cancel
+            };
+        }
+        if let Some(t) = timeout {
+            p.io_timeout = Duration::from_millis(t);
+        }
+        Ok(json!({}))
+    }
+
+    fn query_parameters(&self) -> Value {
+        let p = lock(&self.params);
+        json!({
+            "downtime-limit": p.downtime_limit_ms,
+            "max-bandwidth": p.max_bandwidth,
+            "__org.ferry_max-iterations": p.max_iterations,
+            "__org.ferry_switchover-policy": match p.switchover_policy {
+                SwitchoverPolicy::Cancel => "cancel",
+                SwitchoverPolicy::Force => "force",
+            },
+            "__org.ferry_io-timeout": p.io_timeout.as_millis() as u64,
+        })
+    }
+}
+
+/// Wraps the VM's migration handle so that run-state changes made by the engine reach the
+/// controller's mirror and QMP (STOP on the source, RESUME on the destination).
+struct Side<'a, H> {
+    inner: H,
+    ctl: &'a Controller,
+}
+
+impl<H: SourceVm> SourceVm for Side<'_, H> {
+    fn machine(&self) -> &'static MachineType {
+        self.inner.machine()
+    }
+    fn config(&self) -> ConfigRecord {
+        self.inner.config()
+    }
+    fn is_running(&self) -> bool {
+        self.ctl.run_state() == RunState::Running
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.inner.pause()?;
+        self.ctl.set_state(RunState::FinishMigrate);
+        self.ctl.events.emit("STOP", None);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.inner.resume()?;
+        self.ctl.set_state(RunState::Running);
+        self.ctl.events.emit("RESUME", None);
+        Ok(())
+    }
+    fn start_dirty_log(&mut self) -> Result<(), String> {
+        self.inner.start_dirty_log()
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), String> {
+        self.inner.stop_dirty_log()
+    }
+    fn take_dirty(&mut self) -> Result<Vec<DirtyRegion>, String> {
+        self.inner.take_dirty()
+    }
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.inner.read_ram(gpa, buf)
+    }
+    fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, String> {
+        self.inner.save_devices(m)
+    }
+    fn handed_over(&mut self) {
+        self.inner.handed_over();
+        self.ctl.set_state(RunState::PostMigrate);
+    }
+}
+
+impl<H: DestinationVm> DestinationVm for Side<'_, H> {
+    fn machine(&self) -> &'static MachineType {
+        self.inner.machine()
+    }
+    fn config(&self) -> ConfigRecord {
+        self.inner.config()
+    }
+    fn catalog(&self) -> devstate::Catalog {
+        self.inner.catalog()
+    }
+    fn expected_sections(&self) -> Vec<(String, u32)> {
+        self.inner.expected_sections()
+    }
+    fn begin_incoming(&mut self) -> Result<(), String> {
+        self.ctl.migrating.store(true, Ordering::SeqCst);
+        self.inner.begin_incoming()
+    }
+    fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
+        self.inner.write_ram(gpa, pages, data)
+    }
+    fn load_devices(&mut self, sections: &[devstate::RawSection]) -> Result<(), String> {
+        self.inner.load_devices(sections)
+    }
+    fn commit(&mut self, run: bool) -> Result<(), String> {
+        self.inner.commit(run)?;
+        if run {
+            self.ctl.set_state(RunState::Running);
+            self.ctl.events.emit("RESUME", None);
+        } else {
+            self.ctl.set_state(RunState::Paused);
+        }
+        Ok(())
+    }
+    fn abort_incoming(&mut self, why: &str) {
+        self.inner.abort_incoming(why);
+        self.ctl.set_state(RunState::InMigrate);
+    }
+}
+
+impl QmpBackend for Controller {
+    fn commands(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+
+    fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+        // Commands that start threads need the Arc.
+        let me = self.arc();
+        let no_args = |a: Map<String, Value>| Args::new(a).finish();
+        match command {
+            "query-status" => {
+                no_args(arguments)?;
+                let s = self.run_state();
+                Ok(json!({"running": s.is_running(), "singlestep": false, "status": s.as_str()}))
+            }
+            "stop" => {
+                no_args(arguments)?;
+                self.stop()
+            }
+            "cont" => {
+                no_args(arguments)?;
+                self.cont_inner()
+            }
+            "quit" => {
+                no_args(arguments)?;
+                self.quit()
+            }
+            "query-machines" => {
+                let mut a = Args::new(arguments);
+                let _ = a.optional_bool("compat-props")?;
+                a.finish()?;
+                Ok(self.query_machines())
+            }
+            "query-hotpluggable-cpus" => {
+                no_args(arguments)?;
+                Ok(self.query_hotpluggable_cpus())
+            }
+            "migrate" => me.migrate(arguments),
+            "migrate-incoming" => me.migrate_incoming(arguments),
+            "migrate_cancel" => {
+                no_args(arguments)?;
+                Ok(self.migrate_cancel())
+            }
+            "query-migrate" => {
+                no_args(arguments)?;
+                Ok(self.query_migrate())
+            }
+            "migrate-set-capabilities" => self.set_capabilities(arguments),
+            "query-migrate-capabilities" => {
+                no_args(arguments)?;
+                Ok(
+                    json!([{"capability": "events", "state": self.events_cap.load(Ordering::SeqCst)}]),
+                )
+            }
+            "migrate-set-parameters" => self.set_parameters(arguments),
+            "query-migrate-parameters" => {
+                no_args(arguments)?;
+                Ok(self.query_parameters())
+            }
+            "__org.ferry_query-guest" => {
+                no_args(arguments)?;
+                self.query_guest()
+            }
+            "__org.ferry_verify-guest" => {
+                no_args(arguments)?;
+                self.verify_guest()
+            }
+            other => Err(QmpError::unknown_command(other)),
+        }
+    }
+}
