@@ -47,6 +47,8 @@ pub struct Controller {
     server: Mutex<Option<ShutdownHandle>>,
     quit: (Mutex<bool>, Condvar),
     boot_vcpus: u32,
+    /// Run the guest when an incoming migration completes (false with `-S`).
+    autostart: AtomicBool,
     /// Guest memory, readable without the VM lock (mailbox queries during migration).
     mem: crate::vm::memory::GuestMem,
     /// Where the incoming listener actually bound (port 0 resolved).
@@ -104,6 +106,7 @@ impl Controller {
         let mem = vm.ram().mem().clone();
         Arc::new_cyclic(|me| Controller {
             boot_vcpus,
+            autostart: AtomicBool::new(true),
             mem,
             listen_addr: Mutex::new(None),
             me: me.clone(),
@@ -128,6 +131,11 @@ impl Controller {
         self.me
             .upgrade()
             .expect("the controller outlives its QMP server")
+    }
+
+    /// Keep an incoming guest paused after the load (`-S`) instead of running it.
+    pub fn set_autostart(&self, on: bool) {
+        self.autostart.store(on, Ordering::SeqCst);
     }
 
     /// Let `quit` stop the QMP server too.
@@ -689,6 +697,7 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
         self.inner.load_devices(sections)
     }
     fn commit(&mut self, run: bool) -> Result<(), String> {
+        let run = run && self.ctl.autostart.load(Ordering::SeqCst);
         self.inner.commit(run)?;
         if run {
             self.ctl.set_state(RunState::Running);

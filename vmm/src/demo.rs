@@ -87,18 +87,20 @@ fn mib(b: u64) -> String {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let tmp;
-    let dir = match &a.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)?;
-            tmp.clone()
-        }
-    };
+    let keep = a.dir.is_some();
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir)?;
+    let res = demo(&a, &dir, keep);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    res
+}
+
+fn demo(a: &DemoArgs, dir: &Path, keep: bool) -> Result<()> {
     let common = vec![
         "--machine".to_owned(),
         a.machine.clone(),
@@ -112,7 +114,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "  machine {}, {} RAM, guest dirtying a {} MiB working set",
         a.machine, a.memory, a.working_set
     );
-    println!("  work directory {}", dir.display());
+    if keep {
+        println!("  work directory {}", dir.display());
+    }
 
     let mut dst_args = common.clone();
     dst_args.extend(["--incoming".into(), "tcp:127.0.0.1:0".into()]);
@@ -132,7 +136,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         status(&mut dst)?
     );
 
-    let mut src = spawn(&dir, "source", &common)?;
+    let mut src = spawn(dir, "source", &common)?;
     let p = wait_pass(&mut src, 3)?;
     println!(
         "[2] source started (pid {}), guest running, at pass {p}",
