@@ -124,7 +124,7 @@ fn demo(a: &DemoArgs, dir: &Path, keep: bool) -> Result<()> {
         "--dump-stream".into(),
         dir.join("received.stream").display().to_string(),
     ]);
-    let mut dst = spawn(&dir, "destination", &dst_args)?;
+    let mut dst = spawn(dir, "destination", &dst_args)?;
     let addr = dst.qmp.execute("query-migrate", json!({}))?;
     let port = addr["socket-address"][0]["port"]
         .as_str()

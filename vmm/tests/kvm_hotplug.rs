@@ -507,3 +507,52 @@ fn device_add_into_a_busy_connector_is_transient_and_changes_nothing() {
     assert!(svc.events.is_empty(), "{:?}", svc.events);
     no_rtas_errors(&vm);
 }
+
+#[test]
+fn prelaunch_adds_are_coldplugged_by_the_reset() {
+    let _kvm = kvm_test();
+    let mut vm = Vm::new(&config(64, 1)).expect("create VM");
+    vm.load_guest(&dirty()).expect("load guest");
+    let mut svc = Service::new();
+    vm.hotplug_add("ferry-cpu-core", "cpu1", &core(1), RunPhase::Prelaunch)
+        .unwrap();
+    vm.hotplug_add("ferry-mem-block", "mem2", &block(2), RunPhase::Prelaunch)
+        .unwrap();
+    assert!(vm.hotplug().lock().unwrap().needs_reset_before_start());
+    assert!(vm.hotplug_reset().unwrap().is_empty());
+    {
+        let m = vm.hotplug().lock().unwrap();
+        assert!(!m.needs_reset_before_start());
+        assert!(m.events().is_empty());
+        let states: Vec<_> = m
+            .query_connectors(0)
+            .into_iter()
+            .filter(|c| c.device.is_some())
+            .map(|c| c.state)
+            .collect();
+        assert_eq!(states, vec!["logical-configured"; 2]);
+    }
+    vm.resume().unwrap();
+    svc.wait(&mut vm, "the coldplugged core and block in use", |vm, _| {
+        let m = hpmb(vm);
+        m.core[1].counter > 1000 && m.block[2].passes >= 2
+    });
+    assert_eq!(hpmb(&vm).events, 0, "coldplug must not need guest events");
+    vm.pause().unwrap();
+    vm.verify_guest_pattern().unwrap();
+    assert_eq!(vm.verify_hotplug_blocks().unwrap(), 1);
+    let saved = vm.save_hot_vcpus().unwrap();
+    assert_eq!(saved.len(), 1);
+    assert_eq!((saved[0].0, saved[0].1), (1, HotCoreState::Running));
+    vm.resume().unwrap();
+
+    for id in ["cpu1", "mem2"] {
+        vm.hotplug_del(id, vm.hotplug_clock_ms()).unwrap();
+    }
+    svc.wait(&mut vm, "both coldplugged devices deleted", |_, ev| {
+        ev.contains(&deleted("cpu1")) && ev.contains(&deleted("mem2"))
+    });
+    assert_eq!(vm.hot_cores(), vec![(1, 2, HotCoreState::Parked)]);
+    assert!(vm.hotplug_blocks().is_empty());
+    no_rtas_errors(&vm);
+}

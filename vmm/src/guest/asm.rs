@@ -189,9 +189,9 @@ pub fn assemble(base: u64) -> Result<GuestImage, GuestError> {
 
     a.set_label(&mut idle)?;
     a.mov(rbx, layout::MAILBOX_GPA)?;
-    a.mov(mb(offset::STATUS), STATUS_IDLE as i32)?;
     // Serve what is already pending; later events arrive with the hotplug interrupt.
     a.call(hp_service)?;
+    a.mov(mb(offset::STATUS), STATUS_IDLE as i32)?;
     // Every other vCPU starts here (vCPU 0 idles here too).
     a.set_label(&mut ap_entry)?;
     a.sti()?;

@@ -30,8 +30,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use devstate::{RawSection, Section};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
+use machine_types::MachineType;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -51,6 +53,7 @@ use crate::hotplug::{
     HotplugError, HotplugManager, Resource, RunPhase,
 };
 use crate::runstate::RunState;
+use crate::vcpu::persist::VcpuState;
 use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, cpuid, longmode};
 
 /// KVM memory slot of hot-plugged memory block 0 (block `s` uses `HOTPLUG_KVM_SLOT_BASE + s`).
@@ -640,6 +643,127 @@ impl Vm {
             });
         }
         Ok(out)
+    }
+
+    /// Resets every connector (Precise rule 5; before the first `cont` of a prelaunch VM,
+    /// and on the destination after the pre-start adds and before the stream is loaded),
+    /// applies the resulting teardowns, and makes the coldplugged devices usable: their
+    /// cores start with the VM (at the core entry), and their bits are set in the guest's
+    /// `hp_cores` / `hp_blocks` / `hp_pci` (a coldplugged PCI function's SCRATCH is not
+    /// written: the guest only writes it when it configures the function). Returns the
+    /// management events of released devices.
+    pub fn hotplug_reset(&mut self) -> Result<Vec<Event>, VmError> {
+        let present: Vec<Resource> = {
+            let mut m = lock(&self.hp.mgr);
+            m.reset_all();
+            self.hp.shared.pump(&mut m);
+            m.connectors()
+                .filter(|c| c.device().is_some())
+                .filter_map(|c| m.resource(c.index()))
+                .collect()
+        };
+        self.apply_queued_effects();
+        let mem = self.ram.mem();
+        let mut bits = [0u64; 3];
+        for r in &present {
+            match *r {
+                Resource::CpuCore { core } if core < hp::MAX_CORES => {
+                    let base = hp::CORE_AREA + u64::from(core) * hp::CORE_STRIDE;
+                    for off in [hp::CORE_COUNTER, hp::CORE_STOP, hp::CORE_STATE] {
+                        Mailbox::write_field(mem, base + off, 0)?;
+                    }
+                    bits[0] |= 1 << core;
+                }
+                Resource::MemBlock { slot, .. } if slot < hp::MAX_BLOCKS => {
+                    let base = hp::BLOCK_AREA + u64::from(slot) * hp::BLOCK_STRIDE;
+                    Mailbox::write_field(mem, base + hp::BLOCK_PROGRESS, 0)?;
+                    Mailbox::write_field(mem, base + hp::BLOCK_PASSES, 0)?;
+                    bits[1] |= 1 << slot;
+                }
+                Resource::PciFn { slot, function } => {
+                    let devfn = u32::from((slot << 3) | function);
+                    if devfn < hp::MAX_PCI_DEVFN {
+                        bits[2] |= 1 << devfn;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Mailbox::write_field(mem, hp::CORES, bits[0])?;
+        Mailbox::write_field(mem, hp::BLOCKS, bits[1])?;
+        Mailbox::write_field(mem, hp::PCI, bits[2])?;
+        for r in present {
+            if let Resource::CpuCore { core } = r {
+                self.start_core(core)?;
+            }
+        }
+        Ok(std::mem::take(&mut lock(&self.hp.shared.pending).events))
+    }
+
+    /// Captures every hot-added vCPU (all vCPUs must be parked): `(core id, run state,
+    /// vCPU state)`. The `cpu` sections of hot vCPUs are not yet part of
+    /// [`Vm::save_state`].
+    pub fn save_hot_vcpus(&self) -> Result<Vec<(u32, HotCoreState, VcpuState)>, VmError> {
+        if !self.all_parked() {
+            return Err(VmError::NotPaused);
+        }
+        let mut out = Vec::with_capacity(self.hp.cores.len());
+        for (&core, c) in &self.hp.cores {
+            let mut s = c.vcpu.save_state(&self.msrs)?;
+            s.cpu_model = self.cpu_model().name().to_owned();
+            out.push((core, c.state, s));
+        }
+        Ok(out)
+    }
+
+    /// Loads a captured hot-added vCPU (creating it if needed; the VM must not run it yet)
+    /// with its run state (a `Running` core runs from the next [`Vm::resume`]).
+    pub fn restore_hot_vcpu(
+        &mut self,
+        core: u32,
+        run: HotCoreState,
+        state: &VcpuState,
+    ) -> Result<(), VmError> {
+        self.ensure_core(core)?;
+        let c = self.hp.cores.get_mut(&core).expect("ensured");
+        c.vcpu.restore_state(state)?;
+        c.state = run;
+        Ok(())
+    }
+
+    /// Sections of the hot-plugged devices' own state (`ferry-pci-fn`, instance = devfn,
+    /// one per present function), encoded for machine type `m`.
+    pub fn hotplug_device_sections(&self, m: &MachineType) -> Vec<Vec<u8>> {
+        lock(&self.hp.pci)
+            .states()
+            .into_iter()
+            .filter_map(|mut s| {
+                let devfn = u32::from(s.devfn);
+                devstate::encode_section(&mut s, devfn, m, devstate::Tag::Section)
+            })
+            .collect()
+    }
+
+    /// Loads one incoming section if it is a hot-plugged device's (`Ok(false)` otherwise).
+    /// The device must have been added (pre-start `device_add`) first.
+    pub fn load_hotplug_device_section(&mut self, raw: &RawSection) -> Result<bool, VmError> {
+        if raw.name != PciFnState::NAME {
+            return Ok(false);
+        }
+        let s: PciFnState = raw.load()?;
+        if u32::from(s.devfn) != raw.instance {
+            return Err(VmError::ShapeMismatch(format!(
+                "section '{}' instance {} at offset {} holds devfn {}",
+                raw.name, raw.instance, raw.offset, s.devfn
+            )));
+        }
+        lock(&self.hp.pci).restore(&s).map_err(|why| {
+            VmError::ShapeMismatch(format!(
+                "section '{}' instance {} at offset {}: {why}",
+                raw.name, raw.instance, raw.offset
+            ))
+        })?;
+        Ok(true)
     }
 
     fn apply_queued_effects(&mut self) {
