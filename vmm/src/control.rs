@@ -5,8 +5,11 @@
 //! migration, so every command first consults state that lives outside it (the run-state
 //! mirror, the migration progress) and never blocks on the VM while a migration runs.
 
+use crate::guest::GuestHotplugMode;
+use crate::hotplug::{DeviceProps, Event as HpEvent, HotplugError, HotplugManager, RunPhase};
 use crate::migrate::VmMigration;
 use crate::qmp::{Args, EventBus, QmpBackend, QmpError, ShutdownHandle};
+use crate::vm::hotplug::HotplugWaker;
 use crate::{RunState, Vm};
 use machine_types::MachineType;
 use migration::{
@@ -49,8 +52,14 @@ pub struct Controller {
     boot_vcpus: u32,
     /// Run the guest when an incoming migration completes (false with `-S`).
     autostart: AtomicBool,
+    /// Debug property `x-skip-incoming-reset`: skip the connector reset before load (to show
+    /// that it matters).
+    skip_incoming_reset: AtomicBool,
     /// Guest memory, readable without the VM lock (mailbox queries during migration).
     mem: crate::vm::memory::GuestMem,
+    /// The hotplug manager and its waker, usable without the VM lock.
+    hp: Arc<Mutex<HotplugManager>>,
+    waker: HotplugWaker,
     /// Where the incoming listener actually bound (port 0 resolved).
     listen_addr: Mutex<Option<std::net::SocketAddr>>,
     me: std::sync::Weak<Controller>,
@@ -85,6 +94,10 @@ const COMMANDS: &[&str] = &[
     "query-migrate-parameters",
     "__org.ferry_query-guest",
     "__org.ferry_verify-guest",
+    "device_add",
+    "device_del",
+    "__org.ferry_query-connectors",
+    "__org.ferry_guest-hotplug",
 ];
 
 impl Controller {
@@ -104,9 +117,14 @@ impl Controller {
         };
         vm.set_run_state(state);
         let mem = vm.ram().mem().clone();
+        let hp = vm.hotplug().clone();
+        let waker = vm.hotplug_waker();
         Arc::new_cyclic(|me| Controller {
+            hp,
+            waker,
             boot_vcpus,
             autostart: AtomicBool::new(true),
+            skip_incoming_reset: AtomicBool::new(false),
             mem,
             listen_addr: Mutex::new(None),
             me: me.clone(),
@@ -131,6 +149,11 @@ impl Controller {
         self.me
             .upgrade()
             .expect("the controller outlives its QMP server")
+    }
+
+    /// Debug: skip the connector reset before an incoming load (`x-skip-incoming-reset`).
+    pub fn set_skip_incoming_reset(&self, on: bool) {
+        self.skip_incoming_reset.store(on, Ordering::SeqCst);
     }
 
     /// Keep an incoming guest paused after the load (`-S`) instead of running it.
@@ -340,6 +363,9 @@ impl Controller {
         progress.set_status(Status::Setup);
         *lock(&self.progress) = Some(progress.clone());
         self.migrating.store(true, Ordering::SeqCst);
+        // A guest that completes an unplug from now on leaves its connector release-pending;
+        // whichever side runs the guest afterwards releases it.
+        lock(&self.hp).set_migration_in_progress(true);
         let params = lock(&self.params).clone();
         let me = self.clone();
         std::thread::Builder::new()
@@ -357,10 +383,17 @@ impl Controller {
         };
         let res = migration::send(&mut side, uri, params, progress);
         drop(vm);
-        self.migrating.store(false, Ordering::SeqCst);
         if let Err(e) = res {
             error!(error = %migration::chain(&e), "outgoing migration failed");
+            if self.run_state() != RunState::PostMigrate {
+                // The guest runs on here: finish what it completed meanwhile.
+                let mut m = lock(&self.hp);
+                m.set_migration_in_progress(false);
+                m.complete_pending_releases();
+            }
         }
+        self.migrating.store(false, Ordering::SeqCst);
+        self.wake_hotplug();
     }
 
     /// Begin receiving from `uri` (from `--incoming URI` or `migrate-incoming`).
@@ -392,6 +425,8 @@ impl Controller {
                 (Uri::Tcp(_), Some(l)) => match l.accept() {
                     Ok((s, peer)) => {
                         info!(%peer, "incoming migration connection");
+                        // The stream starts: no hotplug until it completed or failed.
+                        self.migrating.store(true, Ordering::SeqCst);
                         Incoming::Tcp(s)
                     }
                     Err(e) => {
@@ -400,7 +435,10 @@ impl Controller {
                     }
                 },
                 (Uri::File(p), _) => match std::fs::File::open(p) {
-                    Ok(f) => Incoming::File(f),
+                    Ok(f) => {
+                        self.migrating.store(true, Ordering::SeqCst);
+                        Incoming::File(f)
+                    }
                     Err(e) => {
                         error!(error = %e, path = %p.display(), "cannot open the incoming stream file");
                         return;
@@ -418,7 +456,16 @@ impl Controller {
             };
             let res = migration::receive(&mut side, incoming, &params, &progress);
             drop(vm);
+            {
+                let mut m = lock(&self.hp);
+                m.set_migration_in_progress(false);
+                if res.is_ok() {
+                    // This side runs the guest now: finish unplugs it completed in flight.
+                    m.complete_pending_releases();
+                }
+            }
             self.migrating.store(false, Ordering::SeqCst);
+            self.wake_hotplug();
             match res {
                 Ok(()) => return,
                 Err(e) => {
@@ -504,6 +551,211 @@ impl Controller {
             v["socket-address"] = sa;
         }
         v
+    }
+
+    fn wake_hotplug(&self) {
+        let (m, cv) = &*self.waker;
+        *lock(m) = true;
+        cv.notify_all();
+    }
+
+    /// Start the thread that applies hotplug effects, runs unplug timers and turns hotplug
+    /// events into QMP events.
+    pub fn start_hotplug_service(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hotplug".into())
+            .spawn(move || me.hotplug_service());
+        if let Err(e) = spawned {
+            error!(error = %e, "cannot start the hotplug service thread");
+        }
+    }
+
+    fn hotplug_service(&self) {
+        loop {
+            if *lock(&self.quit.0) {
+                return;
+            }
+            // Sleep until the guest or management queued work, or the next unplug deadline
+            // (guest-running time advances at most as fast as wall time).
+            let wait = {
+                let deadline = lock(&self.hp).next_deadline();
+                match (deadline, self.vm.try_lock()) {
+                    (Some(d), Ok(vm)) => Duration::from_millis(
+                        d.saturating_sub(vm.hotplug_clock_ms()).clamp(1, 1000),
+                    ),
+                    (_, Err(_)) => Duration::from_millis(20),
+                    (None, Ok(_)) => Duration::from_secs(1),
+                }
+            };
+            {
+                let (m, cv) = &*self.waker;
+                let mut pending = lock(m);
+                if !*pending {
+                    pending = cv
+                        .wait_timeout(pending, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                *pending = false;
+            }
+            // A migration holds the VM: effects and events wait until it ends.
+            let Ok(mut vm) = self.vm.try_lock() else {
+                let (m, _) = &*self.waker;
+                *lock(m) = true;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            if self.migrating.load(Ordering::SeqCst) {
+                continue;
+            }
+            let now = vm.hotplug_clock_ms();
+            let events = vm.process_hotplug(now);
+            drop(vm);
+            for e in events {
+                match e {
+                    HpEvent::DeviceDeleted { device, path } => {
+                        info!(device, "device deleted");
+                        self.events.emit(
+                            "DEVICE_DELETED",
+                            Some(json!({"device": device, "path": path})),
+                        );
+                    }
+                    HpEvent::UnplugGuestError { device, path } => {
+                        error!(
+                            device,
+                            "hot-unplug failed: the guest refused or did not answer"
+                        );
+                        self.events.emit(
+                            "DEVICE_UNPLUG_GUEST_ERROR",
+                            Some(json!({"device": device, "path": path})),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn hp_error(e: HotplugError) -> QmpError {
+        match e {
+            HotplugError::DeviceNotFound(id) => QmpError::device_not_found(&id),
+            other => QmpError::generic(other.to_string()),
+        }
+    }
+
+    fn device_add(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let driver = a.required_str("driver")?;
+        let id = a.optional_str("id")?;
+        let core_id = a.optional_u64("core-id")?;
+        let slot = a.optional_u64("slot")?;
+        let addr = a.optional_str("addr")?;
+        let multifunction = a.optional_bool("multifunction")?;
+        let _bus = a.optional_str("bus")?;
+        if let Some(extra) = a.into_rest().keys().next() {
+            return Err(QmpError::generic(format!(
+                "Property '{driver}.{extra}' not found"
+            )));
+        }
+        let Some(id) = id else {
+            return Err(QmpError::missing_parameter("id"));
+        };
+        let props = DeviceProps {
+            core_id: core_id.map(|v| v as u32),
+            slot: slot.map(|v| v as u32),
+            addr,
+            multifunction,
+        };
+        self.refuse_if_migrating("device_add")?;
+        let phase = match self.run_state() {
+            RunState::Prelaunch => RunPhase::Prelaunch,
+            RunState::InMigrate => RunPhase::InMigrate,
+            _ => RunPhase::Started,
+        };
+        let mut vm = self
+            .vm
+            .try_lock()
+            .map_err(|_| QmpError::generic("device_add not allowed while migrating"))?;
+        vm.hotplug_add(&driver, &id, &props, phase).map_err(|e| {
+            if !e.is_transient() {
+                error!(id, error = %e, "device_add failed");
+            }
+            Self::hp_error(e)
+        })?;
+        drop(vm);
+        self.wake_hotplug();
+        Ok(json!({}))
+    }
+
+    fn device_del(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let id = a.required_str("id")?;
+        a.finish()?;
+        let id = id
+            .strip_prefix("/machine/peripheral/")
+            .unwrap_or(&id)
+            .to_owned();
+        self.refuse_if_migrating("device_del")?;
+        let mut vm = self
+            .vm
+            .try_lock()
+            .map_err(|_| QmpError::generic("device_del not allowed while migrating"))?;
+        let now = vm.hotplug_clock_ms();
+        vm.hotplug_del(&id, now).map_err(Self::hp_error)?;
+        drop(vm);
+        self.wake_hotplug();
+        Ok(json!({}))
+    }
+
+    fn query_connectors(&self) -> Value {
+        let now = self.vm.try_lock().map(|vm| vm.hotplug_clock_ms()).ok();
+        let m = lock(&self.hp);
+        let list: Vec<Value> = m
+            .query_connectors(now.unwrap_or(0))
+            .into_iter()
+            .map(|c| {
+                json!({
+                    "index": c.index,
+                    "kind": c.kind,
+                    "id": c.id,
+                    "state": c.state,
+                    "isolation": c.isolation,
+                    "allocation": c.allocation,
+                    "indicator": c.indicator,
+                    "device": c.device,
+                    "unplug-pending": c.unplug_pending,
+                    "remaining-ms": if now.is_some() { json!(c.remaining_ms) } else { Value::Null },
+                    "release-pending": c.release_pending,
+                    "unplug-timed-out": c.unplug_timed_out,
+                    "busy": c.busy,
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    fn guest_hotplug(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let mode = a.optional_enum("mode", &["cooperative", "refuse", "ignore", "slow"])?;
+        let answer = a.optional_bool("answer")?;
+        a.finish()?;
+        self.refuse_if_migrating("__org.ferry_guest-hotplug")?;
+        let vm = lock(&self.vm);
+        if let Some(m) = mode {
+            let mode = match m.as_str() {
+                "refuse" => GuestHotplugMode::Refuse,
+                "ignore" => GuestHotplugMode::Ignore,
+                "slow" => GuestHotplugMode::Slow,
+                _ => GuestHotplugMode::Cooperative,
+            };
+            vm.set_guest_hotplug_mode(mode)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        if answer == Some(true) {
+            vm.guest_answer_unplugs()
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        Ok(json!({}))
     }
 
     fn query_guest(&self) -> Result<Value, QmpError> {
@@ -688,7 +940,17 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
     }
     fn begin_incoming(&mut self) -> Result<(), String> {
         self.ctl.migrating.store(true, Ordering::SeqCst);
-        self.inner.begin_incoming()
+        self.inner.begin_incoming()?;
+        // After the pre-start device_adds and before anything is loaded: every connector to
+        // its reset state and an empty guest-event queue; the stream then overwrites the
+        // connectors the source was in the middle of.
+        let mut m = lock(&self.ctl.hp);
+        m.set_migration_in_progress(true);
+        if !self.ctl.skip_incoming_reset.load(Ordering::SeqCst) {
+            m.reset_all();
+            m.clear_events();
+        }
+        Ok(())
     }
     fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
         self.inner.write_ram(gpa, pages, data)
@@ -780,6 +1042,13 @@ impl QmpBackend for Controller {
                 no_args(arguments)?;
                 self.verify_guest()
             }
+            "device_add" => self.device_add(arguments),
+            "device_del" => self.device_del(arguments),
+            "__org.ferry_query-connectors" => {
+                no_args(arguments)?;
+                Ok(self.query_connectors())
+            }
+            "__org.ferry_guest-hotplug" => self.guest_hotplug(arguments),
             other => Err(QmpError::unknown_command(other)),
         }
     }

@@ -64,6 +64,16 @@ struct RunArgs {
     /// Keep a copy of every migration stream this process sends or receives.
     #[arg(long)]
     dump_stream: Option<PathBuf>,
+    /// How the test guest answers unplug requests.
+    #[arg(long, default_value = "cooperative", value_parser = ["cooperative", "refuse", "ignore", "slow"])]
+    guest_hotplug: String,
+    /// Guest-running milliseconds an unplug may stay unanswered before it fails.
+    #[arg(long, default_value_t = 15_000)]
+    unplug_timeout_ms: u64,
+    /// Debug: do not reset the connectors before loading an incoming stream (shows why the
+    /// reset is needed).
+    #[arg(long = "x-skip-incoming-reset")]
+    x_skip_incoming_reset: bool,
 }
 
 fn main() -> ExitCode {

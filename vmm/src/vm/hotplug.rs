@@ -524,8 +524,7 @@ impl Vm {
             m.tick(now_ms);
             self.hp.shared.pump(&mut m);
         }
-        self.apply_queued_effects();
-        std::mem::take(&mut lock(&self.hp.shared.pending).events)
+        self.apply_queued()
     }
 
     /// Sets how the test guest answers unplug requests (mailbox `hp_mode`).
@@ -662,7 +661,7 @@ impl Vm {
                 .filter_map(|c| m.resource(c.index()))
                 .collect()
         };
-        self.apply_queued_effects();
+        let events = self.apply_queued();
         let mem = self.ram.mem();
         let mut bits = [0u64; 3];
         for r in &present {
@@ -697,7 +696,7 @@ impl Vm {
                 self.start_core(core)?;
             }
         }
-        Ok(std::mem::take(&mut lock(&self.hp.shared.pending).events))
+        Ok(events)
     }
 
     /// Captures every hot-added vCPU (all vCPUs must be parked): `(core id, run state,
@@ -766,11 +765,14 @@ impl Vm {
         Ok(true)
     }
 
-    fn apply_queued_effects(&mut self) {
-        let (effects, parks) = {
-            let mut p = lock(&self.hp.shared.pending);
-            (std::mem::take(&mut p.effects), std::mem::take(&mut p.parks))
-        };
+    /// Applies every queued effect and park request; returns the events queued with them
+    /// (taken together, so an event is never returned before its effect was applied).
+    fn apply_queued(&mut self) -> Vec<Event> {
+        let Pending {
+            effects,
+            events,
+            parks,
+        } = std::mem::take(&mut *lock(&self.hp.shared.pending));
         for core in parks {
             if let Err(e) = self.park_core(core) {
                 tracing::error!(core, error = %error_chain(&e), "cannot park a hot-added core");
@@ -781,6 +783,16 @@ impl Vm {
             if let Err(err) = self.apply_effect(&e) {
                 tracing::error!(effect = ?e, error = %error_chain(&err), "hotplug effect failed");
             }
+        }
+        events
+    }
+
+    /// [`Self::apply_queued`], keeping the events for the next [`Vm::process_hotplug`].
+    fn apply_queued_effects(&mut self) {
+        let events = self.apply_queued();
+        if !events.is_empty() {
+            let mut p = lock(&self.hp.shared.pending);
+            p.events.splice(0..0, events);
         }
     }
 

@@ -1,0 +1,192 @@
+//! Faults during a live migration between two real `ferry` processes: the link cut during
+//! the handshake, during RAM pre-copy and during the device state (by a bounded relay in
+//! the test), `migrate_cancel`, and a killed destination. Each time the source guest keeps
+//! running with its memory intact, and a second attempt succeeds.
+
+#[path = "ferry_common/mod.rs"]
+mod ferry_common;
+
+use ferry_common::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread;
+
+const SHAPE: [&str; 6] = [
+    "--machine",
+    "ferry-2.0",
+    "--memory",
+    "64M",
+    "--guest",
+    "dirty:8",
+];
+
+/// Where the relay cuts the source -> destination direction.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// After this many bytes.
+    After(usize),
+    /// Just before the first device-state section (the `cpu` section record).
+    AtDeviceState,
+}
+
+/// A one-connection relay on loopback that forwards both directions and cuts the link.
+fn relay(to: String, cut: Cut) -> (String, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(&to).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut seen = 0usize;
+        let mut tail: Vec<u8> = Vec::new();
+        let marker = b"\x03\x03cpu";
+        loop {
+            let n = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut keep = n;
+            match cut {
+                Cut::After(limit) if seen + n >= limit => keep = limit - seen,
+                Cut::AtDeviceState => {
+                    tail.extend_from_slice(&buf[..n]);
+                    if let Some(p) = tail.windows(marker.len()).position(|w| w == marker) {
+                        keep = n.saturating_sub(tail.len() - p);
+                    }
+                    let drop_to = tail.len().saturating_sub(marker.len());
+                    tail.drain(..drop_to);
+                }
+                _ => {}
+            }
+            if b.write_all(&buf[..keep]).is_err() {
+                break;
+            }
+            seen += keep;
+            if keep < n {
+                break;
+            }
+        }
+        // Cut both directions.
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+        let _ = back.join();
+    });
+    (addr, h)
+}
+
+fn dst(dir: &std::path::Path, name: &str) -> Ferry {
+    let mut args = SHAPE.to_vec();
+    args.extend(["--incoming", "tcp:127.0.0.1:0"]);
+    Ferry::spawn(dir, name, &args)
+}
+
+/// The source runs, its memory pattern verifies, and it keeps making progress.
+fn assert_source_intact(src: &mut Ferry) {
+    assert_eq!(
+        src.status(),
+        "running",
+        "the source must run on after a failed migration"
+    );
+    src.ok("stop", json!({}));
+    assert_eq!(src.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+    src.ok("cont", json!({}));
+    let p = src.pass();
+    src.wait_pass(p + 2);
+}
+
+fn migrate_ok(src: &mut Ferry, port: &str) {
+    src.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let info = src.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "second attempt failed: {info}");
+    assert_eq!(src.status(), "postmigrate");
+}
+
+fn cut_case(cut: Cut, label: &str) {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst");
+    let port = d.incoming_port();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    s.wait_pass(2);
+    let (addr, h) = relay(format!("127.0.0.1:{port}"), cut);
+    s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
+    let info = s.wait_migration(&["failed", "completed"]);
+    h.join().unwrap();
+    assert_eq!(
+        info["status"], "failed",
+        "{label}: a cut link must fail the migration: {info}"
+    );
+    assert!(
+        info["error-desc"].as_str().is_some_and(|e| !e.is_empty()),
+        "{label}: {info}"
+    );
+    assert_source_intact(&mut s);
+    // The destination discarded the attempt and listens again.
+    let st = d.wait_migration(&["failed"]);
+    assert_eq!(st["status"], "failed", "{label}");
+    assert_eq!(d.status(), "inmigrate");
+    migrate_ok(&mut s, &port);
+    d.wait_migration(&["completed"]);
+    assert_eq!(d.status(), "running");
+}
+
+#[test]
+fn link_cut_during_handshake() {
+    cut_case(Cut::After(10), "handshake");
+}
+
+#[test]
+fn link_cut_during_ram_precopy() {
+    cut_case(Cut::After(2 << 20), "RAM");
+}
+
+#[test]
+fn link_cut_during_device_state() {
+    cut_case(Cut::AtDeviceState, "device state");
+}
+
+#[test]
+fn cancel_mid_way_keeps_the_source_running() {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst");
+    let port = d.incoming_port();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    s.wait_pass(2);
+    // Slow enough to still be running when cancelled: 4 MiB/s for 64 MiB.
+    s.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    s.wait_migration(&["active"]);
+    s.ok("migrate_cancel", json!({}));
+    let info = s.wait_migration(&["cancelled", "failed", "completed"]);
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert_source_intact(&mut s);
+    d.wait_migration(&["failed"]);
+    s.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    migrate_ok(&mut s, &port);
+}
+
+#[test]
+fn killed_destination_leaves_the_source_running() {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst");
+    let port = d.incoming_port();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    s.wait_pass(2);
+    s.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    s.wait_migration(&["active"]);
+    d.child.kill().unwrap();
+    d.wait_exit();
+    let info = s.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_source_intact(&mut s);
+    s.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    let mut d2 = dst(dir.path(), "dst2");
+    let port2 = d2.incoming_port();
+    migrate_ok(&mut s, &port2);
+    d2.wait_migration(&["completed"]);
+}
