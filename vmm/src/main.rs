@@ -127,6 +127,25 @@ fn run(args: RunArgs) -> Result<()> {
     if incoming == IncomingMode::None {
         vm.load_guest(&args.guest)
             .context("Cannot load the test guest")?;
+        let mode = match args.guest_hotplug.as_str() {
+            "refuse" => vmm::guest::GuestHotplugMode::Refuse,
+            "ignore" => vmm::guest::GuestHotplugMode::Ignore,
+            "slow" => vmm::guest::GuestHotplugMode::Slow,
+            _ => vmm::guest::GuestHotplugMode::Cooperative,
+        };
+        vm.set_guest_hotplug_mode(mode)
+            .context("Cannot set the guest's hotplug mode")?;
+    }
+    if args.unplug_timeout_ms != 15_000 {
+        let mut cfg = vm
+            .hotplug()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("hotplug state poisoned"))?
+            .config()
+            .clone();
+        cfg.unplug_timeout_ms = args.unplug_timeout_ms;
+        vm.configure_hotplug(cfg)
+            .context("Invalid --unplug-timeout-ms")?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -140,6 +159,9 @@ fn run(args: RunArgs) -> Result<()> {
         incoming.clone(),
         args.dump_stream.clone(),
     );
+    ctl.set_autostart(!args.paused);
+    ctl.set_skip_incoming_reset(args.x_skip_incoming_reset);
+    ctl.start_hotplug_service();
     let _server = match &args.qmp {
         Some(spec) => {
             let path = spec

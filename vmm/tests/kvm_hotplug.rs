@@ -409,12 +409,12 @@ fn ignoring_guest_times_out_and_a_retry_succeeds() {
         .unwrap();
     svc.wait(&mut vm, "block 0 in use", |vm, _| hpmb(vm).blocks == 1);
     vm.set_guest_hotplug_mode(GuestHotplugMode::Ignore).unwrap();
+    let seen = hpmb(&vm).events;
     let t0 = vm.hotplug_clock_ms();
     vm.hotplug_del("mem0", t0).unwrap();
     let deadline = vm.hotplug_next_deadline().expect("unplug pending");
     assert_eq!(deadline, t0 + 1000);
     // The guest pops the request and ignores it.
-    let seen = hpmb(&vm).events;
     svc.wait(&mut vm, "the guest to pop the unplug request", |vm, _| {
         hpmb(vm).events > seen
     });
