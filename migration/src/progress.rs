@@ -107,6 +107,9 @@ pub struct Progress {
     snap: Mutex<Snapshot>,
     changed: Condvar,
     cancel: AtomicBool,
+    /// Live-tunable limits: `migrate-set-parameters` during a migration takes effect at once.
+    max_bandwidth: std::sync::atomic::AtomicU64,
+    downtime_limit_ms: std::sync::atomic::AtomicU64,
     socket: Mutex<Option<TcpStream>>,
     started: Mutex<Option<Instant>>,
     listener: Option<Listener>,
@@ -133,6 +136,8 @@ impl Progress {
             snap: Mutex::new(Snapshot::default()),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
+            max_bandwidth: std::sync::atomic::AtomicU64::new(0),
+            downtime_limit_ms: std::sync::atomic::AtomicU64::new(300),
             socket: Mutex::new(None),
             started: Mutex::new(None),
             listener,
@@ -245,6 +250,26 @@ impl Progress {
         {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+
+    /// Change the bandwidth cap (bytes/s, 0 unlimited) of the running migration.
+    pub fn set_max_bandwidth(&self, b: u64) {
+        self.max_bandwidth.store(b, Ordering::SeqCst);
+    }
+
+    /// Current bandwidth cap.
+    pub fn max_bandwidth(&self) -> u64 {
+        self.max_bandwidth.load(Ordering::SeqCst)
+    }
+
+    /// Change the downtime limit (ms) of the running migration.
+    pub fn set_downtime_limit(&self, ms: u64) {
+        self.downtime_limit_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Current downtime limit.
+    pub fn downtime_limit_ms(&self) -> u64 {
+        self.downtime_limit_ms.load(Ordering::SeqCst)
     }
 
     /// Whether cancellation was asked for.

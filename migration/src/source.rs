@@ -18,7 +18,6 @@ type Out = StreamWriter<BufWriter<TeeWriter<Box<dyn Write + Send>>>>;
 
 struct Sender<'a, V: SourceVm> {
     vm: &'a mut V,
-    params: &'a Params,
     progress: &'a Progress,
     buf: Vec<u8>,
     /// Bytes written at the start of the current iteration, and when it started.
@@ -95,11 +94,12 @@ impl<V: SourceVm> Sender<'_, V> {
 
     /// Sleep just enough to keep under `max_bandwidth` (bytes/s) for this iteration.
     fn throttle(&self, written: u64) {
-        if self.params.max_bandwidth == 0 {
+        let cap = self.progress.max_bandwidth();
+        if cap == 0 {
             return;
         }
         let sent = written.saturating_sub(self.iter_bytes) as f64;
-        let due = Duration::from_secs_f64(sent / self.params.max_bandwidth as f64);
+        let due = Duration::from_secs_f64(sent / cap as f64);
         let spent = self.iter_start.elapsed();
         if due > spent {
             std::thread::sleep(due - spent);
@@ -178,6 +178,8 @@ pub fn send<V: SourceVm>(
     let span = info_span!("migration", side = "source", uri);
     let _g = span.enter();
     progress.start();
+    progress.set_max_bandwidth(params.max_bandwidth);
+    progress.set_downtime_limit(params.downtime_limit_ms);
     progress.set_status(Status::Setup);
     let was_running = vm.is_running();
     let mut paused = false;
@@ -300,7 +302,6 @@ fn run<V: SourceVm>(
 
     let mut tx = Sender {
         vm,
-        params,
         progress,
         buf: vec![0u8; CHUNK_PAGES * PAGE_SIZE],
         iter_bytes: out.bytes_written(),
@@ -338,7 +339,7 @@ fn run<V: SourceVm>(
             mbps = bandwidth * 8.0 / 1e6,
             "pre-copy pass done"
         );
-        if expected_ms <= params.downtime_limit_ms {
+        if expected_ms <= progress.downtime_limit_ms() {
             // Converged: these pages go in stop-and-copy, with whatever dirties meanwhile.
             break dirty;
         }
@@ -352,7 +353,7 @@ fn run<V: SourceVm>(
                     return Err(MigrationError::NotConverged {
                         iterations: iteration,
                         expected_ms,
-                        limit_ms: params.downtime_limit_ms,
+                        limit_ms: progress.downtime_limit_ms(),
                     });
                 }
             }

@@ -237,7 +237,14 @@ impl Controller {
             RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
             RunState::Prelaunch | RunState::Paused | RunState::FinishMigrate => {}
         }
-        let vm = lock(&self.vm);
+        let mut vm = lock(&self.vm);
+        if self.run_state() == RunState::Prelaunch {
+            // The first start: devices added before it become coldplugged (connector reset).
+            let events = vm.hotplug_reset().map_err(|e| {
+                QmpError::generic(format!("Cannot reset the hotplug connectors: {e}"))
+            })?;
+            self.emit_hotplug_events(events);
+        }
         vm.resume()
             .map_err(|e| QmpError::generic(format!("Cannot start the vCPUs: {e}")))?;
         vm.set_run_state(RunState::Running);
@@ -612,6 +619,12 @@ impl Controller {
             let now = vm.hotplug_clock_ms();
             let events = vm.process_hotplug(now);
             drop(vm);
+            self.emit_hotplug_events(events);
+        }
+    }
+
+    fn emit_hotplug_events(&self, events: Vec<HpEvent>) {
+        {
             for e in events {
                 match e {
                     HpEvent::DeviceDeleted { device, path } => {
@@ -836,6 +849,16 @@ impl Controller {
             return Err(QmpError::generic(
                 "Parameter '__org.ferry_io-timeout' expects a positive number of ms",
             ));
+        }
+        if let Some(live) = lock(&self.progress).as_ref()
+            && live.status().is_active()
+        {
+            if let Some(b) = bandwidth {
+                live.set_max_bandwidth(b);
+            }
+            if let Some(d) = downtime {
+                live.set_downtime_limit(d);
+            }
         }
         let mut p = lock(&self.params);
         if let Some(d) = downtime {

@@ -30,7 +30,8 @@ use devstate::{
     Value,
 };
 use machine_types::MachineType;
-use migration::{ConfigRecord, DestinationVm, DirtyRegion, RegionDesc, SourceVm};
+use migration::{ConfigRecord, DestinationVm, DeviceDesc, DirtyRegion, RegionDesc, SourceVm};
+use vm_memory::Bytes;
 
 use crate::guest::PAGE_SIZE;
 use crate::runstate::RunState;
@@ -132,24 +133,121 @@ impl<'a> VmMigration<'a> {
     }
 }
 
-/// The configuration record of `vm`: machine type, CPU model, vCPU count and the RAM
-/// regions (split around the PCI hole); no hotplugged devices yet.
+/// The configuration record of `vm`: machine type, CPU model, boot vCPU count, the RAM
+/// regions (split around the PCI hole, then the hot-plugged memory blocks) and every device
+/// on a hotplug connector.
 pub fn config_record(vm: &Vm) -> ConfigRecord {
+    let mut memory: Vec<RegionDesc> = vm
+        .ram()
+        .slots()
+        .iter()
+        .map(|s| RegionDesc {
+            gpa: s.gpa,
+            size: s.size,
+        })
+        .collect();
+    let mut blocks = vm.hotplug_blocks();
+    blocks.sort_by_key(|b| b.2);
+    memory.extend(
+        blocks
+            .iter()
+            .map(|&(_, _, gpa, size)| RegionDesc { gpa, size }),
+    );
+    let mut devices: Vec<DeviceDesc> = lock_mgr(vm)
+        .attached_devices()
+        .into_iter()
+        .map(|(id, spec)| DeviceDesc {
+            connector: spec.index(),
+            driver: spec.driver().to_owned(),
+            id,
+        })
+        .collect();
+    devices.sort_by_key(|d| d.connector);
     ConfigRecord {
         machine: vm.machine().name().to_owned(),
         cpu_model: vm.cpu_model().name().to_owned(),
         vcpus: vm.vcpus().len() as u32,
-        memory: vm
-            .ram()
-            .slots()
-            .iter()
-            .map(|s| RegionDesc {
-                gpa: s.gpa,
-                size: s.size,
-            })
-            .collect(),
-        devices: Vec::new(),
+        memory,
+        devices,
     }
+}
+
+fn lock_mgr(vm: &Vm) -> std::sync::MutexGuard<'_, crate::hotplug::HotplugManager> {
+    vm.hotplug().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The hot-plugged memory block holding `[gpa, gpa + len)`, as (block memory).
+fn block_for(vm: &Vm, gpa: u64, len: u64) -> Option<&crate::vm::memory::GuestMem> {
+    vm.hotplug_blocks()
+        .into_iter()
+        .find(|&(_, _, start, size)| gpa >= start && gpa + len <= start + size)
+        .and_then(|(slot, ..)| vm.hotplug_block_memory(slot))
+}
+
+/// Hotplug state (connectors, guest event queue, controller registers, PCI functions) as
+/// encoded sections for machine type `m`.
+fn hotplug_sections(vm: &Vm, m: &MachineType) -> Vec<Vec<u8>> {
+    let now = vm.hotplug_clock_ms();
+    let mut out = lock_mgr(vm).encode_sections(m, now);
+    out.extend(vm.hotplug_device_sections(m));
+    out
+}
+
+devstate::record! {
+    /// A hot-added vCPU: which core it is, whether it runs, and its full vCPU state.
+    pub struct HotVcpuState {
+        /// Core id (`ferry-cpu-core` `core-id`).
+        pub core: u32,
+        /// 1 created, 2 running, 3 parked (0 is invalid).
+        pub run: u8,
+        /// Registers, MSRs, LAPIC, ... as for a boot vCPU.
+        pub cpu: crate::vcpu::persist::VcpuState,
+    }
+}
+
+impl devstate::Section for HotVcpuState {
+    const NAME: &'static str = "hot-vcpu";
+    const VERSION: u32 = 1;
+    const MIN_VERSION: u32 = 1;
+
+    fn post_load(&mut self, _version: u32) -> Result<(), String> {
+        if !(1..=3).contains(&self.run) {
+            return Err(format!(
+                "run state {} of core {} is not 1..=3",
+                self.run, self.core
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn hot_vcpu_sections(vm: &Vm, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError> {
+    use crate::vm::hotplug::HotCoreState;
+    Ok(vm
+        .save_hot_vcpus()?
+        .into_iter()
+        .filter_map(|(core, run, cpu)| {
+            let run = match run {
+                HotCoreState::Created => 1,
+                HotCoreState::Running => 2,
+                HotCoreState::Parked => 3,
+            };
+            devstate::encode_section(
+                &mut HotVcpuState { core, run, cpu },
+                core,
+                m,
+                devstate::Tag::Section,
+            )
+        })
+        .collect())
+}
+
+/// Every section of a paused VM: VM and boot vCPUs, hot-added vCPUs, hotplug state.
+fn all_sections(vm: &Vm, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError> {
+    let mut out = vm.save_sections(m)?;
+    out.extend(hot_vcpu_sections(vm, m)?);
+    out.extend(hotplug_sections(vm, m));
+    Ok(out)
 }
 
 impl SourceVm for VmMigration<'_> {
@@ -176,18 +274,19 @@ impl SourceVm for VmMigration<'_> {
     }
 
     fn start_dirty_log(&mut self) -> Result<(), String> {
-        self.vm.set_dirty_log(true).map_err(words)
+        self.vm.set_dirty_log(true).map_err(words)?;
+        self.vm.hotplug_set_dirty_log(true).map_err(words)
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), String> {
-        self.vm.set_dirty_log(false).map_err(words)
+        self.vm.set_dirty_log(false).map_err(words)?;
+        self.vm.hotplug_set_dirty_log(false).map_err(words)
     }
 
     fn take_dirty(&mut self) -> Result<Vec<DirtyRegion>, String> {
-        Ok(self
-            .vm
-            .dirty_pages()
-            .map_err(words)?
+        let mut all = self.vm.dirty_pages().map_err(words)?;
+        all.extend(self.vm.hotplug_dirty_pages().map_err(words)?);
+        Ok(all
             .into_iter()
             .map(|d| DirtyRegion {
                 gpa: d.gpa,
@@ -198,6 +297,11 @@ impl SourceVm for VmMigration<'_> {
     }
 
     fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        if let Some(mem) = block_for(self.vm, gpa, buf.len() as u64) {
+            return mem
+                .read_slice(buf, vm_memory::GuestAddress(gpa))
+                .map_err(|e| format!("Cannot read memory block at {gpa:#x}: {e}"));
+        }
         self.vm
             .ram()
             .read_range(gpa, buf)
@@ -205,7 +309,7 @@ impl SourceVm for VmMigration<'_> {
     }
 
     fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, String> {
-        self.vm.save_sections(m).map_err(words)
+        all_sections(self.vm, m).map_err(words)
     }
 
     fn handed_over(&mut self) {
@@ -258,6 +362,21 @@ impl DestinationVm for VmMigration<'_> {
         if !self.incoming {
             return Err("RAM record outside an incoming migration".to_owned());
         }
+        let len = u64::from(pages) * PAGE_SIZE;
+        if let Some(mem) = block_for(self.vm, gpa, len) {
+            let addr = vm_memory::GuestAddress(gpa);
+            let res = match data {
+                Some(d) if d.len() as u64 == len => mem.write_slice(d, addr),
+                Some(d) => {
+                    return Err(format!(
+                        "RAM record at {gpa:#x} carries {} bytes for {pages} pages",
+                        d.len()
+                    ));
+                }
+                None => mem.write_slice(&vec![0u8; len as usize], addr),
+            };
+            return res.map_err(|e| format!("Cannot write memory block at {gpa:#x}: {e}"));
+        }
         let ram = self.vm.ram();
         match data {
             Some(d) => {
@@ -285,10 +404,35 @@ impl DestinationVm for VmMigration<'_> {
         if !self.incoming {
             return Err("device state outside an incoming migration".to_owned());
         }
-        self.vm.load_sections(sections).map_err(words)?;
+        // Hotplug sections go to the hotplug manager and the PCI functions; the rest is VM
+        // and vCPU state.
+        let now = self.vm.hotplug_clock_ms();
+        let mut rest = Vec::with_capacity(sections.len());
+        for raw in sections {
+            if raw.name == <HotVcpuState as devstate::Section>::NAME {
+                use crate::vm::hotplug::HotCoreState;
+                let h: HotVcpuState = raw.load().map_err(|e| migration::chain(&e))?;
+                let run = match h.run {
+                    1 => HotCoreState::Created,
+                    2 => HotCoreState::Running,
+                    _ => HotCoreState::Parked,
+                };
+                self.vm
+                    .restore_hot_vcpu(h.core, run, &h.cpu)
+                    .map_err(words)?;
+            } else if self.vm.load_hotplug_device_section(raw).map_err(words)? {
+                // A PCI function's registers.
+            } else if !lock_mgr(self.vm)
+                .load_section(raw, now)
+                .map_err(|e| migration::chain(&e))?
+            {
+                rest.push(raw.clone());
+            }
+        }
+        self.vm.load_sections(&rest).map_err(words)?;
         if self.capture {
             let m = self.vm.machine();
-            self.reserialised = Some(self.vm.save_sections(m).map_err(words)?);
+            self.reserialised = Some(all_sections(self.vm, m).map_err(words)?);
         }
         Ok(())
     }

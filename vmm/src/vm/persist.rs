@@ -350,7 +350,10 @@ pub fn catalog() -> Catalog {
         .register::<PitState>()
         .register::<ClockState>()
         .register::<UartState>()
-        .register::<ProgressState>();
+        .register::<ProgressState>()
+        .register::<crate::devices::pci_fn::PciFnState>()
+        .register::<crate::migrate::HotVcpuState>();
+    crate::hotplug::register_sections(&mut c);
     c
 }
 
