@@ -789,8 +789,11 @@ impl Controller {
         let vm = lock(&self.vm);
         vm.verify_guest_pattern()
             .map_err(|e| QmpError::generic(format!("Memory pattern check failed: {e}")))?;
+        let blocks = vm
+            .verify_hotplug_blocks()
+            .map_err(|e| QmpError::generic(format!("Memory block pattern check failed: {e}")))?;
         let mb = vm.mailbox().map_err(|e| QmpError::generic(e.to_string()))?;
-        Ok(json!({"ok": true, "pages": mb.ws_pages, "pass": mb.current_pass()}))
+        Ok(json!({"ok": true, "pages": mb.ws_pages, "pass": mb.current_pass(), "blocks": blocks}))
     }
 
     fn set_capabilities(&self, args: Map<String, Value>) -> Result<Value, QmpError> {

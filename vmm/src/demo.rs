@@ -1,6 +1,8 @@
-//! `ferry demo`: start a destination and a source `ferry` process, let the guest dirty
-//! memory, migrate it live over loopback TCP, and show that it continues on the destination
-//! with its memory intact. Everything goes through QMP, as an operator would do it.
+//! `ferry demo`: start a destination and a source `ferry` process, hot-plug a CPU core, a
+//! memory block and a multifunction PCI slot into the running guest, leave one unplug
+//! pending, migrate live over loopback TCP, and show that the guest continues on the
+//! destination with its memory intact and finishes the unplug there. Everything goes through
+//! QMP, as an operator would do it.
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
@@ -13,7 +15,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Machine type of both sides.
+    /// Machine type of both sides (memory hotplug needs ferry-2.0).
     #[arg(long, default_value = "ferry")]
     machine: String,
     /// Guest RAM.
@@ -22,7 +24,7 @@ pub struct DemoArgs {
     /// Working set the guest keeps dirtying, in MiB.
     #[arg(long, default_value_t = 64)]
     working_set: u64,
-    /// Keep sockets, logs and the stream capture in this directory.
+    /// Keep sockets, logs and a capture of the stream in this directory.
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -41,7 +43,8 @@ impl Drop for Proc {
 
 fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Proc> {
     let sock = dir.join(format!("{name}.qmp"));
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("run")
         .args(args)
@@ -55,7 +58,7 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Proc> {
     let qmp = QmpClient::connect(&sock, Duration::from_secs(20)).with_context(|| {
         format!(
             "{name} did not open its QMP socket; see {}",
-            dir.join(format!("{name}.log")).display()
+            log_path.display()
         )
     })?;
     Ok(Proc { child, qmp })
@@ -82,8 +85,65 @@ fn wait_pass(p: &mut Proc, target: u64) -> Result<u64> {
     }
 }
 
+fn connectors(p: &mut Proc) -> Result<Vec<Value>> {
+    let v = p.qmp.execute("__org.ferry_query-connectors", json!({}))?;
+    Ok(v.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| !c["device"].is_null())
+        .collect())
+}
+
+fn wait_configured(p: &mut Proc, ids: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let cs = connectors(p)?;
+        let done = ids.iter().all(|id| {
+            cs.iter().any(|c| {
+                c["device"] == *id && c["state"].as_str().unwrap_or("").ends_with("configured")
+            })
+        });
+        if done {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the guest did not configure {ids:?}: {cs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn show_connectors(p: &mut Proc, indent: &str) -> Result<()> {
+    for c in connectors(p)? {
+        let mut extra = String::new();
+        if c["unplug-pending"] == true {
+            extra.push_str(", unplug pending");
+        }
+        println!(
+            "{indent}{:#010x} {:<9} {:<8} {}{extra}",
+            c["index"].as_u64().unwrap_or(0),
+            c["kind"].as_str().unwrap_or(""),
+            c["device"].as_str().unwrap_or(""),
+            c["state"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn devices(mem_hotplug: bool) -> Vec<Value> {
+    let mut d = vec![json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1})];
+    if mem_hotplug {
+        d.push(json!({"driver": "ferry-mem-block", "id": "mem0", "slot": 0}));
+    }
+    d.push(json!({"driver": "ferry-pci-fn", "id": "nic1", "addr": "01.1"}));
+    d.push(json!({"driver": "ferry-pci-fn", "id": "nic0", "addr": "01.0", "multifunction": true}));
+    d
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -101,46 +161,73 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn demo(a: &DemoArgs, dir: &Path, keep: bool) -> Result<()> {
+    let machine = machine_types::MachineType::lookup(&a.machine)?;
+    let mem_hotplug = machine.compat().mem_hotplug;
     let common = vec![
         "--machine".to_owned(),
-        a.machine.clone(),
+        machine.name().to_owned(),
         "--memory".to_owned(),
         a.memory.clone(),
         "--guest".to_owned(),
         format!("dirty:{}", a.working_set),
     ];
-    println!("Ferry demo: live migration of a running guest over loopback TCP");
+    println!(
+        "Ferry demo: live migration of a running guest with hot-plugged devices over loopback TCP"
+    );
     println!(
         "  machine {}, {} RAM, guest dirtying a {} MiB working set",
-        a.machine, a.memory, a.working_set
+        machine.name(),
+        a.memory,
+        a.working_set
     );
     if keep {
         println!("  work directory {}", dir.display());
     }
 
+    let mut src = spawn(dir, "source", &common)?;
+    let p = wait_pass(&mut src, 2)?;
+    println!(
+        "[1] source started (pid {}), guest running, at pass {p}",
+        src.child.id()
+    );
+    let devs = devices(mem_hotplug);
+    for d in &devs {
+        src.qmp.execute("device_add", d.clone())?;
+    }
+    let ids: Vec<&str> = devs.iter().filter_map(|d| d["id"].as_str()).collect();
+    wait_configured(&mut src, &ids)?;
+    println!(
+        "[2] hot-plugged {} devices; the guest configured every connector:",
+        ids.len()
+    );
+    show_connectors(&mut src, "      ")?;
+    // The guest holds unplug requests back until told: one unplug is pending while migrating.
+    src.qmp
+        .execute("__org.ferry_guest-hotplug", json!({"mode": "slow"}))?;
+    src.qmp.execute("device_del", json!({"id": "core1"}))?;
+    println!("    device_del core1: the guest has not answered yet (unplug pending)");
+
     let mut dst_args = common.clone();
     dst_args.extend(["--incoming".into(), "tcp:127.0.0.1:0".into()]);
-    dst_args.extend([
-        "--dump-stream".into(),
-        dir.join("received.stream").display().to_string(),
-    ]);
+    if keep {
+        dst_args.extend([
+            "--dump-stream".into(),
+            dir.join("received.stream").display().to_string(),
+        ]);
+    }
     let mut dst = spawn(dir, "destination", &dst_args)?;
+    for d in &devs {
+        dst.qmp.execute("device_add", d.clone())?;
+    }
     let addr = dst.qmp.execute("query-migrate", json!({}))?;
     let port = addr["socket-address"][0]["port"]
         .as_str()
         .context("destination reported no listening port")?
         .to_owned();
     println!(
-        "[1] destination started (pid {}), state {}, listening on 127.0.0.1:{port}",
+        "[3] destination started (pid {}), same devices added before start, state {}, listening on 127.0.0.1:{port}",
         dst.child.id(),
         status(&mut dst)?
-    );
-
-    let mut src = spawn(dir, "source", &common)?;
-    let p = wait_pass(&mut src, 3)?;
-    println!(
-        "[2] source started (pid {}), guest running, at pass {p}",
-        src.child.id()
     );
 
     for q in [&mut src.qmp, &mut dst.qmp] {
@@ -152,7 +239,14 @@ fn demo(a: &DemoArgs, dir: &Path, keep: bool) -> Result<()> {
     let before = pass(&mut src)?;
     src.qmp
         .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
-    println!("[3] migrate tcp:127.0.0.1:{port} (guest at pass {before})");
+    println!("[4] migrate tcp:127.0.0.1:{port} (guest at pass {before})");
+    let refused = src.qmp.execute(
+        "device_add",
+        json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
+    );
+    if let Err(e) = refused {
+        println!("    device_add during the migration: {e}");
+    }
     let deadline = Instant::now() + TIMEOUT;
     let info = loop {
         let info = src.qmp.execute("query-migrate", json!({}))?;
@@ -180,11 +274,11 @@ fn demo(a: &DemoArgs, dir: &Path, keep: bool) -> Result<()> {
         .wait_event("MIGRATION", TIMEOUT, |d| d["status"] == "completed")?;
     let r = &info["ram"];
     println!(
-        "[4] completed: total {} ms, source downtime {} ms, {} pre-copy passes",
+        "[5] completed: total {} ms, source downtime {} ms, {} pre-copy passes",
         info["total-time"], info["downtime"], r["dirty-sync-count"]
     );
     println!(
-        "    {} of RAM: {} pages sent with data, {} as zero markers, {} on the wire",
+        "    {} of RAM and blocks: {} pages sent with data, {} as zero markers, {} on the wire",
         mib(r["total"].as_u64().unwrap_or(0)),
         r["normal"],
         r["duplicate"],
@@ -195,23 +289,38 @@ fn demo(a: &DemoArgs, dir: &Path, keep: bool) -> Result<()> {
         status(&mut src)?,
         status(&mut dst)?
     );
+    println!("    connectors on the destination:");
+    show_connectors(&mut dst, "      ")?;
     let at = pass(&mut dst)?;
     let later = wait_pass(&mut dst, at + 3)?;
-    println!("[5] guest continues on the destination: pass {at} -> {later}");
+    println!("[6] guest continues on the destination: pass {at} -> {later}");
+    dst.qmp
+        .execute("__org.ferry_guest-hotplug", json!({"answer": true}))?;
+    let ev = dst
+        .qmp
+        .wait_event("DEVICE_DELETED", TIMEOUT, |d| d["device"] == "core1")?;
+    println!(
+        "    the guest answered the pending unplug on the destination: {}",
+        ev["event"].as_str().unwrap_or("")
+    );
     dst.qmp.execute("stop", json!({}))?;
     let v = dst.qmp.execute("__org.ferry_verify-guest", json!({}))?;
     println!(
-        "[6] destination paused; memory pattern check: {} pages verified, pass {}",
-        v["pages"], v["pass"]
+        "[7] destination paused; memory pattern check: {} pages and {} hot-plugged block(s) verified, pass {}",
+        v["pages"], v["blocks"], v["pass"]
     );
-    println!(
-        "    stream capture: {} (inspect with ferry-dump show)",
-        dir.join("received.stream").display()
-    );
+    if keep {
+        println!(
+            "    stream capture: {} (inspect with ferry-dump show)",
+            dir.join("received.stream").display()
+        );
+    }
     for p in [&mut src, &mut dst] {
         let _ = p.qmp.execute("quit", json!({}));
     }
-    println!("RESULT: OK - the guest migrated live and its memory is intact");
+    println!(
+        "RESULT: OK - the guest migrated live with its devices, finished the unplug on the destination, and its memory is intact"
+    );
     Ok(())
 }
 
