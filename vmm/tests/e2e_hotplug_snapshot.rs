@@ -1,0 +1,228 @@
+//! Save a guest to a file in the middle of each hotplug transition, for every machine type,
+//! restore it in a new `ferry` process, and see the restored guest complete the operation.
+
+#[path = "ferry_common/mod.rs"]
+mod ferry_common;
+
+use ferry_common::*;
+use serde_json::{Value, json};
+
+const MACHINES: [&str; 3] = ["ferry-1.0", "ferry-1.1", "ferry-2.0"];
+
+fn conn(f: &mut Ferry, device: &str) -> Value {
+    let l = f.ok("__org.ferry_query-connectors", json!({}));
+    l.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["device"] == device)
+        .cloned()
+        .unwrap_or_else(|| panic!("no connector holds {device}: {l}"))
+}
+
+fn wait_conn(f: &mut Ferry, device: &str, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let c = conn(f, device);
+        if pred(&c) {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{device}: {what} never happened: {c}\n{}",
+            read(&f.log)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn shape(m: &str) -> Vec<String> {
+    [
+        "--machine",
+        m,
+        "--memory",
+        "64M",
+        "--guest",
+        "dirty:4",
+        "--unplug-timeout-ms",
+        "1000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn spawn(dir: &std::path::Path, name: &str, args: &[String]) -> Ferry {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ferry::spawn(dir, name, &a)
+}
+
+/// Save `f` to `dir/NAME.stream`; returns the path.
+fn save(f: &mut Ferry, dir: &std::path::Path, name: &str) -> String {
+    let file = dir.join(format!("{name}.stream"));
+    f.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
+    assert_eq!(
+        f.wait_migration(&["completed", "failed"])["status"],
+        "completed"
+    );
+    format!("file:{}", file.display())
+}
+
+/// A new process restoring `uri` after the same pre-start device_add.
+fn restore(dir: &std::path::Path, m: &str, uri: &str) -> Ferry {
+    let mut args = shape(m);
+    args.extend(["--incoming".into(), "defer".into()]);
+    let mut b = spawn(dir, &format!("restored-{m}"), &args);
+    b.ok(
+        "device_add",
+        json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
+    );
+    b.ok("migrate-incoming", json!({"uri": uri}));
+    b.wait_migration(&["completed", "failed"]);
+    assert_eq!(
+        b.ok("query-migrate", json!({}))["status"],
+        "completed",
+        "{}",
+        read(&b.log)
+    );
+    b
+}
+
+#[test]
+fn hotplug_in_progress_completes_after_restore() {
+    for m in MACHINES {
+        let dir = tempdir();
+        let mut a = spawn(dir.path(), "a", &shape(m));
+        a.wait_pass(1);
+        // Paused: the guest cannot serve the hotplug event yet.
+        a.ok("stop", json!({}));
+        a.ok(
+            "device_add",
+            json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
+        );
+        let before = conn(&mut a, "core1");
+        assert_ne!(before["state"], "logical-configured", "{m}: {before}");
+        let uri = save(&mut a, dir.path(), "plugging");
+        let mut b = restore(dir.path(), m, &uri);
+        assert_eq!(b.status(), "paused");
+        assert_eq!(
+            conn(&mut b, "core1")["state"],
+            before["state"],
+            "{m}: the transitional state travels"
+        );
+        b.ok("cont", json!({}));
+        wait_conn(
+            &mut b,
+            "core1",
+            |c| c["state"] == "logical-configured",
+            &format!("{m}: configure after restore"),
+        );
+    }
+}
+
+#[test]
+fn pending_unplug_completes_after_restore() {
+    for m in MACHINES {
+        let dir = tempdir();
+        let mut a = spawn(dir.path(), "a", &shape(m));
+        a.wait_pass(1);
+        a.ok(
+            "device_add",
+            json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
+        );
+        wait_conn(
+            &mut a,
+            "core1",
+            |c| c["state"] == "logical-configured",
+            "configure",
+        );
+        a.ok("__org.ferry_guest-hotplug", json!({"mode": "slow"}));
+        a.ok("device_del", json!({"id": "core1"}));
+        wait_conn(
+            &mut a,
+            "core1",
+            |c| c["unplug-pending"] == true,
+            "unplug request",
+        );
+        let uri = save(&mut a, dir.path(), "unplugging");
+        let mut b = restore(dir.path(), m, &uri);
+        assert_eq!(b.status(), "running");
+        assert_eq!(
+            conn(&mut b, "core1")["unplug-pending"],
+            true,
+            "{m}: the pending unplug travels"
+        );
+        b.ok("__org.ferry_guest-hotplug", json!({"answer": true}));
+        b.qmp
+            .wait_event("DEVICE_DELETED", TIMEOUT, |d| d["device"] == "core1")
+            .unwrap_or_else(|e| panic!("{m}: {e}\n{}", read(&b.log)));
+        assert!(
+            a.qmp
+                .events()
+                .iter()
+                .all(|e| e["event"] != "DEVICE_DELETED"),
+            "{m}: only the side running the guest reports it"
+        );
+    }
+}
+
+#[test]
+fn unplug_timer_survives_restore_as_the_machine_type_says() {
+    for m in MACHINES {
+        let dir = tempdir();
+        let mut a = spawn(dir.path(), "a", &shape(m));
+        a.wait_pass(1);
+        a.ok(
+            "device_add",
+            json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
+        );
+        wait_conn(
+            &mut a,
+            "core1",
+            |c| c["state"] == "logical-configured",
+            "configure",
+        );
+        a.ok("__org.ferry_guest-hotplug", json!({"mode": "ignore"}));
+        a.ok("device_del", json!({"id": "core1"}));
+        // Half-way through the 1000 ms of guest-running time.
+        let c = wait_conn(
+            &mut a,
+            "core1",
+            |c| c["remaining-ms"].as_u64().is_some_and(|r| r < 600),
+            "half the timeout",
+        );
+        a.ok("stop", json!({}));
+        let left = conn(&mut a, "core1")["remaining-ms"].as_u64().unwrap();
+        assert!(left <= c["remaining-ms"].as_u64().unwrap());
+        let uri = save(&mut a, dir.path(), "timer");
+        let mut b = restore(dir.path(), m, &uri);
+        assert_eq!(b.status(), "paused");
+        let restored = conn(&mut b, "core1")["remaining-ms"]
+            .as_u64()
+            .expect("remaining-ms after restore");
+        if m == "ferry-1.0" {
+            assert_eq!(
+                restored, 1000,
+                "ferry-1.0 has no unplug-timer subsection: the full timeout restarts"
+            );
+        } else {
+            assert_eq!(
+                restored, left,
+                "{m}: the remaining time travels in the unplug-timer subsection"
+            );
+        }
+        b.ok("cont", json!({}));
+        b.qmp
+            .wait_event("DEVICE_UNPLUG_GUEST_ERROR", TIMEOUT, |d| {
+                d["device"] == "core1"
+            })
+            .unwrap_or_else(|e| panic!("{m}: {e}\n{}", read(&b.log)));
+        // The error stands and a retry is possible once the guest cooperates.
+        b.ok("__org.ferry_guest-hotplug", json!({"mode": "cooperative"}));
+        b.ok("device_del", json!({"id": "core1"}));
+        b.qmp
+            .wait_event("DEVICE_DELETED", TIMEOUT, |d| d["device"] == "core1")
+            .unwrap();
+    }
+}
