@@ -3,6 +3,7 @@
 
 pub mod compat;
 pub mod dump;
+pub mod scan;
 
 use devstate::MachineSchema;
 
@@ -28,6 +29,11 @@ pub fn committed_schema(machine: &str) -> Option<MachineSchema> {
         .iter()
         .find(|(m, _)| *m == machine)
         .map(|(_, j)| serde_json::from_str(j).expect("committed schemas are valid JSON"))
+}
+
+/// Machine types with a committed schema.
+pub fn known_machines() -> Vec<&'static str> {
+    COMMITTED.iter().map(|(m, _)| *m).collect()
 }
 
 /// The schema this build emits for `machine`.

@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Print the header, every section field by field, and a RAM summary.
+    /// Print the header, every section field by field, and a RAM summary; exit 1 when the
+    /// stream is damaged (CRC, framing or order problems).
     Show {
         /// Stream file.
         file: PathBuf,
@@ -31,14 +32,15 @@ enum Cmd {
         /// Print JSON instead of a tree.
         #[arg(long)]
         json: bool,
-        /// List every RAM record.
+        /// Also list every RAM record (offset, pages, kind, data CRC).
         #[arg(long)]
         ram: bool,
         /// Decode with this schema JSON instead of the committed one.
         #[arg(long)]
         schema: Option<PathBuf>,
     },
-    /// Check every CRC and structural rule; exit 1 on a problem.
+    /// Check every CRC and structural rule; print the first problem (section, byte offset)
+    /// and exit 1.
     Verify {
         /// Stream file.
         file: PathBuf,
@@ -49,7 +51,8 @@ enum Cmd {
         #[arg(long)]
         schema: Option<PathBuf>,
     },
-    /// Section-by-section, field-by-field differences; exit 1 when they differ.
+    /// Section-by-section, field-by-field differences, volatile fields apart; exit 1 when
+    /// anything but volatile fields differs.
     Diff {
         /// First stream.
         a: PathBuf,
@@ -77,11 +80,16 @@ enum Cmd {
 fn read_schema(p: &PathBuf) -> Result<MachineSchema> {
     let text =
         std::fs::read_to_string(p).with_context(|| format!("Cannot read {}", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a schema", p.display()))
+    serde_json::from_str(&text).with_context(|| format!("{} is not a Ferry schema", p.display()))
 }
 
 fn read(p: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(p).with_context(|| format!("Cannot read {}", p.display()))
+}
+
+fn decode(p: &PathBuf, schema: Option<MachineSchema>, ram: bool) -> Result<dump::StreamView> {
+    dump::decode(&read(p)?, schema, ram)
+        .with_context(|| format!("Cannot read {} as a Ferry state stream", p.display()))
 }
 
 fn run(cli: Cli) -> Result<bool> {
@@ -94,44 +102,50 @@ fn run(cli: Cli) -> Result<bool> {
             schema,
         } => {
             let schema = schema.as_ref().map(read_schema).transpose()?;
-            let v = dump::decode(&read(&file)?, schema, ram)
-                .with_context(|| format!("Cannot decode {}", file.display()))?;
+            let mut v = decode(&file, schema, ram)?;
+            if let Some(f) = &section
+                && !v.sections.iter().any(|s| &s.name == f)
+            {
+                let names: std::collections::BTreeSet<_> =
+                    v.sections.iter().map(|s| s.name.as_str()).collect();
+                bail!(
+                    "No section '{f}' in {} (it has: {})",
+                    file.display(),
+                    names.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
             if json {
-                let mut j = serde_json::to_value(&v)?;
-                if let Some(f) = section {
-                    j["sections"] = serde_json::Value::Array(
-                        v.sections
-                            .iter()
-                            .filter(|s| s.name == f)
-                            .map(|s| serde_json::to_value(s).unwrap_or_default())
-                            .collect(),
-                    );
+                if let Some(f) = &section {
+                    v.sections.retain(|s| &s.name == f);
                 }
-                println!("{}", serde_json::to_string_pretty(&j)?);
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", dump::render(&v, section.as_deref()));
             }
-            Ok(true)
+            Ok(v.problems.is_empty())
         }
         Cmd::Verify { file, all, schema } => {
             let schema = schema.as_ref().map(read_schema).transpose()?;
-            let problems = dump::verify(&read(&file)?, schema, all);
+            let problems = dump::verify(&read(&file)?, schema).with_context(|| {
+                format!("Cannot read {} as a Ferry state stream", file.display())
+            })?;
             if problems.is_empty() {
                 println!("{}: ok", file.display());
                 return Ok(true);
             }
-            for p in &problems {
-                println!("{}: {p}", file.display());
+            let shown = if all { problems.len() } else { 1 };
+            for p in &problems[..shown] {
+                println!("{}: {}", file.display(), p.message);
+            }
+            if all {
+                println!("{}: {} problem(s)", file.display(), problems.len());
             }
             Ok(false)
         }
         Cmd::Diff { a, b, json } => {
-            let va = dump::decode(&read(&a)?, None, false)
-                .with_context(|| format!("Cannot decode {}", a.display()))?;
-            let vb = dump::decode(&read(&b)?, None, false)
-                .with_context(|| format!("Cannot decode {}", b.display()))?;
-            let schema = tools::committed_schema(&va.machine);
-            let d = dump::diff(&va, &vb, schema.as_ref());
+            let va = decode(&a, None, false)?;
+            let vb = decode(&b, None, false)?;
+            let d = dump::diff(&va, &vb);
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             } else {
@@ -142,7 +156,7 @@ fn run(cli: Cli) -> Result<bool> {
                     println!("volatile: {l}");
                 }
                 println!(
-                    "{} differences, {} volatile differences",
+                    "{} difference(s), {} volatile difference(s) (volatile fields are expected to differ)",
                     d.differences.len(),
                     d.volatile.len()
                 );
@@ -166,21 +180,32 @@ fn run(cli: Cli) -> Result<bool> {
                 println!("{}: {}", if f.breaks { "BREAK" } else { "note" }, f.what);
             }
             println!(
-                "{}: {} breaking change(s), {} note(s)",
+                "{}: {} breaking change(s), {} note(s){}",
                 o.machine,
                 breaks,
-                findings.len() - breaks
+                findings.len() - breaks,
+                if breaks > 0 {
+                    " - migration to or from builds with the old schema would fail"
+                } else {
+                    ""
+                }
             );
-            if breaks > 0 {
-                bail!("{} would not migrate to or from this build", o.machine);
-            }
-            Ok(true)
+            Ok(breaks == 0)
         }
     }
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version print and succeed; usage errors exit 2 (clap's own message).
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

@@ -291,7 +291,10 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                 let config = tag == 1;
                 match (config, phase) {
                     (true, Phase::Config) => {}
-                    (true, _) => s.problems.push(unexpected(tag, "second configuration record", at)),
+                    (true, _) => {
+                        s.problems
+                            .push(unexpected(tag, "second configuration record", at))
+                    }
                     (false, Phase::Config) => s.problems.push(unexpected(
                         tag,
                         "the configuration record must come first",
@@ -311,7 +314,8 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                         at,
                     ));
                 }
-                if let Some(e) = &rec.payload_error {
+                // With a bad CRC a broken payload is a consequence, not a second problem.
+                if let (true, Some(e)) = (rec.crc.ok(), &rec.payload_error) {
                     s.problems.push(Problem {
                         offset: rec.payload_offset,
                         message: e.clone(),
@@ -432,7 +436,10 @@ fn section<'a>(c: &mut Cur<'a>, config: bool, at: u64) -> Result<SecRec<'a>, Dec
         crc: Crc { stored, computed },
     };
     if let Err(e) = split_payload(&mut rec) {
-        rec.payload_error = Some(e.to_string());
+        rec.payload_error = Some(format!(
+            "Section '{}' at offset {at}: payload does not split into body and subsections ({e})",
+            rec.name
+        ));
         rec.subs.clear();
     }
     Ok(rec)
@@ -480,7 +487,11 @@ fn split_payload<'a>(rec: &mut SecRec<'a>) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn ram<'a>(c: &mut Cur<'a>, at: u64, problems: &mut Vec<Problem>) -> Result<RamRec<'a>, DecodeError> {
+fn ram<'a>(
+    c: &mut Cur<'a>,
+    at: u64,
+    problems: &mut Vec<Problem>,
+) -> Result<RamRec<'a>, DecodeError> {
     let gpa = c.u64("RAM record")?;
     let pages = c.u32("RAM record")?;
     let kind = c.u8("RAM record")?;
@@ -509,22 +520,23 @@ fn ram<'a>(c: &mut Cur<'a>, at: u64, problems: &mut Vec<Problem>) -> Result<RamR
     let stored = c.u32("RAM record")?;
     let crc = Crc { stored, computed };
     if !crc.ok() {
-        problems.push(Problem::decode(
-            &DecodeError::CrcMismatch {
-                section: "RAM record".to_owned(),
-                offset: at,
-                stored,
-                computed,
-            },
-            at,
-        ));
+        problems.push(Problem {
+            offset: at,
+            message: format!(
+                "CRC mismatch in RAM record at offset {at} ({gpa:#x} + {pages} page(s) {}) (stored {stored:#010x}, computed {computed:#010x})",
+                if kind == 2 { "data" } else { "zero" }
+            ),
+        });
     }
     if !gpa.is_multiple_of(PAGE_SIZE as u64) {
         problems.push(Problem::decode(
             &bad(format!("address {gpa:#x} is not page aligned")),
             at,
         ));
-    } else if gpa.checked_add(data_len.max(u64::from(pages) * PAGE_SIZE as u64)).is_none() {
+    } else if gpa
+        .checked_add(data_len.max(u64::from(pages) * PAGE_SIZE as u64))
+        .is_none()
+    {
         problems.push(Problem::decode(
             &bad(format!("range at {gpa:#x} overflows")),
             at,
