@@ -461,8 +461,13 @@ mod tests {
             names,
             [
                 "config",
+                "connector",
                 "cpu",
+                "ferry-pci-fn",
                 "guest-progress",
+                "hot-vcpu",
+                "hotplug-controller",
+                "hotplug-events",
                 "irqchip",
                 "kvmclock",
                 "migration",
