@@ -10,31 +10,6 @@ mod ferry_common;
 use ferry_common::*;
 use serde_json::{Value, json};
 
-fn conn(f: &mut Ferry, device: &str) -> Value {
-    let l = f.ok("__org.ferry_query-connectors", json!({}));
-    l.as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["device"] == device)
-        .cloned()
-        .unwrap_or_else(|| panic!("no connector holds {device}: {l}"))
-}
-
-fn wait_conn(f: &mut Ferry, device: &str, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let c = conn(f, device);
-        if pred(&c) {
-            return c;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{device}: {what} never happened: {c}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
 fn devices() -> Vec<Value> {
     vec![
         json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
@@ -61,8 +36,7 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
         s.ok("device_add", d);
     }
     for d in ["core1", "mem0", "nic0", "nic1"] {
-        wait_conn(
-            &mut s,
+        s.wait_connector(
             d,
             |c| c["state"].as_str().unwrap().ends_with("configured"),
             "configure",
@@ -71,12 +45,7 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
     // The guest holds unplug requests back: mem0's unplug is pending when the migration runs.
     s.ok("__org.ferry_guest-hotplug", json!({"mode": "slow"}));
     s.ok("device_del", json!({"id": "mem0"}));
-    wait_conn(
-        &mut s,
-        "mem0",
-        |c| c["unplug-pending"] == true,
-        "unplug request",
-    );
+    s.wait_connector("mem0", |c| c["unplug-pending"] == true, "unplug request");
 
     // Destination: same shape, the same devices added before the stream starts.
     let mut dargs = shape.to_vec();
@@ -116,13 +85,13 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
 
     // The connector states travelled: the pending unplug is pending on the destination.
     for dev in ["core1", "nic0", "nic1"] {
-        let c = conn(&mut d, dev);
+        let c = d.connector(dev);
         assert!(
             c["state"].as_str().unwrap().ends_with("configured"),
             "{dev}: {c}"
         );
     }
-    assert_eq!(conn(&mut d, "mem0")["unplug-pending"], true);
+    assert_eq!(d.connector("mem0")["unplug-pending"], true);
     // The guest answers on the destination: DEVICE_DELETED is reported there.
     d.ok("__org.ferry_guest-hotplug", json!({"answer": true}));
     d.qmp
@@ -146,8 +115,7 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
         "device_add",
         json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
     );
-    wait_conn(
-        &mut d,
+    d.wait_connector(
         "core2",
         |c| c["state"] == "logical-configured",
         "configure after migration",
@@ -174,13 +142,8 @@ fn migrate_core(skip_reset: bool) -> (Value, Value) {
         "device_add",
         json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
     );
-    wait_conn(
-        &mut s,
-        "core1",
-        |c| c["state"] == "logical-configured",
-        "configure",
-    );
-    let src_conn = conn(&mut s, "core1");
+    s.wait_connector("core1", |c| c["state"] == "logical-configured", "configure");
+    let src_conn = s.connector("core1");
     // -S: the destination stays paused after the load, so what we read is what was loaded,
     // before its guest could react to anything.
     let mut dargs = shape.to_vec();
@@ -201,7 +164,7 @@ fn migrate_core(skip_reset: bool) -> (Value, Value) {
     );
     d.wait_migration(&["completed"]);
     assert_eq!(d.status(), "paused");
-    (src_conn, conn(&mut d, "core1"))
+    (src_conn, d.connector("core1"))
 }
 
 #[test]

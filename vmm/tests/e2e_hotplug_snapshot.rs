@@ -5,35 +5,9 @@
 mod ferry_common;
 
 use ferry_common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const MACHINES: [&str; 3] = ["ferry-1.0", "ferry-1.1", "ferry-2.0"];
-
-fn conn(f: &mut Ferry, device: &str) -> Value {
-    let l = f.ok("__org.ferry_query-connectors", json!({}));
-    l.as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["device"] == device)
-        .cloned()
-        .unwrap_or_else(|| panic!("no connector holds {device}: {l}"))
-}
-
-fn wait_conn(f: &mut Ferry, device: &str, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let c = conn(f, device);
-        if pred(&c) {
-            return c;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{device}: {what} never happened: {c}\n{}",
-            read(&f.log)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
 
 fn shape(m: &str) -> Vec<String> {
     [
@@ -101,19 +75,18 @@ fn hotplug_in_progress_completes_after_restore() {
             "device_add",
             json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
         );
-        let before = conn(&mut a, "core1");
+        let before = a.connector("core1");
         assert_ne!(before["state"], "logical-configured", "{m}: {before}");
         let uri = save(&mut a, dir.path(), "plugging");
         let mut b = restore(dir.path(), m, &uri);
         assert_eq!(b.status(), "paused");
         assert_eq!(
-            conn(&mut b, "core1")["state"],
+            b.connector("core1")["state"],
             before["state"],
             "{m}: the transitional state travels"
         );
         b.ok("cont", json!({}));
-        wait_conn(
-            &mut b,
+        b.wait_connector(
             "core1",
             |c| c["state"] == "logical-configured",
             &format!("{m}: configure after restore"),
@@ -131,25 +104,15 @@ fn pending_unplug_completes_after_restore() {
             "device_add",
             json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
         );
-        wait_conn(
-            &mut a,
-            "core1",
-            |c| c["state"] == "logical-configured",
-            "configure",
-        );
+        a.wait_connector("core1", |c| c["state"] == "logical-configured", "configure");
         a.ok("__org.ferry_guest-hotplug", json!({"mode": "slow"}));
         a.ok("device_del", json!({"id": "core1"}));
-        wait_conn(
-            &mut a,
-            "core1",
-            |c| c["unplug-pending"] == true,
-            "unplug request",
-        );
+        a.wait_connector("core1", |c| c["unplug-pending"] == true, "unplug request");
         let uri = save(&mut a, dir.path(), "unplugging");
         let mut b = restore(dir.path(), m, &uri);
         assert_eq!(b.status(), "running");
         assert_eq!(
-            conn(&mut b, "core1")["unplug-pending"],
+            b.connector("core1")["unplug-pending"],
             true,
             "{m}: the pending unplug travels"
         );
@@ -177,28 +140,22 @@ fn unplug_timer_survives_restore_as_the_machine_type_says() {
             "device_add",
             json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1}),
         );
-        wait_conn(
-            &mut a,
-            "core1",
-            |c| c["state"] == "logical-configured",
-            "configure",
-        );
+        a.wait_connector("core1", |c| c["state"] == "logical-configured", "configure");
         a.ok("__org.ferry_guest-hotplug", json!({"mode": "ignore"}));
         a.ok("device_del", json!({"id": "core1"}));
         // Half-way through the 1000 ms of guest-running time.
-        let c = wait_conn(
-            &mut a,
+        let c = a.wait_connector(
             "core1",
             |c| c["remaining-ms"].as_u64().is_some_and(|r| r < 600),
             "half the timeout",
         );
         a.ok("stop", json!({}));
-        let left = conn(&mut a, "core1")["remaining-ms"].as_u64().unwrap();
+        let left = a.connector("core1")["remaining-ms"].as_u64().unwrap();
         assert!(left <= c["remaining-ms"].as_u64().unwrap());
         let uri = save(&mut a, dir.path(), "timer");
         let mut b = restore(dir.path(), m, &uri);
         assert_eq!(b.status(), "paused");
-        let restored = conn(&mut b, "core1")["remaining-ms"]
+        let restored = b.connector("core1")["remaining-ms"]
             .as_u64()
             .expect("remaining-ms after restore");
         if m == "ferry-1.0" {

@@ -117,6 +117,39 @@ impl Ferry {
             .to_owned()
     }
 
+    /// The connector holding `device` (from `__org.ferry_query-connectors`).
+    pub fn connector(&mut self, device: &str) -> Value {
+        let l = self.ok("__org.ferry_query-connectors", json!({}));
+        l.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["device"] == device)
+            .cloned()
+            .unwrap_or_else(|| panic!("no connector holds {device}: {l}"))
+    }
+
+    /// Wait until the connector holding `device` satisfies `pred`; `what` names the wait.
+    pub fn wait_connector(
+        &mut self,
+        device: &str,
+        pred: impl Fn(&Value) -> bool,
+        what: &str,
+    ) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let c = self.connector(device);
+            if pred(&c) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{device}: {what} never happened: {c}\n{}",
+                read(&self.log)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Wait for the process to exit.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + TIMEOUT;

@@ -44,6 +44,27 @@ async def main(src_path, dst_path):
     params = await src.execute("query-migrate-parameters")
     assert params["downtime-limit"] == 300 and params["max-bandwidth"] == 0, params
 
+    # Hot-plug a CPU core and a PCI function into the running guest; unplug one again and
+    # wait for its event, registering the listener before the command.
+    await src.execute("device_add", {"driver": "ferry-cpu-core", "id": "core1", "core-id": 1})
+    await src.execute("device_add", {"driver": "ferry-pci-fn", "id": "fn0", "addr": "00.0"})
+    with src.listener(("DEVICE_DELETED",)) as listener:
+        await src.execute("device_del", {"id": "fn0"})
+        ev = await asyncio.wait_for(listener.get(), TIMEOUT)
+        assert ev["data"] == {"device": "fn0", "path": "/machine/peripheral/fn0"}, ev
+        assert set(ev["timestamp"]) == {"seconds", "microseconds"}, ev
+    try:
+        await src.execute("device_del", {"id": "nope"})
+        raise AssertionError("unknown device accepted")
+    except ExecuteError as e:
+        assert e.error_class == "DeviceNotFound", e
+        assert str(e) == "Device 'nope' not found", str(e)
+    conns = await src.execute("__org.ferry_query-connectors")
+    core = [c for c in conns if c["device"] == "core1"]
+    assert core and core[0]["kind"] == "cpu-core", conns
+    # The destination mirrors the source's devices before the stream starts.
+    await dst.execute("device_add", {"driver": "ferry-cpu-core", "id": "core1", "core-id": 1})
+
     info = await dst.execute("query-migrate")
     port = info["socket-address"][0]["port"]
     assert isinstance(port, str), info
@@ -66,7 +87,15 @@ async def main(src_path, dst_path):
     dst_resume = asyncio.ensure_future(wait_event(dst, "RESUME"))
     # libvirt sends detach: accepted and ignored.
     await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}", "detach": True})
+    # Hotplug is refused on the source while the migration runs (it may already be over).
+    try:
+        await src.execute("device_add", {"driver": "ferry-cpu-core", "id": "core2", "core-id": 2})
+        added_during = True
+    except ExecuteError as e:
+        assert str(e) == "device_add not allowed while migrating", str(e)
+        added_during = False
     await asyncio.gather(src_done, dst_done, src_stop, dst_resume)
+    assert not added_during or (await src.execute("query-status"))["status"] == "postmigrate"
 
     info = await src.execute("query-migrate")
     assert info["status"] == "completed", info
