@@ -289,23 +289,32 @@ impl Controller {
         Value::Array(list)
     }
 
+    /// Boot vCPUs (always present) and every CPU-core connector (plugged or free), as
+    /// QEMU lists its possible CPUs.
     fn query_hotpluggable_cpus(&self) -> Value {
-        let vcpus = self.machine_vcpus();
-        let list: Vec<Value> = (0..vcpus)
-            .map(|i| {
-                json!({
-                    "type": "ferry-cpu-core",
-                    "vcpus-count": 1,
-                    "props": {"core-id": i},
-                    "qom-path": format!("/machine/unattached/cpu[{i}]"),
-                })
-            })
+        let cpu = |core: u32, path: Option<String>| {
+            let mut v =
+                json!({"type": "ferry-cpu-core", "vcpus-count": 1, "props": {"core-id": core}});
+            if let Some(p) = path {
+                v["qom-path"] = json!(p);
+            }
+            v
+        };
+        let mut list: Vec<Value> = (0..self.boot_vcpus)
+            .map(|i| cpu(i, Some(format!("/machine/unattached/cpu[{i}]"))))
             .collect();
+        let m = lock(&self.hp);
+        for c in m
+            .query_connectors(0)
+            .into_iter()
+            .filter(|c| c.kind == "cpu-core")
+        {
+            list.push(cpu(
+                c.id,
+                c.device.map(|d| crate::hotplug::manager::device_path(&d)),
+            ));
+        }
         Value::Array(list)
-    }
-
-    fn machine_vcpus(&self) -> u32 {
-        self.boot_vcpus
     }
 
     fn progress_listener(&self) -> migration::Listener {

@@ -70,6 +70,21 @@ fn plug_and_unplug_every_kind_with_events() {
     ] {
         wait_state(&mut f, dev, st);
     }
+    let cpus = f.ok("query-hotpluggable-cpus", json!({}));
+    let plugged: Vec<&Value> = cpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c.get("qom-path").is_some())
+        .collect();
+    assert_eq!(plugged.len(), 2, "boot vCPU and core1: {cpus}");
+    assert!(
+        cpus.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["qom-path"] == "/machine/peripheral/core1"),
+        "{cpus}"
+    );
     // Errors as QEMU words them.
     let e = f.err(
         "device_add",
