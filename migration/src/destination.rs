@@ -85,7 +85,7 @@ fn run<V: DestinationVm>(
     started: &mut bool,
 ) -> Result<(), MigrationError> {
     let dump = match &params.dump_stream {
-        Some(p) => Some(crate::transport::create_file(p)?),
+        Some(p) => Some(crate::transport::create_capture(p)?),
         None => None,
     };
     let reader: Box<dyn Read + Send> = match incoming {

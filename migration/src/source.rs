@@ -237,7 +237,7 @@ fn run<V: SourceVm>(
 ) -> Result<(), MigrationError> {
     let uri = Uri::parse(uri)?;
     let dump = match &params.dump_stream {
-        Some(p) => Some(transport::create_file(p)?),
+        Some(p) => Some(transport::create_capture(p)?),
         None => None,
     };
     // Forward channel, and the return path for TCP.

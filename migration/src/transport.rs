@@ -79,6 +79,34 @@ pub fn create_file(path: &PathBuf) -> Result<File, MigrationError> {
     })
 }
 
+/// Open a capture file for `--dump-stream PATH`: PATH itself for the first stream, then
+/// `PATH.1`, `PATH.2`, ... so that a later stream never overwrites an earlier capture.
+pub fn create_capture(path: &std::path::Path) -> Result<File, MigrationError> {
+    let mut candidate = path.to_path_buf();
+    for n in 1..=10_000u32 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&candidate)
+        {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                candidate = PathBuf::from(format!("{}.{n}", path.display()));
+            }
+            Err(source) => {
+                return Err(MigrationError::Open {
+                    target: candidate.display().to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(MigrationError::Open {
+        target: path.display().to_string(),
+        source: io::Error::new(io::ErrorKind::AlreadyExists, "too many captures"),
+    })
+}
+
 /// A writer that also copies everything into an optional capture file.
 #[derive(Debug)]
 pub struct TeeWriter<W: Write> {
@@ -141,6 +169,18 @@ impl<R: Read> Read for TeeReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captures_never_overwrite() {
+        let dir = std::env::temp_dir().join(format!("ferry-capture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.stream");
+        for _ in 0..3 {
+            create_capture(&p).unwrap();
+        }
+        assert!(p.exists() && dir.join("s.stream.1").exists() && dir.join("s.stream.2").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn uris() {
