@@ -229,10 +229,15 @@ impl Controller {
                     "Guest is waiting for an incoming migration",
                 ));
             }
-            RunState::PostMigrate => {
+            RunState::PostMigrate if !self.handover_unknown() => {
                 return Err(QmpError::generic(
                     "The guest has migrated to the destination; running it here too would run it twice",
                 ));
+            }
+            RunState::PostMigrate => {
+                // COMMIT was sent but never acknowledged. Only the operator can know that the
+                // destination did not start the guest; `cont` is that decision.
+                tracing::warn!("resuming a source whose destination state is unknown, on request");
             }
             RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
             RunState::Prelaunch | RunState::Paused | RunState::FinishMigrate => {}
@@ -251,6 +256,16 @@ impl Controller {
         self.set_state(RunState::Running);
         self.events.emit("RESUME", None);
         Ok(json!({}))
+    }
+
+    /// The last outgoing migration ended after COMMIT without the destination's ack.
+    fn handover_unknown(&self) -> bool {
+        lock(&self.progress).as_ref().is_some_and(|p| {
+            let s = p.snapshot();
+            s.status == Status::Failed
+                && s.error
+                    .is_some_and(|e| e.starts_with("Destination state unknown"))
+        })
     }
 
     fn quit(&self) -> Result<Value, QmpError> {

@@ -190,3 +190,84 @@ fn killed_destination_leaves_the_source_running() {
     migrate_ok(&mut s, &port2);
     d2.wait_migration(&["completed"]);
 }
+
+/// A relay that forwards the source's stream (COMMIT included) but passes only the first
+/// `back_limit` bytes of the destination's replies, then hangs up on the source.
+fn relay_losing_replies(to: String, back_limit: usize) -> (String, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(&to).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = thread::spawn(move || {
+            let mut left = back_limit;
+            let mut buf = [0u8; 64];
+            while left > 0 {
+                let n = match b2.read(&mut buf[..left.min(64)]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if a2.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                left -= n;
+            }
+            // The destination's later replies (Committed) are lost: the source hears EOF.
+            let _ = a2.shutdown(Shutdown::Write);
+            let _ = std::io::copy(&mut b2, &mut std::io::sink());
+        });
+        let _ = std::io::copy(&mut a, &mut b);
+        let _ = b.shutdown(Shutdown::Write);
+        let _ = back.join();
+    });
+    (addr, h)
+}
+
+#[test]
+fn link_cut_right_after_commit_never_runs_the_guest_twice() {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst");
+    let port = d.incoming_port();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    s.wait_pass(2);
+    // HelloAck, Accept and Loaded (16 bytes each) reach the source; Committed does not.
+    let (addr, h) = relay_losing_replies(format!("127.0.0.1:{port}"), 48);
+    s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
+    let info = s.wait_migration(&["failed", "completed"]);
+    h.join().unwrap();
+    assert_eq!(info["status"], "failed", "{info}");
+    let desc = info["error-desc"].as_str().unwrap();
+    assert!(desc.starts_with("Destination state unknown"), "{desc}");
+    // The destination got COMMIT and runs the guest; the source must not.
+    assert_eq!(
+        d.wait_migration(&["completed", "failed"])["status"],
+        "completed"
+    );
+    assert_eq!(d.status(), "running");
+    assert_eq!(
+        s.status(),
+        "postmigrate",
+        "the source never resumes by itself after COMMIT"
+    );
+    let p = s.pass();
+    let dp = d.pass();
+    d.wait_pass(dp + 2);
+    assert_eq!(s.pass(), p, "the source guest must not run");
+    // Only an explicit operator decision could run it here (after checking the destination).
+    d.ok("quit", json!({}));
+    d.wait_exit();
+    s.ok("cont", json!({}));
+    s.wait_pass(p + 1);
+}
+
+#[test]
+fn a_completed_source_refuses_cont() {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst");
+    let port = d.incoming_port();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    migrate_ok(&mut s, &port);
+    let e = s.err("cont", json!({}));
+    assert!(e.contains("running it here too would run it twice"), "{e}");
+}
