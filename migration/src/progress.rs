@@ -182,21 +182,23 @@ impl Progress {
     }
 
     /// Set the status, notify listeners and wake waiters.
+    /// Listeners hear the change before anyone can read the new status, so a client that
+    /// sees `completed` also sees the VMM's reaction to it (hotplug allowed again, ...).
     pub fn set_status(&self, status: Status) {
+        if self.lock().status == status {
+            return;
+        }
+        if let Some(l) = &self.listener {
+            l(Notice::Status(status));
+        }
         {
             let mut s = self.lock();
-            if s.status == status {
-                return;
-            }
             s.status = status;
             if status.is_finished() {
                 s.total_time_ms = self.elapsed_ms();
             }
         }
         self.changed.notify_all();
-        if let Some(l) = &self.listener {
-            l(Notice::Status(status));
-        }
     }
 
     pub(crate) fn fail(&self, status: Status, why: String) {

@@ -45,7 +45,7 @@ pub struct Controller {
     progress: Mutex<Option<Arc<Progress>>>,
     /// A migration stream is in flight (source: from `migrate`; destination: from stream
     /// start). Hotplug is refused while set.
-    migrating: AtomicBool,
+    migrating: Arc<AtomicBool>,
     incoming: Mutex<IncomingMode>,
     server: Mutex<Option<ShutdownHandle>>,
     quit: (Mutex<bool>, Condvar),
@@ -138,7 +138,7 @@ impl Controller {
                 ..Params::default()
             }),
             progress: Mutex::new(None),
-            migrating: AtomicBool::new(false),
+            migrating: Arc::new(AtomicBool::new(false)),
             incoming: Mutex::new(incoming),
             server: Mutex::new(None),
             quit: (Mutex::new(false), Condvar::new()),
@@ -195,6 +195,29 @@ impl Controller {
     /// Start the guest (the first `cont` of a prelaunch VM, or `ferry run` without `-S`).
     pub fn start(&self) -> Result<(), String> {
         self.cont_inner().map(|_| ()).map_err(|e| e.desc)
+    }
+
+    /// The VM, unless a migration holds it: a short wait while the hotplug service thread
+    /// has it, a refusal as soon as a migration starts.
+    fn lock_vm_unless_migrating(&self, what: &str) -> Result<MutexGuard<'_, Vm>, QmpError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            self.refuse_if_migrating(what)?;
+            match self.vm.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(QmpError::generic(format!(
+                        "{what} failed: the VM is busy; retry later"
+                    )));
+                }
+            }
+        }
     }
 
     fn refuse_if_migrating(&self, what: &str) -> Result<(), QmpError> {
@@ -335,7 +358,14 @@ impl Controller {
     fn progress_listener(&self) -> migration::Listener {
         let bus = self.events.clone();
         let cap = self.events_cap.clone();
+        let migrating = self.migrating.clone();
         Box::new(move |n| {
+            if let Notice::Status(s) = n
+                && s.is_finished()
+            {
+                // The stream is over: hotplug is allowed again before anyone sees the status.
+                migrating.store(false, Ordering::SeqCst);
+            }
             if !cap.load(Ordering::SeqCst) {
                 return;
             }
@@ -709,10 +739,7 @@ impl Controller {
             RunState::InMigrate => RunPhase::InMigrate,
             _ => RunPhase::Started,
         };
-        let mut vm = self
-            .vm
-            .try_lock()
-            .map_err(|_| QmpError::generic("device_add not allowed while migrating"))?;
+        let mut vm = self.lock_vm_unless_migrating("device_add")?;
         vm.hotplug_add(&driver, &id, &props, phase).map_err(|e| {
             if !e.is_transient() {
                 error!(id, error = %e, "device_add failed");
@@ -733,10 +760,7 @@ impl Controller {
             .unwrap_or(&id)
             .to_owned();
         self.refuse_if_migrating("device_del")?;
-        let mut vm = self
-            .vm
-            .try_lock()
-            .map_err(|_| QmpError::generic("device_del not allowed while migrating"))?;
+        let mut vm = self.lock_vm_unless_migrating("device_del")?;
         let now = vm.hotplug_clock_ms();
         vm.hotplug_del(&id, now).map_err(Self::hp_error)?;
         drop(vm);
