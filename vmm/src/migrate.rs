@@ -378,6 +378,23 @@ impl DestinationVm for VmMigration<'_> {
             return res.map_err(|e| format!("Cannot write memory block at {gpa:#x}: {e}"));
         }
         let ram = self.vm.ram();
+        // A range outside boot RAM and every block: name the blocks too, so the operator
+        // sees the whole layout the range was checked against.
+        let outside = |e: crate::vm::memory::MemoryError| {
+            let blocks = self.vm.hotplug_blocks();
+            let mut w = words(e.into());
+            if !blocks.is_empty() {
+                let list: Vec<String> = blocks
+                    .iter()
+                    .map(|&(_, _, gpa, size)| format!("{gpa:#x}+{} MiB", size >> 20))
+                    .collect();
+                w.push_str(&format!(
+                    " (hot-plugged memory blocks: {})",
+                    list.join(", ")
+                ));
+            }
+            w
+        };
         match data {
             Some(d) => {
                 if d.len() as u64 != u64::from(pages) * PAGE_SIZE {
@@ -386,13 +403,11 @@ impl DestinationVm for VmMigration<'_> {
                         d.len()
                     ));
                 }
-                ram.write_range(gpa, d).map_err(|e| words(e.into()))?;
+                ram.write_range(gpa, d).map_err(outside)?;
                 self.stats.data_pages += u64::from(pages);
             }
             None => {
-                let cleared = ram
-                    .zero_range(gpa, u64::from(pages))
-                    .map_err(|e| words(e.into()))?;
+                let cleared = ram.zero_range(gpa, u64::from(pages)).map_err(outside)?;
                 self.stats.zero_pages += u64::from(pages);
                 self.stats.zero_pages_cleared += cleared;
             }

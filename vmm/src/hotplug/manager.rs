@@ -444,9 +444,10 @@ pub enum LoadError {
         /// Index.
         index: u32,
     },
-    /// The connector state does not fit this side.
+    /// The connector state does not fit this side. (Not a `#[source]`: the text already
+    /// carries it, and `migration::chain` would print it twice.)
     #[error("Incoming connector state refused: {0}")]
-    Restore(#[from] RestoreError),
+    Restore(RestoreError),
     /// Anything else wrong with a section.
     #[error("Incoming section '{section}' refused: {why}")]
     Invalid {
@@ -455,6 +456,12 @@ pub enum LoadError {
         /// What is wrong.
         why: String,
     },
+}
+
+impl From<RestoreError> for LoadError {
+    fn from(e: RestoreError) -> Self {
+        LoadError::Restore(e)
+    }
 }
 
 /// All connectors plus the guest-event queue and the controller.

@@ -1,0 +1,467 @@
+//! More faults between real `ferry` processes, one per phase the brief names: a stalled peer
+//! (a relay that stops forwarding without closing, with a short `__org.ferry_io-timeout` on
+//! both sides), a connection reset (RST) mid-RAM, the source killed mid-migration, the disk
+//! filling up under `migrate file:`, and a truncated stream file given to `--incoming`.
+//!
+//! Every source plugs a `ferry-cpu-core` before the fault. After each fault the source guest
+//! runs with its memory pattern intact and its connectors unchanged, and a second attempt
+//! succeeds (for faults that lose the source, a new source's migration into the same
+//! destination succeeds).
+
+#[path = "ferry_common/mod.rs"]
+mod ferry_common;
+
+use ferry_common::*;
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const SHAPE: [&str; 6] = [
+    "--machine",
+    "ferry-2.0",
+    "--memory",
+    "64M",
+    "--guest",
+    "dirty:8",
+];
+
+fn core1() -> Value {
+    json!({"driver": "ferry-cpu-core", "id": "core1", "core-id": 1})
+}
+
+/// The connectors as query-connectors shows them, without the volatile timer field.
+fn connectors(f: &mut Ferry) -> Value {
+    let mut l = f.ok("__org.ferry_query-connectors", json!({}));
+    for c in l.as_array_mut().unwrap() {
+        c.as_object_mut().unwrap().remove("remaining-ms");
+    }
+    l
+}
+
+fn wait_configured(f: &mut Ferry, dev: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let l = connectors(f);
+        if l.as_array().unwrap().iter().any(|c| {
+            c["device"] == dev
+                && c["state"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with("configured"))
+        }) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{dev} never configured: {l}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running source with core1 plugged and configured; returns it and its connectors.
+fn source(dir: &std::path::Path, name: &str) -> (Ferry, Value) {
+    let mut s = Ferry::spawn(dir, name, &SHAPE);
+    s.wait_pass(1);
+    s.ok("device_add", core1());
+    wait_configured(&mut s, "core1");
+    let p = s.pass();
+    s.wait_pass(p + 1);
+    let c = connectors(&mut s);
+    (s, c)
+}
+
+/// A destination listening on loopback with core1 added before the stream.
+fn destination(dir: &std::path::Path, name: &str) -> (Ferry, String) {
+    let mut args = SHAPE.to_vec();
+    args.extend(["--incoming", "tcp:127.0.0.1:0"]);
+    let mut d = Ferry::spawn(dir, name, &args);
+    d.ok("device_add", core1());
+    let port = d.incoming_port();
+    (d, port)
+}
+
+/// The source runs on with its memory pattern intact and its connectors as before.
+fn assert_source_intact(s: &mut Ferry, conns: &Value) {
+    assert_eq!(s.status(), "running", "{}", read(&s.log));
+    s.ok("stop", json!({}));
+    assert_eq!(s.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+    s.ok("cont", json!({}));
+    let p = s.pass();
+    s.wait_pass(p + 2);
+    assert_eq!(&connectors(s), conns, "connectors changed after the fault");
+}
+
+/// A migration to `port` completes; the destination runs the guest with the same connectors
+/// and a verified memory pattern.
+fn migrate_ok(s: &mut Ferry, d: &mut Ferry, port: &str, conns: &Value) {
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "{info}\n{}", read(&d.log));
+    assert_eq!(s.status(), "postmigrate");
+    d.wait_migration(&["completed"]);
+    assert_eq!(d.status(), "running");
+    assert_dst_guest(d, conns);
+}
+
+fn assert_dst_guest(d: &mut Ferry, conns: &Value) {
+    let p = d.pass();
+    d.wait_pass(p + 1);
+    d.ok("stop", json!({}));
+    assert_eq!(d.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+    d.ok("cont", json!({}));
+    assert_eq!(
+        &connectors(d),
+        conns,
+        "connectors differ on the destination"
+    );
+}
+
+fn set_io_timeout(f: &mut Ferry, ms: u64) {
+    f.ok(
+        "migrate-set-parameters",
+        json!({"__org.ferry_io-timeout": ms}),
+    );
+    let p = f.ok("query-migrate-parameters", json!({}));
+    assert_eq!(p["__org.ferry_io-timeout"], ms);
+}
+
+/// How the relay misbehaves once `after` bytes went from source to destination.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Stop forwarding in both directions, keep both connections open until released.
+    Stall,
+    /// Reset both connections (RST, SO_LINGER 0).
+    Reset,
+}
+
+/// A one-connection relay on loopback: forwards both ways, then misbehaves.
+struct Relay {
+    addr: String,
+    release: Arc<(Mutex<bool>, Condvar)>,
+    stalled: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+fn wait_release(release: &(Mutex<bool>, Condvar)) {
+    let deadline = Instant::now() + TIMEOUT * 2;
+    let mut g = release.0.lock().unwrap();
+    while !*g {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the test never released the stalled relay");
+        g = release.1.wait_timeout(g, left).unwrap().0;
+    }
+}
+
+fn reset(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized `linger` for SO_LINGER.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+impl Relay {
+    fn start(to: String, after: usize, fault: Fault) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (rel, st) = (release.clone(), stalled.clone());
+        let main = thread::spawn(move || {
+            let (mut a, _) = l.accept().unwrap();
+            let mut b = TcpStream::connect(&to).unwrap();
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            let (rel2, st2) = (rel.clone(), st.clone());
+            // Destination -> source: forwarded until the fault, then held.
+            let back = thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match b2.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if st2.load(Ordering::SeqCst) || a2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                if st2.load(Ordering::SeqCst) {
+                    wait_release(&rel2);
+                }
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            let mut seen = 0usize;
+            loop {
+                let n = match a.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let keep = n.min(after - seen);
+                if b.write_all(&buf[..keep]).is_err() {
+                    break;
+                }
+                seen += keep;
+                if seen == after {
+                    match fault {
+                        Fault::Stall => {
+                            st.store(true, Ordering::SeqCst);
+                            // Read nothing more, close nothing: a peer that went silent.
+                            wait_release(&rel);
+                        }
+                        Fault::Reset => {
+                            reset(&a);
+                            reset(&b);
+                        }
+                    }
+                    break;
+                }
+            }
+            // Wake the backward thread (its read returns 0) so that it drops its clones:
+            // only the last close of a socket with SO_LINGER 0 sends the RST.
+            let _ = b.shutdown(Shutdown::Read);
+            let _ = back.join();
+            drop(a);
+            drop(b);
+        });
+        Relay {
+            addr,
+            release,
+            stalled,
+            threads: vec![main],
+        }
+    }
+
+    fn release(self) {
+        *self.release.0.lock().unwrap() = true;
+        self.release.1.notify_all();
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn stalled_peer_times_out_on_both_sides() {
+    let dir = tempdir();
+    let (mut d, port) = destination(dir.path(), "dst");
+    let (mut s, conns) = source(dir.path(), "src");
+    set_io_timeout(&mut s, 1000);
+    set_io_timeout(&mut d, 1000);
+    let relay = Relay::start(format!("127.0.0.1:{port}"), 2 << 20, Fault::Stall);
+    let started = Instant::now();
+    s.ok("migrate", json!({"uri": format!("tcp:{}", relay.addr)}));
+    let info = s.wait_migration(&["failed", "completed"]);
+    let src_after = started.elapsed();
+    assert!(
+        relay.stalled.load(Ordering::SeqCst),
+        "the relay never stalled"
+    );
+    assert_eq!(info["status"], "failed", "{info}");
+    let src_err = info["error-desc"].as_str().unwrap().to_owned();
+    let dinfo = d.wait_migration(&["failed"]);
+    let dst_err = dinfo["error-desc"].as_str().unwrap().to_owned();
+    eprintln!("stall: source after {src_after:?}: {src_err}\nstall: destination: {dst_err}");
+    assert!(
+        src_after < Duration::from_secs(10),
+        "the source took {src_after:?} to give up"
+    );
+    assert!(src_err.contains("timed out") || src_err.contains("temporarily unavailable"));
+    assert!(dst_err.contains("timed out") || dst_err.contains("temporarily unavailable"));
+    assert_eq!(d.status(), "inmigrate", "the destination keeps waiting");
+    relay.release();
+    assert_source_intact(&mut s, &conns);
+    migrate_ok(&mut s, &mut d, &port, &conns);
+}
+
+#[test]
+fn connection_reset_mid_ram_leaves_the_source_running() {
+    let dir = tempdir();
+    let (mut d, port) = destination(dir.path(), "dst");
+    let (mut s, conns) = source(dir.path(), "src");
+    let relay = Relay::start(format!("127.0.0.1:{port}"), 3 << 20, Fault::Reset);
+    s.ok("migrate", json!({"uri": format!("tcp:{}", relay.addr)}));
+    let info = s.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    let dinfo = d.wait_migration(&["failed"]);
+    eprintln!(
+        "reset: source: {}\nreset: destination: {}",
+        info["error-desc"], dinfo["error-desc"]
+    );
+    assert_eq!(d.status(), "inmigrate");
+    relay.release();
+    assert_source_intact(&mut s, &conns);
+    migrate_ok(&mut s, &mut d, &port, &conns);
+}
+
+#[test]
+fn killed_source_fails_the_destination_which_accepts_a_later_migration() {
+    let dir = tempdir();
+    let (mut d, port) = destination(dir.path(), "dst");
+    let (mut s, _) = source(dir.path(), "src");
+    // Slow enough to be mid-RAM when killed: 4 MiB/s.
+    s.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    // Kill it once RAM pages have reached the destination.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let i = d.ok("query-migrate", json!({}));
+        if i["ram"]["normal"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no RAM arrived: {i}");
+        thread::sleep(Duration::from_millis(5));
+    }
+    s.child.kill().unwrap();
+    s.wait_exit();
+    let info = d.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    let err = info["error-desc"].as_str().unwrap();
+    eprintln!("killed source: destination: {err}");
+    assert!(
+        err.contains("Truncated stream") && err.contains("at offset"),
+        "the destination names where the stream stopped: {err}"
+    );
+    assert_eq!(
+        d.status(),
+        "inmigrate",
+        "the half-received guest never runs"
+    );
+    assert!(
+        d.err("cont", json!({}))
+            .contains("waiting for an incoming migration"),
+        "nothing of the discarded stream may run"
+    );
+    // A new source (same shape, same plugged core) migrates into the same destination.
+    let (mut s2, conns) = source(dir.path(), "src2");
+    migrate_ok(&mut s2, &mut d, &port, &conns);
+}
+
+/// A 1 MiB tmpfs mounted for one test, unmounted on drop.
+struct TinyFs(std::path::PathBuf);
+
+impl TinyFs {
+    fn mount(at: std::path::PathBuf) -> TinyFs {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&at)
+            .output()
+            .expect("cannot run mount");
+        assert!(
+            out.status.success(),
+            "mounting a 1 MiB tmpfs at {} failed (the disk-full test needs root and tmpfs): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TinyFs(at)
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn disk_full_under_migrate_file_keeps_the_source_running() {
+    let dir = tempdir();
+    let full = TinyFs::mount(dir.path().join("full"));
+    let (mut s, conns) = source(dir.path(), "src");
+    let target = full.0.join("snap.ferry");
+    s.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", target.display())}),
+    );
+    let info = s.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    let err = info["error-desc"].as_str().unwrap();
+    eprintln!("disk full: source: {err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_source_intact(&mut s, &conns);
+    // Second attempt, to a disk with room: completes, and the file restores.
+    let snap = dir.path().join("snap.ferry");
+    s.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", snap.display())}),
+    );
+    let info = s.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(s.status(), "postmigrate");
+    let mut d = incoming_file(dir.path(), "dst", &snap);
+    assert_eq!(
+        d.wait_migration(&["completed", "failed"])["status"],
+        "completed"
+    );
+    assert_eq!(d.status(), "running");
+    assert_dst_guest(&mut d, &conns);
+}
+
+/// `ferry --incoming defer`, core1 added, then `migrate-incoming file:PATH`.
+fn incoming_file(dir: &std::path::Path, name: &str, path: &std::path::Path) -> Ferry {
+    let mut args = SHAPE.to_vec();
+    args.extend(["--incoming", "defer"]);
+    let mut d = Ferry::spawn(dir, name, &args);
+    d.ok("device_add", core1());
+    d.ok(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", path.display())}),
+    );
+    d
+}
+
+#[test]
+fn truncated_stream_file_is_refused_naming_where_it_was_cut() {
+    let dir = tempdir();
+    let (mut s, conns) = source(dir.path(), "src");
+    let snap = dir.path().join("snap.ferry");
+    s.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", snap.display())}),
+    );
+    assert_eq!(
+        s.wait_migration(&["failed", "completed"])["status"],
+        "completed"
+    );
+    let bytes = std::fs::read(&snap).unwrap();
+    let n = bytes.len();
+    for (label, cut, context) in [
+        ("in the header", 12, "header"),
+        ("in the RAM", n / 2, "RAM record"),
+        ("in the end marker", n - 5, "end marker"),
+    ] {
+        let p = dir.path().join(format!("cut-{cut}.ferry"));
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        let mut d = incoming_file(dir.path(), &format!("dst-{cut}"), &p);
+        let info = d.wait_migration(&["failed", "completed"]);
+        assert_eq!(info["status"], "failed", "{label}: {info}");
+        let err = info["error-desc"].as_str().unwrap();
+        eprintln!("truncated {label} ({cut} of {n} bytes): {err}");
+        assert!(
+            err.contains(&format!("Truncated stream in {context}")) && err.contains("at offset"),
+            "{label}: {err}"
+        );
+        assert_eq!(d.status(), "inmigrate", "{label}");
+    }
+    // The whole file restores, with the guest and its connectors as they were.
+    let mut d = incoming_file(dir.path(), "dst-full", &snap);
+    assert_eq!(
+        d.wait_migration(&["completed", "failed"])["status"],
+        "completed"
+    );
+    assert_eq!(d.status(), "running");
+    assert_dst_guest(&mut d, &conns);
+}

@@ -1,0 +1,212 @@
+//! Migration over a real (virtual) network link with a bandwidth cap (Precise rule 9): the
+//! source and the destination run in two network namespaces joined by a veth pair, and a
+//! `tbf` qdisc caps the source's egress at 40 Mbit/s (`netem` is not in this kernel, so there
+//! is no delay or loss qdisc; stalls and resets are covered by the relays of
+//! `e2e_faults_more.rs`).
+//!
+//! Under a dirty rate above what the link carries within the downtime limit, the migration
+//! reports that it cannot converge (switchover-policy `cancel`, few iterations) and the source
+//! runs on — never a hang; with a downtime limit the link can meet, the same migration
+//! converges and completes, and its measured throughput shows the cap was in force.
+//!
+//! Needs root, iproute2 (`ip`, `tc`) and the `veth` and `sch_tbf` kernel modules. Where a
+//! network namespace cannot be created the test says so loudly on stderr and skips.
+
+#[path = "ferry_common/mod.rs"]
+mod ferry_common;
+
+use ferry_common::*;
+use serde_json::json;
+use std::process::{Command, Stdio};
+use vmm::qmp::client::QmpClient;
+
+/// The link: 40 Mbit/s = 5 MB/s.
+const RATE_BYTES: f64 = 5e6;
+const SRC_IP: &str = "10.231.0.1";
+const DST_IP: &str = "10.231.0.2";
+
+const SHAPE: [&str; 6] = [
+    "--machine",
+    "ferry-2.0",
+    "--memory",
+    "64M",
+    "--guest",
+    "dirty:4",
+];
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip (install iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn must(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (install iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces joined by a veth pair, the source side capped by tbf. Deleted on drop.
+struct Link {
+    src: String,
+    dst: String,
+}
+
+impl Link {
+    fn create() -> Option<Link> {
+        let id = std::process::id();
+        let (src, dst) = (format!("ferry{id}s"), format!("ferry{id}d"));
+        if let Err(e) = ip(&["netns", "add", &src]) {
+            eprintln!(
+                "\n!!!!! SKIPPING e2e_netns: cannot create a network namespace ({e}).\n\
+                 !!!!! These tests need root, iproute2 and network-namespace support.\n"
+            );
+            return None;
+        }
+        let link = Link { src, dst };
+        must("ip", &["netns", "add", &link.dst]);
+        // veth names are at most 15 bytes.
+        let (va, vb) = (format!("fv{id}s"), format!("fv{id}d"));
+        must(
+            "ip",
+            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        );
+        must("ip", &["link", "set", &va, "netns", &link.src]);
+        must("ip", &["link", "set", &vb, "netns", &link.dst]);
+        for (ns, dev, addr) in [(&link.src, &va, SRC_IP), (&link.dst, &vb, DST_IP)] {
+            must(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev],
+            );
+            must("ip", &["-n", ns, "link", "set", dev, "up"]);
+            must("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        must(
+            "tc",
+            &[
+                "-n", &link.src, "qdisc", "add", "dev", &va, "root", "tbf", "rate", "40mbit",
+                "burst", "64kb", "latency", "200ms",
+            ],
+        );
+        Some(link)
+    }
+
+    /// `ferry run ARGS` inside namespace `ns` (`ip netns exec` execs it: same pid).
+    fn spawn(&self, ns: &str, dir: &std::path::Path, name: &str, args: &[&str]) -> Ferry {
+        require_kvm();
+        let socket = dir.join(format!("{name}.qmp"));
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry"), "run"])
+            .args(args)
+            .arg("--qmp")
+            .arg(format!("unix:{}", socket.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start ferry in a namespace");
+        let qmp = QmpClient::connect(&socket, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{name} did not open its QMP socket: {e}\n{}", read(&log)));
+        Ferry {
+            child,
+            qmp,
+            socket,
+            log,
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with it the other end.
+        let _ = ip(&["netns", "del", &self.src]);
+        let _ = ip(&["netns", "del", &self.dst]);
+    }
+}
+
+#[test]
+fn bandwidth_capped_link_cancels_when_it_cannot_converge_and_converges_when_it_can() {
+    let Some(link) = Link::create() else {
+        return;
+    };
+    let dir = tempdir();
+    let mut dargs = SHAPE.to_vec();
+    let listen = format!("tcp:{DST_IP}:0");
+    dargs.extend(["--incoming", &listen]);
+    let mut d = link.spawn(&link.dst.clone(), dir.path(), "dst", &dargs);
+    let port = d.incoming_port();
+    let mut s = link.spawn(&link.src.clone(), dir.path(), "src", &SHAPE);
+    s.wait_pass(2);
+    let uri = format!("tcp:{DST_IP}:{port}");
+
+    // 4 MiB dirtied per pass over 5 MB/s is ~800 ms: a 50 ms limit cannot be met.
+    s.ok(
+        "migrate-set-parameters",
+        json!({
+            "downtime-limit": 50,
+            "__org.ferry_max-iterations": 3,
+            "__org.ferry_switchover-policy": "cancel",
+        }),
+    );
+    s.ok("migrate", json!({"uri": uri}));
+    let info = s.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    let err = info["error-desc"].as_str().unwrap();
+    eprintln!("capped link, 50 ms limit: {err}");
+    assert!(
+        err.starts_with("Migration did not converge after 3 iterations: expected downtime")
+            && err.ends_with("exceeds the limit of 50 ms"),
+        "{err}"
+    );
+    assert_eq!(s.status(), "running", "the source runs on");
+    s.ok("stop", json!({}));
+    assert_eq!(s.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+    s.ok("cont", json!({}));
+    let dinfo = d.wait_migration(&["failed"]);
+    eprintln!("capped link: destination: {}", dinfo["error-desc"]);
+    assert_eq!(d.status(), "inmigrate");
+
+    // A limit the link can meet: converges and completes over the same capped link.
+    s.ok("migrate-set-parameters", json!({"downtime-limit": 3000}));
+    s.ok("migrate", json!({"uri": uri}));
+    let info = s.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "completed", "{info}\n{}", read(&d.log));
+    d.wait_migration(&["completed"]);
+    assert_eq!(d.status(), "running");
+    let p = d.pass();
+    d.wait_pass(p + 1);
+    d.ok("stop", json!({}));
+    assert_eq!(d.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+    // The cap was in force: data pages moved no faster than the link allows (zero pages
+    // travel as 18-byte markers and do not count).
+    let data_bytes = info["ram"]["normal-bytes"].as_u64().unwrap() as f64;
+    let secs = info["total-time"].as_u64().unwrap() as f64 / 1000.0;
+    let rate = data_bytes / secs;
+    eprintln!(
+        "capped link: {data_bytes} data bytes in {secs} s = {:.1} MB/s (cap {:.1} MB/s), {} iterations",
+        rate / 1e6,
+        RATE_BYTES / 1e6,
+        info["ram"]["dirty-sync-count"]
+    );
+    assert!(
+        rate < RATE_BYTES * 1.3,
+        "the tbf cap was not in force: {rate} B/s"
+    );
+}
