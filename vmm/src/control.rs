@@ -553,6 +553,14 @@ impl Controller {
                     "'-incoming' was not specified on the command line",
                 ));
             }
+            // A finished, failed attempt from a file may be retried (a TCP listener keeps
+            // listening by itself).
+            IncomingMode::Started(prev)
+                if prev.starts_with("file:")
+                    && self.run_state() == RunState::InMigrate
+                    && lock(&self.progress)
+                        .as_ref()
+                        .is_some_and(|p| p.status() == Status::Failed) => {}
             IncomingMode::Started(_) => {
                 return Err(QmpError::generic(
                     "The incoming migration has already been started",

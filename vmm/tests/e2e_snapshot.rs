@@ -163,3 +163,40 @@ fn live_snapshot_of_a_running_guest_resumes_running() {
     b.ok("stop", json!({}));
     assert_eq!(b.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
 }
+
+#[test]
+fn a_failed_file_restore_can_be_retried_in_the_same_process() {
+    let dir = tempdir();
+    let file = snapshot(dir.path());
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.path().join("cut.stream");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let mut args = SHAPE.to_vec();
+    args.extend(["--incoming", "defer"]);
+    let mut b = Ferry::spawn(dir.path(), "b", &args);
+    b.ok(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", cut.display())}),
+    );
+    let info = b.wait_migration(&["failed", "completed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("Truncated stream"),
+        "{info}"
+    );
+    assert_eq!(b.status(), "inmigrate");
+    b.ok(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
+    assert_eq!(
+        b.wait_migration(&["completed", "failed"])["status"],
+        "completed"
+    );
+    b.ok("cont", json!({}));
+    let p = b.pass();
+    b.wait_pass(p + 2);
+}
