@@ -178,6 +178,14 @@ pub enum DecodeError {
         /// What is wrong.
         why: String,
     },
+    /// The source abandoned the stream and said why.
+    #[error("The source abandoned the migration at offset {offset}: {reason}")]
+    SourceAborted {
+        /// The source's reason.
+        reason: String,
+        /// Offset of the abort record.
+        offset: u64,
+    },
     /// A `post_load` hook rejected the decoded state.
     #[error("Section '{section}' rejected by post_load: {why}")]
     PostLoad {
@@ -217,6 +225,7 @@ impl DecodeError {
             | DuplicateSection { offset, .. }
             | CountMismatch { offset, .. }
             | BadRam { offset, .. }
+            | SourceAborted { offset, .. }
             | Io { offset, .. } => Some(*offset),
             MissingSection { .. } | PostLoad { .. } => None,
         }

@@ -10,6 +10,7 @@
 //! section := 0x03 | u8 n | name[n] | u32 instance | u32 version | u32 len | payload[len] | u32 crc
 //! payload := u32 body_len | body | u8 nsub | (u8 n | name[n] | u32 version | u32 len | body)*
 //! end     := 0x04 | u64 records | u32 crc
+//! abort   := 0x05 | u32 n (<= 4096) | reason[n] | u32 crc   (the source gave up; last record)
 //! ```
 //!
 //! Every CRC is CRC-32 (IEEE) over the record from its tag byte up to the CRC. Order is fixed:
@@ -47,7 +48,12 @@ pub enum Tag {
     Section = 3,
     /// The end marker.
     End = 4,
+    /// The source abandoned the stream (reason follows); only ever the last record.
+    Abort = 5,
 }
+
+/// Longest reason an abort record carries.
+pub const MAX_ABORT_REASON: u32 = 4096;
 
 /// Kind of a RAM record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,6 +351,23 @@ impl<W: Write> StreamWriter<W> {
         self.w.flush()
     }
 
+    /// Abandon the stream: write an abort record carrying `reason` (truncated to
+    /// [`MAX_ABORT_REASON`] bytes) and flush, so the reader learns why instead of seeing a
+    /// truncated stream.
+    pub fn abort(&mut self, reason: &str) -> io::Result<()> {
+        let mut end = reason.len().min(MAX_ABORT_REASON as usize);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut rec = vec![Tag::Abort as u8];
+        put_len(&mut rec, end);
+        rec.extend_from_slice(&reason.as_bytes()[..end]);
+        let crc = crc32fast::hash(&rec);
+        rec.extend_from_slice(&crc.to_le_bytes());
+        self.w.write_all(&rec)?;
+        self.w.flush()
+    }
+
     /// Write the end marker and hand back the writer.
     pub fn finish(mut self) -> io::Result<W> {
         let mut end = Vec::with_capacity(13);
@@ -516,6 +539,7 @@ impl<'c, R: Read> StreamReader<'c, R> {
                 self.phase = Phase::Done;
                 Ok(Item::End)
             }
+            (5, _) => Err(self.aborted(at)),
             (_, _) => Err(unexpected("unknown tag")),
         }
     }
@@ -667,6 +691,50 @@ impl<'c, R: Read> StreamReader<'c, R> {
         }
         self.records += 1;
         Ok(raw)
+    }
+
+    /// Read an abort record: the error that explains why the stream stops here.
+    fn aborted(&mut self, at: u64) -> DecodeError {
+        let mut len = [0u8; 4];
+        if let Err(e) = self.read(&mut len, "abort record") {
+            return e;
+        }
+        let n = u32::from_le_bytes(len);
+        if n > MAX_ABORT_REASON {
+            return DecodeError::LengthOverBound {
+                section: "abort record".to_owned(),
+                what: "reason".to_owned(),
+                len: u64::from(n),
+                bound: u64::from(MAX_ABORT_REASON),
+                offset: at + 1,
+            };
+        }
+        let mut text = vec![0u8; n as usize];
+        let mut crc = [0u8; 4];
+        if let Err(e) = self
+            .read(&mut text, "abort record")
+            .and_then(|()| self.read(&mut crc, "abort record"))
+        {
+            return e;
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&[Tag::Abort as u8]);
+        h.update(&len);
+        h.update(&text);
+        let (stored, computed) = (u32::from_le_bytes(crc), h.finalize());
+        if stored != computed {
+            return DecodeError::CrcMismatch {
+                section: "abort record".to_owned(),
+                offset: at,
+                stored,
+                computed,
+            };
+        }
+        self.phase = Phase::Done;
+        DecodeError::SourceAborted {
+            reason: String::from_utf8_lossy(&text).into_owned(),
+            offset: at,
+        }
     }
 
     fn end(&mut self, at: u64) -> Result<(), DecodeError> {

@@ -295,6 +295,94 @@ fn run<V: SourceVm>(
             }
         }
     }
+    let (tx, pause_at) = match transfer(
+        vm,
+        &mut out,
+        &config,
+        machine,
+        params,
+        progress,
+        was_running,
+        paused,
+        logging,
+    ) {
+        Ok(x) => x,
+        Err(e) => {
+            // Tell a live destination why the stream stops, unless the channel itself broke
+            // or the destination already knows.
+            let silent = matches!(
+                e,
+                MigrationError::Io { .. }
+                    | MigrationError::Refused(_)
+                    | MigrationError::DestinationFailed(_)
+            );
+            if !silent && ret.is_some() {
+                let _ = out.abort(&crate::chain(&e));
+            }
+            return Err(e);
+        }
+    };
+    let written = out.bytes_written();
+    let mut w = out.finish().map_err(io_err("device state"))?;
+    w.flush().map_err(io_err("device state"))?;
+    progress.update(|s| s.transferred = written);
+    let Some(mut ret) = ret else {
+        // A file: complete once written; the guest stays stopped (postmigrate).
+        tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
+        *logging = false;
+        progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
+        tx.vm.handed_over();
+        *committed = true;
+        return Ok(());
+    };
+    drop(w);
+    let m = Msg::read(&mut ret).map_err(io_err("waiting for the destination to load"))?;
+    match m.kind {
+        Kind::Loaded => {}
+        Kind::Failed => return Err(MigrationError::DestinationFailed(m.text)),
+        k => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Loaded, got {k:?}"
+            )));
+        }
+    }
+    tx.check_cancel()?;
+    // Point of no return: from here the source never resumes by itself.
+    tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
+    *logging = false;
+    *committed = true;
+    tx.vm.handed_over();
+    Msg::new(Kind::Commit, 0)
+        .write(&mut ret)
+        .map_err(MigrationError::StateUnknown)?;
+    match Msg::read(&mut ret) {
+        Ok(m) if m.kind == Kind::Committed => {}
+        Ok(m) => {
+            return Err(MigrationError::StateUnknown(std::io::Error::other(
+                format!("expected Committed, got {:?}", m.kind),
+            )));
+        }
+        Err(e) => return Err(MigrationError::StateUnknown(e)),
+    }
+    progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+/// Everything between the handshake and the end marker: dirty logging on, pass 0, dirty
+/// passes until convergence, pause, last pages, device sections. Returns the sender (which
+/// holds the VM) and when the guest was paused.
+#[allow(clippy::too_many_arguments)]
+fn transfer<'v, V: SourceVm>(
+    vm: &'v mut V,
+    out: &mut Out,
+    config: &crate::ConfigRecord,
+    machine: &'static machine_types::MachineType,
+    params: &Params,
+    progress: &'v Progress,
+    was_running: bool,
+    paused: &mut bool,
+    logging: &mut bool,
+) -> Result<(Sender<'v, V>, Instant), MigrationError> {
     vm.start_dirty_log().map_err(MigrationError::Vm)?;
     *logging = true;
     progress.update(|s| s.setup_time_ms = progress.elapsed_ms());
@@ -313,7 +401,7 @@ fn run<V: SourceVm>(
         let _s = info_span!("iteration", n = iteration).entered();
         progress.pass(iteration);
         for r in &config.memory {
-            tx.send_run(&mut out, r.gpa, (r.size / PAGE_SIZE as u64) as usize)?;
+            tx.send_run(out, r.gpa, (r.size / PAGE_SIZE as u64) as usize)?;
         }
     }
     // Dirty passes until the rest fits in the downtime limit.
@@ -362,7 +450,7 @@ fn run<V: SourceVm>(
         progress.pass(iteration);
         tx.iter_bytes = out.bytes_written();
         tx.iter_start = Instant::now();
-        tx.send_dirty(&mut out, &dirty)?;
+        tx.send_dirty(out, &dirty)?;
     };
 
     // Stop-and-copy.
@@ -375,7 +463,7 @@ fn run<V: SourceVm>(
     progress.set_status(Status::Device);
     let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
     merge(&mut dirty, &pending);
-    tx.send_dirty(&mut out, &dirty)?;
+    tx.send_dirty(out, &dirty)?;
     let sections = tx.vm.save_devices(machine).map_err(MigrationError::Vm)?;
     for s in &sections {
         out.raw(s).map_err(io_err("device state"))?;
@@ -387,50 +475,7 @@ fn run<V: SourceVm>(
         0,
     )
     .map_err(io_err("device state"))?;
-    let written = out.bytes_written();
-    let mut w = out.finish().map_err(io_err("device state"))?;
-    w.flush().map_err(io_err("device state"))?;
-    progress.update(|s| s.transferred = written);
-    let Some(mut ret) = ret else {
-        // A file: complete once written; the guest stays stopped (postmigrate).
-        tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
-        *logging = false;
-        progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
-        tx.vm.handed_over();
-        *committed = true;
-        return Ok(());
-    };
-    drop(w);
-    let m = Msg::read(&mut ret).map_err(io_err("waiting for the destination to load"))?;
-    match m.kind {
-        Kind::Loaded => {}
-        Kind::Failed => return Err(MigrationError::DestinationFailed(m.text)),
-        k => {
-            return Err(MigrationError::Protocol(format!(
-                "expected Loaded, got {k:?}"
-            )));
-        }
-    }
-    tx.check_cancel()?;
-    // Point of no return: from here the source never resumes by itself.
-    tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
-    *logging = false;
-    *committed = true;
-    tx.vm.handed_over();
-    Msg::new(Kind::Commit, 0)
-        .write(&mut ret)
-        .map_err(MigrationError::StateUnknown)?;
-    match Msg::read(&mut ret) {
-        Ok(m) if m.kind == Kind::Committed => {}
-        Ok(m) => {
-            return Err(MigrationError::StateUnknown(std::io::Error::other(
-                format!("expected Committed, got {:?}", m.kind),
-            )));
-        }
-        Err(e) => return Err(MigrationError::StateUnknown(e)),
-    }
-    progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
-    Ok(())
+    Ok((tx, pause_at))
 }
 
 fn out_flush(out: &mut Out) -> Result<(), MigrationError> {

@@ -449,7 +449,12 @@ fn no_convergence_cancels_by_default_and_forces_when_asked() {
         "{err}"
     );
     assert!(src.is_running());
-    let _ = dst.join().unwrap();
+    let (res, _) = dst.join().unwrap();
+    let why = migration::chain(&res.unwrap_err());
+    assert!(
+        why.contains("The source abandoned the migration") && why.contains("did not converge"),
+        "the destination must hear why: {why}"
+    );
 
     let forced = Params {
         switchover_policy: migration::SwitchoverPolicy::Force,

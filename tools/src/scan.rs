@@ -397,6 +397,32 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                 }
                 return Ok(());
             }
+            5 => {
+                // The source abandoned the stream: report its reason as the problem.
+                let n = c.u32("abort record")? as usize;
+                if n > devstate::stream::MAX_ABORT_REASON as usize || c.b.len() - c.pos < n + 4 {
+                    return Err(DecodeError::Truncated {
+                        context: "abort record".to_owned(),
+                        offset: c.pos as u64,
+                    });
+                }
+                let reason = String::from_utf8_lossy(&c.b[c.pos..c.pos + n]).into_owned();
+                c.pos += n;
+                let computed = crc32fast::hash(&c.b[at as usize..c.pos]);
+                let stored = c.u32("abort record")?;
+                let e = if stored == computed {
+                    DecodeError::SourceAborted { reason, offset: at }
+                } else {
+                    DecodeError::CrcMismatch {
+                        section: "abort record".to_owned(),
+                        offset: at,
+                        stored,
+                        computed,
+                    }
+                };
+                s.problems.push(Problem::decode(&e, at));
+                return Ok(());
+            }
             _ => {
                 return Err(DecodeError::UnexpectedRecord {
                     tag,
