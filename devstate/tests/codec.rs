@@ -384,16 +384,23 @@ fn an_abandoned_stream_says_why() {
     let mut w = StreamWriter::new(Vec::new(), m("ferry"), "t").unwrap();
     w.config(&mut Config::default()).unwrap();
     w.ram_zero(0, 4).unwrap();
-    w.abort("Migration did not converge after 3 iterations").unwrap();
+    w.abort("Migration did not converge after 3 iterations")
+        .unwrap();
     let mut bytes = w.finish().unwrap();
     let err = decode(&bytes).unwrap_err();
     assert!(
         matches!(&err, DecodeError::SourceAborted { reason, .. } if reason == "Migration did not converge after 3 iterations"),
         "{err}"
     );
-    assert!(err.to_string().starts_with("The source abandoned the migration at offset "));
+    assert!(
+        err.to_string()
+            .starts_with("The source abandoned the migration at offset ")
+    );
     // A damaged abort record is a CRC error, not a reason.
     let at = bytes.windows(9).position(|w| w == b"Migration").unwrap();
     bytes[at] ^= 1;
-    assert!(matches!(decode(&bytes), Err(DecodeError::CrcMismatch { .. })));
+    assert!(matches!(
+        decode(&bytes),
+        Err(DecodeError::CrcMismatch { .. })
+    ));
 }

@@ -23,6 +23,10 @@ struct Sender<'a, V: SourceVm> {
     /// Bytes written at the start of the current iteration, and when it started.
     iter_bytes: u64,
     iter_start: Instant,
+    /// Page bytes sent with data this iteration and the time spent on chunks that had data:
+    /// the link's real rate (zero-page scans cost time but no wire bytes).
+    data_bytes: u64,
+    data_time: Duration,
 }
 
 fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -34,7 +38,11 @@ fn is_zero(page: &[u8]) -> bool {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
         unsafe { page.align_to::<u64>() }
     };
-    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+    // OR whole 64-byte blocks (this vectorises) and stop at the first non-zero block.
+    pre.iter().chain(post).all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
 }
 
 impl<V: SourceVm> Sender<'_, V> {
@@ -57,6 +65,8 @@ impl<V: SourceVm> Sender<'_, V> {
             self.check_cancel()?;
             let n = pages.min(CHUNK_PAGES);
             let len = n * PAGE_SIZE;
+            let chunk_start = Instant::now();
+            let mut chunk_data = 0u64;
             self.vm
                 .read_ram(gpa, &mut self.buf[..len])
                 .map_err(MigrationError::Vm)?;
@@ -74,6 +84,7 @@ impl<V: SourceVm> Sender<'_, V> {
                 } else {
                     out.ram_data(at, &self.buf[i * PAGE_SIZE..j * PAGE_SIZE])
                         .map_err(io_err("RAM transfer"))?;
+                    chunk_data += u64::from(count) * PAGE_SIZE as u64;
                 }
                 self.progress.update(|s| {
                     if zero {
@@ -84,6 +95,10 @@ impl<V: SourceVm> Sender<'_, V> {
                     s.transferred = out.bytes_written();
                 });
                 i = j;
+            }
+            if chunk_data > 0 {
+                self.data_bytes += chunk_data;
+                self.data_time += chunk_start.elapsed();
             }
             gpa += len as u64;
             pages -= n;
@@ -394,6 +409,8 @@ fn transfer<'v, V: SourceVm>(
         buf: vec![0u8; CHUNK_PAGES * PAGE_SIZE],
         iter_bytes: out.bytes_written(),
         iter_start: Instant::now(),
+        data_bytes: 0,
+        data_time: Duration::ZERO,
     };
     // Pass 0: all of RAM.
     let mut iteration = 0u64;
@@ -408,7 +425,13 @@ fn transfer<'v, V: SourceVm>(
     let pending = loop {
         let elapsed = tx.iter_start.elapsed().as_secs_f64().max(1e-6);
         let sent = out.bytes_written() - tx.iter_bytes;
-        let bandwidth = sent as f64 / elapsed; // bytes per second
+        // Bytes per second: the rate at which data pages went out when there were enough of
+        // them to measure, else everything over the whole pass.
+        let bandwidth = if tx.data_bytes >= 1 << 20 && !tx.data_time.is_zero() {
+            tx.data_bytes as f64 / tx.data_time.as_secs_f64()
+        } else {
+            sent as f64 / elapsed
+        };
         let dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
         let dirty_n = dirty_pages(&dirty);
         iteration += 1;
@@ -450,6 +473,8 @@ fn transfer<'v, V: SourceVm>(
         progress.pass(iteration);
         tx.iter_bytes = out.bytes_written();
         tx.iter_start = Instant::now();
+        tx.data_bytes = 0;
+        tx.data_time = Duration::ZERO;
         tx.send_dirty(out, &dirty)?;
     };
 

@@ -34,6 +34,7 @@ impl Case {
         let g = match self.guest {
             GuestSpec::Idle => "idle".to_owned(),
             GuestSpec::Dirty { working_set, .. } => format!("dirty {} MiB", working_set >> 20),
+            GuestSpec::Bootsector { .. } => "bootsector".to_owned(),
         };
         format!("{:>4} MiB {g}", self.memory_mib)
     }
@@ -125,6 +126,7 @@ fn wait_started(vm: &Vm, guest: &GuestSpec) {
                 std::thread::yield_now();
             }
         }
+        GuestSpec::Bootsector { .. } => unreachable!("this bench runs the built-in guest only"),
     }
 }
 

@@ -53,7 +53,7 @@ pub enum ConfigError {
     #[error(transparent)]
     UnknownMachine(#[from] machine_types::UnknownMachine),
     /// A `--guest` value could not be parsed.
-    #[error("Invalid guest '{0}': expected dirty[:MiB[,rate]] or idle")]
+    #[error("Invalid guest '{0}': expected dirty[:MiB[,rate]], idle or bootsector:FILE")]
     InvalidGuest(String),
     /// The working set would reach into the PCI hole.
     #[error("Working set of {mib} MiB does not fit below the PCI hole (at most {max_mib} MiB)")]
@@ -107,6 +107,12 @@ pub enum GuestSpec {
     },
     /// Every vCPU idles in `sti; hlt`.
     Idle,
+    /// A 512-byte boot sector read from `path`, loaded at 0x7c00 and entered in real mode
+    /// (see [`crate::guest::bootsector`]). It has no Ferry mailbox.
+    Bootsector {
+        /// The image file (read when the guest is loaded).
+        path: &'static str,
+    },
 }
 
 impl GuestSpec {
@@ -122,7 +128,7 @@ impl GuestSpec {
     pub fn min_memory(&self) -> u64 {
         match self {
             GuestSpec::Dirty { working_set, .. } => layout::WORKING_SET_GPA + working_set,
-            GuestSpec::Idle => layout::WORKING_SET_GPA,
+            GuestSpec::Idle | GuestSpec::Bootsector { .. } => layout::WORKING_SET_GPA,
         }
     }
 
@@ -131,6 +137,7 @@ impl GuestSpec {
         match self {
             GuestSpec::Dirty { .. } => "dirty",
             GuestSpec::Idle => "idle",
+            GuestSpec::Bootsector { .. } => "bootsector",
         }
     }
 }
@@ -143,6 +150,7 @@ impl fmt::Display for GuestSpec {
                 delay_loops,
             } => write!(f, "dirty:{},{delay_loops}", working_set >> 20),
             GuestSpec::Idle => f.write_str("idle"),
+            GuestSpec::Bootsector { path } => write!(f, "bootsector:{path}"),
         }
     }
 }
@@ -150,9 +158,18 @@ impl fmt::Display for GuestSpec {
 impl FromStr for GuestSpec {
     type Err = ConfigError;
 
-    /// Parses `idle`, `dirty`, `dirty:MiB` or `dirty:MiB,rate`.
+    /// Parses `idle`, `dirty`, `dirty:MiB`, `dirty:MiB,rate` or `bootsector:FILE` (the
+    /// path is kept for the life of the process: a command line is parsed once).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ConfigError::InvalidGuest(s.to_string());
+        if let Some(path) = s.strip_prefix("bootsector:") {
+            if path.is_empty() {
+                return Err(err());
+            }
+            return Ok(GuestSpec::Bootsector {
+                path: Box::leak(path.to_owned().into_boxed_str()),
+            });
+        }
         let (kind, args) = match s.split_once(':') {
             Some((k, a)) => (k, Some(a)),
             None => (s, None),
@@ -294,6 +311,17 @@ mod tests {
         assert!("idle:3".parse::<GuestSpec>().is_err());
         assert!("busy".parse::<GuestSpec>().is_err());
         assert!("dirty:x".parse::<GuestSpec>().is_err());
+        assert!("bootsector".parse::<GuestSpec>().is_err());
+        assert!("bootsector:".parse::<GuestSpec>().is_err());
+        let b: GuestSpec = "bootsector:/tmp/a:b,c.bin".parse().unwrap();
+        assert_eq!(
+            b,
+            GuestSpec::Bootsector {
+                path: "/tmp/a:b,c.bin"
+            }
+        );
+        assert_eq!(b.to_string().parse(), Ok(b));
+        assert_eq!(b.name(), "bootsector");
         let g: GuestSpec = "dirty:8,1000".parse().unwrap();
         assert_eq!(g.to_string().parse(), Ok(g));
     }

@@ -830,6 +830,13 @@ impl Controller {
     fn query_guest(&self) -> Result<Value, QmpError> {
         let mb = crate::guest::Mailbox::read(&self.mem)
             .map_err(|e| QmpError::generic(format!("Cannot read the guest mailbox: {e}")))?;
+        // A destination that has not received its guest yet, or a boot-sector guest, has no
+        // mailbox: say so rather than report zeros.
+        if mb.magic != crate::guest::mailbox::MAGIC {
+            return Err(QmpError::generic(
+                "The guest has no Ferry test-guest mailbox (not loaded yet, or a boot-sector guest)",
+            ));
+        }
         Ok(
             json!({"pass": mb.current_pass(), "page": mb.current_page(), "working-set-pages": mb.ws_pages}),
         )

@@ -48,7 +48,8 @@ struct RunArgs {
     /// Number of boot vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Guest workload: dirty[:MiB[,rate]] (rate = delay loops per page, 0 = full speed) or idle.
+    /// Guest workload: dirty[:MiB[,rate]] (rate = delay loops per page, 0 = full speed), idle,
+    /// or bootsector:FILE (a 512-byte image entered in real mode at 0x7c00).
     #[arg(long, default_value = "dirty")]
     guest: GuestSpec,
     /// QMP control socket, `unix:PATH` (created with mode 0600).
@@ -61,6 +62,9 @@ struct RunArgs {
     /// Do not start the guest; wait for `cont` (QEMU's -S).
     #[arg(short = 'S', long = "paused")]
     paused: bool,
+    /// Write the guest's COM1 output to this file (e.g. /dev/stdout); discarded by default.
+    #[arg(long)]
+    serial: Option<PathBuf>,
     /// Keep a copy of every migration stream this process sends or receives.
     #[arg(long)]
     dump_stream: Option<PathBuf>,
@@ -116,8 +120,17 @@ fn run(args: RunArgs) -> Result<()> {
     config
         .validate_for(&args.guest)
         .context("Invalid VM configuration")?;
-    let mut vm =
-        Vm::with_serial(&config, Box::new(std::io::sink())).context("Cannot create the VM")?;
+    let serial: vmm::devices::uart::SerialOut = match &args.serial {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("Cannot open the serial output {}", p.display()))?,
+        ),
+        None => Box::new(std::io::sink()),
+    };
+    let mut vm = Vm::with_serial(&config, serial).context("Cannot create the VM")?;
     let incoming = match args.incoming.as_deref() {
         None => IncomingMode::None,
         Some("defer") => IncomingMode::Defer,

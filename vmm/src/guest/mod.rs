@@ -4,8 +4,11 @@
 //! - [`asm`]: the machine code.
 //! - [`mailbox`]: the mailbox page.
 //! - [`pattern`]: the memory-pattern verifier.
+//! - [`bootsector`]: 512-byte boot-sector guests (real mode at 0x7c00, no mailbox) and
+//!   Ferry's a-b-bootblock builder for like-for-like benchmarks with QEMU.
 
 pub mod asm;
+pub mod bootsector;
 pub mod mailbox;
 pub mod pattern;
 

@@ -227,6 +227,58 @@ fn read_lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// LINT0 = ExtINT (the PIC), LINT1 = NMI, as a PC's BIOS leaves them.
+fn set_bios_lints(fd: &VcpuFd, i: u8) -> Result<(), VcpuError> {
+    let mut lapic = fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC", i))?;
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    let lint0 = read_lapic_reg(&lapic, LVT_LINT0);
+    let lint1 = read_lapic_reg(&lapic, LVT_LINT1);
+    write_lapic_reg(&mut lapic, LVT_LINT0, (lint0 & !0x700) | 0x700);
+    write_lapic_reg(&mut lapic, LVT_LINT1, (lint1 & !0x700) | 0x400);
+    fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC", i))
+}
+
+/// Real-mode segment and control registers with every segment at selector 0 (base 0,
+/// limit 0xffff), the IDT at the real-mode vector table and paging, PAE and long mode off.
+fn real_mode_sregs(sregs: &mut kvm_bindings::kvm_sregs) {
+    let seg = |type_| kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff,
+        selector: 0,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    // Code: execute/read, accessed; data: read/write, accessed.
+    sregs.cs = seg(0xb);
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *s = seg(0x3);
+    }
+    sregs.gdt.base = 0;
+    sregs.gdt.limit = 0xffff;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0x3ff;
+    // The reset value of CR0 (CD | NW | ET) with caching enabled, as firmware leaves it.
+    sregs.cr0 = longmode::cr0::ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
 impl Vcpu {
     /// Creates vCPU `index` with `cpuid` (its thread is started by [`Vcpu::spawn`]).
     pub fn new(vm: &VmFd, index: u8, cpuid: &CpuId) -> Result<Vcpu, VcpuError> {
@@ -311,15 +363,7 @@ impl Vcpu {
             .map_err(ioctl("KVM_SET_REGS", i))?;
         fd.set_fpu(&longmode::boot_fpu())
             .map_err(ioctl("KVM_SET_FPU", i))?;
-        // LINT0 = ExtINT (the PIC), LINT1 = NMI, as a PC's BIOS leaves them.
-        let mut lapic = fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC", i))?;
-        const LVT_LINT0: usize = 0x350;
-        const LVT_LINT1: usize = 0x360;
-        let lint0 = read_lapic_reg(&lapic, LVT_LINT0);
-        let lint1 = read_lapic_reg(&lapic, LVT_LINT1);
-        write_lapic_reg(&mut lapic, LVT_LINT0, (lint0 & !0x700) | 0x700);
-        write_lapic_reg(&mut lapic, LVT_LINT1, (lint1 & !0x700) | 0x400);
-        fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC", i))?;
+        set_bios_lints(&fd, i)?;
         if i != 0 {
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
@@ -327,6 +371,29 @@ impl Vcpu {
             .map_err(ioctl("KVM_SET_MP_STATE", i))?;
         }
         Ok(())
+    }
+
+    /// Puts the vCPU in real mode at `0000:ip` as a PC BIOS leaves it before jumping to a
+    /// boot sector: flat real-mode segments (selector 0, base 0, limit 64 KiB), CR0 with PE
+    /// and PG clear, interrupts off, `DL = 0x80` (boot drive), `SP = ip`. Only vCPU 0 is
+    /// meant to start this way; the others stay waiting for INIT/SIPI.
+    pub fn configure_real_mode(&self, ip: u16) -> Result<(), VcpuError> {
+        let i = self.index;
+        let fd = lock_fd(&self.fd);
+        let mut sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS", i))?;
+        real_mode_sregs(&mut sregs);
+        fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS", i))?;
+        fd.set_regs(&kvm_bindings::kvm_regs {
+            rip: u64::from(ip),
+            rsp: u64::from(ip),
+            rdx: 0x80,
+            rflags: 0x2,
+            ..Default::default()
+        })
+        .map_err(ioctl("KVM_SET_REGS", i))?;
+        fd.set_fpu(&longmode::boot_fpu())
+            .map_err(ioctl("KVM_SET_FPU", i))?;
+        set_bios_lints(&fd, i)
     }
 
     /// Starts the vCPU thread, parked until [`Vcpu::resume`].

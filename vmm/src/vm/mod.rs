@@ -96,6 +96,15 @@ pub enum VmError {
     /// The guest memory pattern is broken.
     #[error("Guest memory pattern is broken")]
     Pattern(#[from] PatternError),
+    /// A boot-sector guest could not be loaded.
+    #[error("Cannot load the boot-sector guest")]
+    Bootsector(#[from] guest::bootsector::BootsectorError),
+    /// The guest is not Ferry's test guest (e.g. a boot sector): it has no mailbox, so its
+    /// progress and memory pattern cannot be queried.
+    #[error(
+        "The guest has no Ferry test-guest mailbox (magic {0:#x}; a boot-sector or foreign guest): mailbox queries and memory-pattern checks only apply to the built-in test guest"
+    )]
+    NoMailbox(u64),
 }
 
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -300,6 +309,15 @@ impl Vm {
         }
         self.config.validate_for(spec)?;
         let mem = self.ram.mem();
+        if let GuestSpec::Bootsector { path } = *spec {
+            let image = guest::bootsector::read_image(std::path::Path::new(path))?;
+            mem.write_slice(&image, GuestAddress(guest::bootsector::LOAD_GPA))?;
+            // vCPU 0 starts as a BIOS would leave it; the others wait for INIT/SIPI.
+            self.vcpus[0].configure_real_mode(guest::bootsector::LOAD_GPA as u16)?;
+            self.guest = Some(*spec);
+            tracing::info!(guest = %spec, "boot-sector guest loaded");
+            return Ok(());
+        }
         let image = guest::assemble(layout::CODE_GPA)?;
         mem.write_slice(&image.code, GuestAddress(layout::CODE_GPA))?;
         for (i, e) in longmode::gdt().iter().enumerate() {
@@ -326,7 +344,8 @@ impl Vm {
                 working_set / guest::PAGE_SIZE,
                 delay_loops,
             ),
-            GuestSpec::Idle => Mailbox::idle(),
+            // Boot sectors returned above.
+            GuestSpec::Idle | GuestSpec::Bootsector { .. } => Mailbox::idle(),
         };
         mailbox.write(mem)?;
         for v in &self.vcpus {
@@ -387,9 +406,14 @@ impl Vm {
         self.vcpus.iter().all(Vcpu::is_parked) && self.hp.all_parked()
     }
 
-    /// Reads the test guest's mailbox.
+    /// Reads the test guest's mailbox; [`VmError::NoMailbox`] when the guest has none (a
+    /// boot-sector guest, or a destination whose stream carried one).
     pub fn mailbox(&self) -> Result<Mailbox, VmError> {
-        Ok(Mailbox::read(self.ram.mem())?)
+        let mb = Mailbox::read(self.ram.mem())?;
+        if mb.magic != guest::mailbox::MAGIC {
+            return Err(VmError::NoMailbox(mb.magic));
+        }
+        Ok(mb)
     }
 
     /// Changes the dirtying guest's delay loop (takes effect at the next page).
