@@ -60,6 +60,7 @@ pub struct Controller {
     /// The hotplug manager and its waker, usable without the VM lock.
     hp: Arc<Mutex<HotplugManager>>,
     waker: HotplugWaker,
+    clock: crate::vm::hotplug::GuestClock,
     /// Where the incoming listener actually bound (port 0 resolved).
     listen_addr: Mutex<Option<std::net::SocketAddr>>,
     me: std::sync::Weak<Controller>,
@@ -119,9 +120,11 @@ impl Controller {
         let mem = vm.ram().mem().clone();
         let hp = vm.hotplug().clone();
         let waker = vm.hotplug_waker();
+        let clock = vm.guest_clock();
         Arc::new_cyclic(|me| Controller {
             hp,
             waker,
+            clock,
             boot_vcpus,
             autostart: AtomicBool::new(true),
             skip_incoming_reset: AtomicBool::new(false),
@@ -647,14 +650,16 @@ impl Controller {
             }
             // Sleep until the guest or management queued work, or the next unplug deadline
             // (guest-running time advances at most as fast as wall time).
-            let wait = {
-                let deadline = lock(&self.hp).next_deadline();
-                match (deadline, self.vm.try_lock()) {
-                    (Some(d), Ok(vm)) => Duration::from_millis(
-                        d.saturating_sub(vm.hotplug_clock_ms()).clamp(1, 1000),
-                    ),
-                    (_, Err(_)) => Duration::from_millis(20),
-                    (None, Ok(_)) => Duration::from_secs(1),
+            let wait = if self.run_state() == RunState::PostMigrate {
+                Duration::from_secs(1)
+            } else if self.migrating.load(Ordering::SeqCst) {
+                Duration::from_millis(20)
+            } else {
+                match lock(&self.hp).next_deadline() {
+                    Some(d) => {
+                        Duration::from_millis(d.saturating_sub(self.clock.now_ms()).clamp(1, 1000))
+                    }
+                    None => Duration::from_secs(1),
                 }
             };
             {
@@ -675,7 +680,9 @@ impl Controller {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             };
-            if self.migrating.load(Ordering::SeqCst) {
+            // During a migration, and for good once the guest was handed over, this side
+            // does nothing: the destination owns the guest's timers and events.
+            if self.migrating.load(Ordering::SeqCst) || self.run_state() == RunState::PostMigrate {
                 continue;
             }
             let now = vm.hotplug_clock_ms();
@@ -777,10 +784,10 @@ impl Controller {
     }
 
     fn query_connectors(&self) -> Value {
-        let now = self.vm.try_lock().map(|vm| vm.hotplug_clock_ms()).ok();
+        let now = self.clock.now_ms();
         let m = lock(&self.hp);
         let list: Vec<Value> = m
-            .query_connectors(now.unwrap_or(0))
+            .query_connectors(now)
             .into_iter()
             .map(|c| {
                 json!({
@@ -793,7 +800,7 @@ impl Controller {
                     "indicator": c.indicator,
                     "device": c.device,
                     "unplug-pending": c.unplug_pending,
-                    "remaining-ms": if now.is_some() { json!(c.remaining_ms) } else { Value::Null },
+                    "remaining-ms": c.remaining_ms,
                     "release-pending": c.release_pending,
                     "unplug-timed-out": c.unplug_timed_out,
                     "busy": c.busy,

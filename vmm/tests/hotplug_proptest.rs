@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use vmm::hotplug::{
-    Connector, ConnectorKind, DeviceProps, DrIndicator, GuestOp, HotplugManager, RunPhase,
+    Connector, ConnectorKind, DeviceProps, DrIndicator, DrcState, GuestOp, HotplugManager, RunPhase,
 };
 
 #[derive(Debug, Clone)]
@@ -245,12 +245,14 @@ fn round_trip(src: &HotplugManager, now: u64) {
         } else if version >= 2 {
             assert_eq!(s, d, "{at}");
         } else {
-            // v1 does not carry indicator and cursor: reset values
-            let ind = if s.kind() == ConnectorKind::PciFn {
-                DrIndicator::Active
-            } else {
-                DrIndicator::Inactive
-            };
+            // v1 does not carry indicator and cursor: the indicator follows the state
+            // (active once configured), the cursor restarts
+            let ind =
+                if s.kind() == ConnectorKind::PciFn && s.state() == DrcState::PhysicalConfigured {
+                    DrIndicator::Active
+                } else {
+                    DrIndicator::Inactive
+                };
             assert_eq!((d.dr_indicator(), d.cc_cursor()), (ind, 0), "{at}");
         }
     }

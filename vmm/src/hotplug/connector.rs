@@ -1092,7 +1092,10 @@ impl Connector {
             now_ms.saturating_add(left)
         });
         next.dr_indicator = if s.dr_indicator == ABSENT {
-            Self::reset_indicator(self.kind, true)
+            // A v1 stream does not carry the indicator: a configured function shows ACTIVE,
+            // one still waiting (e.g. for function 0 of its slot) INACTIVE, as a guest that
+            // never touched it would have left it.
+            Self::reset_indicator(self.kind, state == DrcState::PhysicalConfigured)
         } else {
             DrIndicator::from_wire(u32::from(s.dr_indicator))
                 .ok_or_else(|| err(format!("DR indicator {} is invalid", s.dr_indicator)))?
@@ -1751,7 +1754,13 @@ mod tests {
             let mut dst = conn(PciFn, PhysicalConfigured, true, false);
             dst.restore(&v1, 50, 1000).unwrap();
             assert_eq!(dst.state(), src.state());
-            assert_eq!(dst.dr_indicator(), DrIndicator::Active);
+            // without the v2 field the indicator follows the state
+            let ind = if src.state() == PhysicalConfigured {
+                DrIndicator::Active
+            } else {
+                DrIndicator::Inactive
+            };
+            assert_eq!(dst.dr_indicator(), ind);
             assert_eq!(dst.cc_cursor(), 0);
             assert_eq!(
                 dst.unplug_deadline_ms(),

@@ -200,6 +200,19 @@ struct Clock {
     since: Option<Instant>,
 }
 
+/// A handle on the guest-running clock that does not need the VM (QMP reads it while a
+/// migration holds the VM).
+#[derive(Clone, Debug)]
+pub struct GuestClock(Arc<Mutex<Clock>>);
+
+impl GuestClock {
+    /// Guest-running milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        let clk = lock(&self.0);
+        (clk.acc + clk.since.map(|t| t.elapsed()).unwrap_or_default()).as_millis() as u64
+    }
+}
+
 /// The VM's hotplug runtime (see the module docs). Field order is drop order: hot vCPU
 /// threads stop before the blocks are unmapped.
 pub struct VmHotplug {
@@ -211,7 +224,7 @@ pub struct VmHotplug {
     fd: Arc<VmFd>,
     core_vcpu_base: u8,
     core_entry: u64,
-    clock: Mutex<Clock>,
+    clock: Arc<Mutex<Clock>>,
 }
 
 impl std::fmt::Debug for VmHotplug {
@@ -377,7 +390,7 @@ impl VmHotplug {
             fd: fd.clone(),
             core_vcpu_base: config.vcpus,
             core_entry: image.core_entry,
-            clock: Mutex::new(Clock::default()),
+            clock: Arc::new(Mutex::new(Clock::default())),
         })
     }
 
@@ -510,9 +523,12 @@ impl Vm {
 
     /// Guest-running milliseconds (advances only between [`Vm::resume`] and [`Vm::pause`]).
     pub fn hotplug_clock_ms(&self) -> u64 {
-        let clk = lock(&self.hp.clock);
-        let d = clk.acc + clk.since.map(|t| t.elapsed()).unwrap_or_default();
-        d.as_millis() as u64
+        GuestClock(self.hp.clock.clone()).now_ms()
+    }
+
+    /// A handle on the guest-running clock usable without the VM.
+    pub fn guest_clock(&self) -> GuestClock {
+        GuestClock(self.hp.clock.clone())
     }
 
     /// Ticks the unplug timers at `now_ms`, applies every queued effect and returns the
