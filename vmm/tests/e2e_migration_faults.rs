@@ -271,3 +271,56 @@ fn a_completed_source_refuses_cont() {
     let e = s.err("cont", json!({}));
     assert!(e.contains("running it here too would run it twice"), "{e}");
 }
+
+/// A relay that delays every chunk in both directions by `delay` (a slow, long link).
+fn delaying_relay(to: String, delay: std::time::Duration) -> (String, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (a, _) = l.accept().unwrap();
+        let b = TcpStream::connect(&to).unwrap();
+        let pump = move |mut from: TcpStream, mut to: TcpStream| {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // Simulated propagation delay (this is the network, not test synchronisation).
+                thread::sleep(delay);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        };
+        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = thread::spawn(move || pump(b2, a2));
+        pump(a, b);
+        let _ = back.join();
+    });
+    (addr, h)
+}
+
+#[test]
+fn migration_converges_over_a_delaying_link() {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst");
+    let port = d.incoming_port();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    s.wait_pass(2);
+    // Every chunk waits 2 ms each way: a slow link; the downtime limit allows for it.
+    s.ok("migrate-set-parameters", json!({"downtime-limit": 3000}));
+    let (addr, h) = delaying_relay(
+        format!("127.0.0.1:{port}"),
+        std::time::Duration::from_millis(2),
+    );
+    s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "{info}");
+    h.join().unwrap();
+    d.wait_migration(&["completed"]);
+    assert_eq!(d.status(), "running");
+    d.ok("stop", json!({}));
+    assert_eq!(d.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+}
