@@ -112,7 +112,7 @@ fn run<V: DestinationVm>(
     let mut catalog = vm.catalog();
     crate::config::register(&mut catalog);
     let mut stream = StreamReader::new(
-        TeeReader::new(BufReader::with_capacity(4 << 20, reader), dump),
+        TeeReader::new(BufReader::with_capacity(256 << 10, reader), dump),
         Some(&catalog),
     )?;
     let machine = vm.machine();

@@ -211,6 +211,14 @@ pub fn send<V: SourceVm>(
         &mut committed,
     );
     progress.set_socket(None);
+    // A cancel shuts the socket down, so the engine usually notices it as an I/O error:
+    // report what happened, not its symptom.
+    let res = match res {
+        Err(e) if progress.cancelled() && !committed && !matches!(e, MigrationError::Cancelled) => {
+            Err(MigrationError::Cancelled)
+        }
+        other => other,
+    };
     match &res {
         Ok(()) => {
             info!(?was_running, "migration completed");
@@ -288,7 +296,7 @@ fn run<V: SourceVm>(
     let machine = vm.machine();
     let producer = concat!("ferry ", env!("CARGO_PKG_VERSION"));
     let mut out: Out = StreamWriter::new(
-        BufWriter::with_capacity(4 << 20, TeeWriter::new(fwd, dump)),
+        BufWriter::with_capacity(256 << 10, TeeWriter::new(fwd, dump)),
         machine,
         producer,
     )
