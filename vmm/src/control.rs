@@ -423,6 +423,9 @@ impl Controller {
             RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
             _ => {}
         }
+        // Effects the service thread has not applied yet (a configured core to start, a
+        // released device to tear down) must be in place before the configuration is sent.
+        lock(&self.vm).apply_pending_hotplug();
         let progress = Arc::new(Progress::new(Some(self.progress_listener())));
         progress.set_status(Status::Setup);
         *lock(&self.progress) = Some(progress.clone());

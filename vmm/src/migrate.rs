@@ -309,6 +309,9 @@ impl SourceVm for VmMigration<'_> {
     }
 
     fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, String> {
+        // A core the guest finished configuring while RAM was copied starts here (paused),
+        // so the destination runs it too.
+        self.vm.apply_pending_hotplug();
         all_sections(self.vm, m).map_err(words)
     }
 

@@ -543,6 +543,18 @@ impl Vm {
         self.apply_queued()
     }
 
+    /// Applies the effects queued so far (start a configured core, tear down a released
+    /// device) without ticking the unplug timers; events stay queued for
+    /// [`Vm::process_hotplug`]. Migration calls it before the handshake and again at
+    /// stop-and-copy, so what it saves is what the guest sees.
+    pub fn apply_pending_hotplug(&mut self) {
+        {
+            let mut m = lock(&self.hp.mgr);
+            self.hp.shared.pump(&mut m);
+        }
+        self.apply_queued_effects();
+    }
+
     /// Sets how the test guest answers unplug requests (mailbox `hp_mode`).
     pub fn set_guest_hotplug_mode(&self, mode: GuestHotplugMode) -> Result<(), VmError> {
         Mailbox::write_field(self.ram.mem(), hp::MODE, mode.wire())?;
