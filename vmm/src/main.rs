@@ -175,7 +175,7 @@ fn run(args: RunArgs) -> Result<()> {
     ctl.set_autostart(!args.paused);
     ctl.set_skip_incoming_reset(args.x_skip_incoming_reset);
     ctl.start_hotplug_service();
-    let _server = match &args.qmp {
+    let server_task = match &args.qmp {
         Some(spec) => {
             let path = spec
                 .strip_prefix("unix:")
@@ -208,6 +208,12 @@ fn run(args: RunArgs) -> Result<()> {
     tracing::info!(state = ctl.run_state().as_str(), "quitting");
     if ctl.run_state() == RunState::Shutdown {
         bail!("Guest stopped");
+    }
+    // Let the QMP server finish: `quit`'s reply and the SHUTDOWN event reach the clients
+    // before the process exits.
+    if let Some(task) = server_task {
+        let _ =
+            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
     }
     runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(())
