@@ -11,17 +11,26 @@ raises.
 import asyncio
 import sys
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 TIMEOUT = 30
 
 
-async def wait_event(qmp, name, pred=lambda data: True):
+def watch(qmp, name, pred=lambda data: True):
+    """Start waiting for an event with its own listener (registered now, before the command
+    that causes it), so concurrent waiters on one client never steal each other's events."""
+    listener = EventListener((name,))
+    qmp.register_listener(listener)
+
     async def inner():
-        async for ev in qmp.events:
-            if ev["event"] == name and pred(ev.get("data", {})):
-                return ev
-    return await asyncio.wait_for(inner(), TIMEOUT)
+        try:
+            async for ev in listener:
+                if pred(ev.get("data", {})):
+                    return ev
+        finally:
+            qmp.remove_listener(listener)
+
+    return asyncio.ensure_future(asyncio.wait_for(inner(), TIMEOUT))
 
 
 async def main(src_path, dst_path):
@@ -81,10 +90,10 @@ async def main(src_path, dst_path):
     except ExecuteError as e:
         assert str(e) == "Guest is waiting for an incoming migration", str(e)
 
-    src_done = asyncio.ensure_future(wait_event(src, "MIGRATION", lambda d: d["status"] == "completed"))
-    dst_done = asyncio.ensure_future(wait_event(dst, "MIGRATION", lambda d: d["status"] == "completed"))
-    src_stop = asyncio.ensure_future(wait_event(src, "STOP"))
-    dst_resume = asyncio.ensure_future(wait_event(dst, "RESUME"))
+    src_done = watch(src, "MIGRATION", lambda d: d["status"] == "completed")
+    dst_done = watch(dst, "MIGRATION", lambda d: d["status"] == "completed")
+    src_stop = watch(src, "STOP")
+    dst_resume = watch(dst, "RESUME")
     # libvirt sends detach: accepted and ignored.
     await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}", "detach": True})
     # Hotplug is refused on the source while the migration runs (it may already be over).
