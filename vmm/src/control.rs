@@ -478,15 +478,28 @@ impl Controller {
             }
         };
         *lock(&self.incoming) = IncomingMode::Started(uri.to_owned());
+        // A file is read at once: its progress replaces the last attempt's before this
+        // command returns, so `query-migrate` never shows a stale result for it.
+        let first = matches!(parsed, Uri::File(_)).then(|| {
+            let p = Arc::new(Progress::new(Some(self.progress_listener())));
+            p.set_status(Status::Setup);
+            *lock(&self.progress) = Some(p.clone());
+            p
+        });
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(move || me.run_incoming(parsed, listener))
+            .spawn(move || me.run_incoming(parsed, listener, first))
             .map_err(|e| format!("Cannot start the incoming migration thread: {e}"))?;
         Ok(())
     }
 
-    fn run_incoming(&self, uri: Uri, listener: Option<std::net::TcpListener>) {
+    fn run_incoming(
+        &self,
+        uri: Uri,
+        listener: Option<std::net::TcpListener>,
+        mut first: Option<Arc<Progress>>,
+    ) {
         loop {
             let incoming = match (&uri, &listener) {
                 (Uri::Tcp(_), Some(l)) => match l.accept() {
@@ -513,7 +526,9 @@ impl Controller {
                 },
                 _ => return,
             };
-            let progress = Arc::new(Progress::new(Some(self.progress_listener())));
+            let progress = first
+                .take()
+                .unwrap_or_else(|| Arc::new(Progress::new(Some(self.progress_listener()))));
             *lock(&self.progress) = Some(progress.clone());
             let params = lock(&self.params).clone();
             let mut vm = lock(&self.vm);
