@@ -30,17 +30,29 @@ enum Cut {
     AtDeviceState,
 }
 
-/// A one-connection relay on loopback that forwards both directions and cuts the link.
-fn relay(to: String, cut: Cut) -> (String, thread::JoinHandle<()>) {
+/// A one-connection relay on loopback: `forward(source, destination)` and
+/// `back(destination, source)` run on their own threads and decide what passes.
+fn relay_with(
+    to: String,
+    forward: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
+    back: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
+) -> (String, thread::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let h = thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let mut b = TcpStream::connect(&to).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let back = thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
-        });
+        let (a, _) = l.accept().unwrap();
+        let b = TcpStream::connect(&to).unwrap();
+        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = thread::spawn(move || back(b2, a2));
+        forward(a, b);
+        let _ = back.join();
+    });
+    (addr, h)
+}
+
+/// Forwards both directions and cuts the link (both ways) as `cut` says.
+fn relay(to: String, cut: Cut) -> (String, thread::JoinHandle<()>) {
+    let forward = move |mut a: TcpStream, mut b: TcpStream| {
         let mut buf = vec![0u8; 64 << 10];
         let mut seen = 0usize;
         let mut tail: Vec<u8> = Vec::new();
@@ -74,9 +86,10 @@ fn relay(to: String, cut: Cut) -> (String, thread::JoinHandle<()>) {
         // Cut both directions.
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
-        let _ = back.join();
-    });
-    (addr, h)
+    };
+    relay_with(to, forward, |mut b, mut a| {
+        let _ = std::io::copy(&mut b, &mut a);
+    })
 }
 
 fn dst(dir: &std::path::Path, name: &str) -> Ferry {
@@ -194,34 +207,28 @@ fn killed_destination_leaves_the_source_running() {
 /// A relay that forwards the source's stream (COMMIT included) but passes only the first
 /// `back_limit` bytes of the destination's replies, then hangs up on the source.
 fn relay_losing_replies(to: String, back_limit: usize) -> (String, thread::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let h = thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let mut b = TcpStream::connect(&to).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let back = thread::spawn(move || {
-            let mut left = back_limit;
-            let mut buf = [0u8; 64];
-            while left > 0 {
-                let n = match b2.read(&mut buf[..left.min(64)]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if a2.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                left -= n;
-            }
-            // The destination's later replies (Committed) are lost: the source hears EOF.
-            let _ = a2.shutdown(Shutdown::Write);
-            let _ = std::io::copy(&mut b2, &mut std::io::sink());
-        });
+    let forward = |mut a: TcpStream, mut b: TcpStream| {
         let _ = std::io::copy(&mut a, &mut b);
         let _ = b.shutdown(Shutdown::Write);
-        let _ = back.join();
-    });
-    (addr, h)
+    };
+    let back = move |mut b: TcpStream, mut a: TcpStream| {
+        let mut left = back_limit;
+        let mut buf = [0u8; 64];
+        while left > 0 {
+            let n = match b.read(&mut buf[..left.min(64)]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if a.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            left -= n;
+        }
+        // The destination's later replies (Committed) are lost: the source hears EOF.
+        let _ = a.shutdown(Shutdown::Write);
+        let _ = std::io::copy(&mut b, &mut std::io::sink());
+    };
+    relay_with(to, forward, back)
 }
 
 #[test]
@@ -274,32 +281,22 @@ fn a_completed_source_refuses_cont() {
 
 /// A relay that delays every chunk in both directions by `delay` (a slow, long link).
 fn delaying_relay(to: String, delay: std::time::Duration) -> (String, thread::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let h = thread::spawn(move || {
-        let (a, _) = l.accept().unwrap();
-        let b = TcpStream::connect(&to).unwrap();
-        let pump = move |mut from: TcpStream, mut to: TcpStream| {
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                let n = match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                // Simulated propagation delay (this is the network, not test synchronisation).
-                thread::sleep(delay);
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
+    let pump = move |mut from: TcpStream, mut to: TcpStream| {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            // Simulated propagation delay (this is the network, not test synchronisation).
+            thread::sleep(delay);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
             }
-            let _ = to.shutdown(Shutdown::Write);
-        };
-        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let back = thread::spawn(move || pump(b2, a2));
-        pump(a, b);
-        let _ = back.join();
-    });
-    (addr, h)
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    };
+    relay_with(to, pump, pump)
 }
 
 #[test]
