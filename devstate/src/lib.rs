@@ -13,6 +13,7 @@ mod error;
 mod field;
 pub mod schema;
 mod section;
+pub mod sparse;
 pub mod stream;
 
 pub use error::DecodeError;

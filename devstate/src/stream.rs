@@ -6,7 +6,9 @@
 //! header  := "FERRYSTM" | u16 format=1 | u8 n | machine[n] | u8 n | producer[n] | u32 crc
 //! record  := config | ram | section | end          (tag byte first; tag 0 is invalid)
 //! config  := 0x01 | same framing as a section      (exactly one, first)
-//! ram     := 0x02 | u64 gpa | u32 pages | u8 kind(1 ZERO, 2 DATA) | DATA: pages*4096 bytes | u32 crc
+//! ram     := 0x02 | u64 gpa | u32 pages | u8 kind | body | u32 crc
+//!            kind 1 ZERO: no body; 2 DATA: pages*4096 bytes; 3 SPARSE: u32 len | len bytes
+//!            (see [`crate::sparse`]; only on connections whose destination offered it)
 //! section := 0x03 | u8 n | name[n] | u32 instance | u32 version | u32 len | payload[len] | u32 crc
 //! payload := u32 body_len | body | u8 nsub | (u8 n | name[n] | u32 version | u32 len | body)*
 //! end     := 0x04 | u64 records | u32 crc
@@ -63,6 +65,8 @@ pub enum RamKind {
     Zero = 1,
     /// Page contents follow.
     Data = 2,
+    /// Pages encoded as non-zero 64-byte blocks ([`crate::sparse`]).
+    Sparse = 3,
 }
 
 /// The stream header.
@@ -275,6 +279,8 @@ pub struct StreamWriter<W: Write> {
     machine: &'static MachineType,
     records: u64,
     bytes: u64,
+    /// Encoding buffer for SPARSE bodies.
+    scratch: Vec<u8>,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -287,6 +293,7 @@ impl<W: Write> StreamWriter<W> {
             machine,
             records: 0,
             bytes: h.len() as u64,
+            scratch: Vec::new(),
         })
     }
 
@@ -346,6 +353,30 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// Write a SPARSE record for whole pages starting at `gpa`; `masks` holds each page's
+    /// [`sparse::block_mask`](crate::sparse::block_mask). Only for readers that accept it.
+    pub fn ram_sparse(&mut self, gpa: u64, data: &[u8], masks: &[u64]) -> io::Result<()> {
+        let pages = u32::try_from(masks.len()).unwrap_or(u32::MAX);
+        if data.len() != masks.len() * PAGE_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "sparse RAM data does not match its masks",
+            ));
+        }
+        check_ram(gpa, pages, MAX_DATA_PAGES)?;
+        let mut body = std::mem::take(&mut self.scratch);
+        body.clear();
+        body.extend_from_slice(&[0; 4]);
+        crate::sparse::encode(data, masks, &mut body);
+        let len = (body.len() - 4) as u32;
+        body[..4].copy_from_slice(&len.to_le_bytes());
+        let res = ram_record(gpa, pages, RamKind::Sparse, &body, &mut self.w);
+        self.scratch = body;
+        self.bytes += res?;
+        self.records += 1;
+        Ok(())
+    }
+
     /// Flush buffered records to the underlying writer.
     pub fn flush(&mut self) -> io::Result<()> {
         self.w.flush()
@@ -388,8 +419,11 @@ pub struct RamRecord<'a> {
     pub gpa: u64,
     /// Number of pages.
     pub pages: u32,
-    /// Page contents, or `None` when the pages are zero.
+    /// Page contents, or `None` when the pages are zero or arrive as `sparse`.
     pub data: Option<&'a [u8]>,
+    /// A SPARSE record's body (validated, not expanded), for readers that asked for it with
+    /// [`StreamReader::keep_sparse`].
+    pub sparse: Option<&'a [u8]>,
     /// Absolute offset of the record.
     pub offset: u64,
 }
@@ -431,6 +465,8 @@ pub struct StreamReader<'c, R: Read> {
     expected: BTreeSet<(String, u32)>,
     records: u64,
     buf: Vec<u8>,
+    sparse: Vec<u8>,
+    keep_sparse: bool,
 }
 
 impl<'c, R: Read> StreamReader<'c, R> {
@@ -480,6 +516,8 @@ impl<'c, R: Read> StreamReader<'c, R> {
             expected,
             records: 0,
             buf: Vec::new(),
+            sparse: Vec::new(),
+            keep_sparse: false,
         })
     }
 
@@ -496,6 +534,12 @@ impl<'c, R: Read> StreamReader<'c, R> {
     /// The underlying reader (bytes after the end marker, such as COMMIT, are still there).
     pub fn into_inner(self) -> R {
         self.r
+    }
+
+    /// Hand SPARSE bodies out as [`RamRecord::sparse`] instead of expanding them into `data`
+    /// (a destination that writes them into guest memory directly).
+    pub fn keep_sparse(&mut self, on: bool) {
+        self.keep_sparse = on;
     }
 
     /// Require section `name` instance `instance` before the end marker.
@@ -551,22 +595,47 @@ impl<'c, R: Read> StreamReader<'c, R> {
         let gpa = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
         let pages = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes"));
         let bad = |why: String| DecodeError::BadRam { offset: at, why };
-        let data_len = match head[13] {
+        let kind = head[13];
+        let data_len = match kind {
             1 if (1..=MAX_ZERO_PAGES).contains(&pages) => 0,
             2 if (1..=MAX_DATA_PAGES).contains(&pages) => pages as usize * PAGE_SIZE,
-            1 | 2 => return Err(bad(format!("page count {pages} out of range"))),
+            3 if (1..=MAX_DATA_PAGES).contains(&pages) => {
+                let mut len = [0u8; 4];
+                self.read(&mut len, "RAM record")?;
+                let len = u32::from_le_bytes(len) as usize;
+                let max = pages as usize * crate::sparse::MAX_PAGE_ENCODED;
+                if len > max {
+                    return Err(bad(format!(
+                        "sparse body of {len} bytes exceeds {max} for {pages} pages"
+                    )));
+                }
+                4 + len
+            }
+            1..=3 => return Err(bad(format!("page count {pages} out of range"))),
             k => return Err(bad(format!("unknown kind {k}"))),
         };
-        self.buf.resize(data_len, 0);
-        let mut data = std::mem::take(&mut self.buf);
-        let res = self.read(&mut data, "RAM record");
-        self.buf = data;
-        res?;
+        // DATA lands in `buf`; a SPARSE body (with its length) in `sparse`, expanded below.
+        let mut data = std::mem::take(if kind == 3 {
+            &mut self.sparse
+        } else {
+            &mut self.buf
+        });
+        data.resize(data_len, 0);
+        if kind == 3 {
+            data[..4].copy_from_slice(&((data_len - 4) as u32).to_le_bytes());
+            let res = self.read(&mut data[4..], "RAM record");
+            self.sparse = data;
+            res?;
+        } else {
+            let res = self.read(&mut data, "RAM record");
+            self.buf = data;
+            res?;
+        }
         let mut crc = [0u8; 4];
         self.read(&mut crc, "RAM record")?;
         let mut h = crc32fast::Hasher::new();
         h.update(&head);
-        h.update(&self.buf);
+        h.update(if kind == 3 { &self.sparse } else { &self.buf });
         let computed = h.finalize();
         let stored = u32::from_le_bytes(crc);
         if stored != computed {
@@ -586,11 +655,19 @@ impl<'c, R: Read> StreamReader<'c, R> {
         {
             return Err(bad(format!("range at {gpa:#x} overflows")));
         }
+        let keep = kind == 3 && self.keep_sparse;
+        if keep {
+            crate::sparse::validate(&self.sparse[4..], pages).map_err(bad)?;
+        } else if kind == 3 {
+            self.buf.resize(pages as usize * PAGE_SIZE, 0);
+            crate::sparse::decode(&self.sparse[4..], &mut self.buf).map_err(bad)?;
+        }
         self.records += 1;
         Ok(Item::Ram(RamRecord {
             gpa,
             pages,
-            data: (head[13] == RamKind::Data as u8).then_some(self.buf.as_slice()),
+            data: (kind != RamKind::Zero as u8 && !keep).then_some(self.buf.as_slice()),
+            sparse: keep.then(|| &self.sparse[4..]),
             offset: at,
         }))
     }

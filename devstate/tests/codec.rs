@@ -404,3 +404,55 @@ fn an_abandoned_stream_says_why() {
         Err(DecodeError::CrcMismatch { .. })
     ));
 }
+
+/// A SPARSE record round-trips to the same pages as DATA, costs a fraction of the bytes, and a
+/// body whose masks disagree with its length is refused with the record's offset.
+#[test]
+fn sparse_records_expand_to_their_pages() {
+    let mut pages = vec![0u8; 3 * 4096];
+    pages[0] = 1; // one byte in page 0
+    pages[4096 + 100] = 2; // page 1
+    pages[2 * 4096..2 * 4096 + 64].fill(3); // first block of page 2
+    let masks: Vec<u64> = pages
+        .chunks_exact(4096)
+        .map(devstate::sparse::block_mask)
+        .collect();
+    let mut w = StreamWriter::new(Vec::new(), m("ferry"), "t").unwrap();
+    w.config(&mut Config::default()).unwrap();
+    let before = w.bytes_written();
+    w.ram_sparse(0x20000, &pages, &masks).unwrap();
+    let sparse_len = w.bytes_written() - before;
+    assert_eq!(sparse_len, 14 + 4 + 3 * (8 + 64) + 4);
+    w.section(&mut Cpu::default(), 0).unwrap();
+    let bytes = w.finish().unwrap();
+    let cat = catalog();
+    let mut r = StreamReader::new(bytes.as_slice(), Some(&cat)).unwrap();
+    assert!(matches!(r.next_item().unwrap(), Item::Config(_)));
+    match r.next_item().unwrap() {
+        Item::Ram(rec) => {
+            assert_eq!((rec.gpa, rec.pages), (0x20000, 3));
+            assert_eq!(rec.data, Some(pages.as_slice()));
+        }
+        other => panic!("expected a RAM record, got {other:?}"),
+    }
+    decode(&bytes).unwrap();
+
+    // The last mask claiming one block more than the body holds, with a valid CRC.
+    let at = before as usize;
+    let mut bad = bytes.clone();
+    bad[at + 18 + 2 * 72] |= 0x02; // page 2's mask: a second block
+    let crc_at = at + sparse_len as usize - 4;
+    let crc = crc32fast::hash(&bad[at..crc_at]);
+    bad[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    let err = decode(&bad).unwrap_err();
+    assert!(
+        matches!(err, DecodeError::BadRam { offset, .. } if offset == before),
+        "{err}"
+    );
+    assert!(err.to_string().contains("sparse body"), "{err}");
+    // A length over the bound is refused before anything is read.
+    let mut big = bytes.clone();
+    big[at + 14..at + 18].copy_from_slice(&u32::MAX.to_le_bytes());
+    let err = decode(&big).unwrap_err();
+    assert!(err.to_string().contains("exceeds"), "{err}");
+}

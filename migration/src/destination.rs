@@ -2,7 +2,10 @@
 
 use crate::config::{ConfigRecord, SwitchoverRecord};
 use crate::progress::{Progress, Status};
-use crate::protocol::{ACCEPTED_PROTOCOLS, Hello, Kind, Msg, PROTOCOL_VERSION};
+use crate::protocol::{
+    ACCEPTED_PROTOCOLS, FEATURE_PROGRESS, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
+    SUPPORTED_FEATURES,
+};
 use crate::transport::TeeReader;
 use crate::vm::DestinationVm;
 use crate::{MigrationError, Params};
@@ -42,6 +45,9 @@ pub fn receive<V: DestinationVm>(
     progress.set_status(Status::Setup);
     let mut ret = match &incoming {
         Incoming::Tcp(s) => {
+            // Control messages are small and latency-bound (Nagle would hold each one until
+            // the previous is acknowledged: tens of milliseconds of downtime).
+            s.set_nodelay(true).ok();
             s.set_read_timeout(Some(params.io_timeout)).ok();
             s.set_write_timeout(Some(params.io_timeout)).ok();
             progress.set_socket(s.try_clone().ok());
@@ -88,6 +94,7 @@ fn run<V: DestinationVm>(
         Some(p) => Some(crate::transport::create_capture(p)?),
         None => None,
     };
+    let mut report_progress = false;
     let reader: Box<dyn Read + Send> = match incoming {
         Incoming::Tcp(mut s) => {
             let hello = Hello::read(&mut s).map_err(io_err("handshake"))?;
@@ -101,7 +108,10 @@ fn run<V: DestinationVm>(
                 ));
             }
             if let Some(r) = ret.as_mut() {
-                Msg::new(Kind::HelloAck, u64::from(PROTOCOL_VERSION))
+                let accepted = hello.features & SUPPORTED_FEATURES;
+                report_progress = accepted & FEATURE_PROGRESS != 0;
+                let value = u64::from(PROTOCOL_VERSION) | u64::from(accepted) << 32;
+                Msg::new(Kind::HelloAck, value)
                     .write(r)
                     .map_err(io_err("handshake"))?;
             }
@@ -126,6 +136,7 @@ fn run<V: DestinationVm>(
             ),
         ));
     }
+    stream.keep_sparse(true);
     for (name, instance) in vm.expected_sections() {
         stream.expect(&name, instance);
     }
@@ -148,12 +159,35 @@ fn run<V: DestinationVm>(
     }
     progress.set_status(Status::Active);
     let mut sections: Vec<RawSection> = Vec::new();
+    // Pages written, and the count last reported to the source.
+    let (mut written, mut reported) = (0u64, 0u64);
+    // Time spent writing pages, and reading (waiting for) the stream, for the log.
+    let (mut write_time, mut read_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     loop {
-        match stream.next_item()? {
+        let t = std::time::Instant::now();
+        let item = stream.next_item()?;
+        read_time += t.elapsed();
+        match item {
             Item::Ram(rec) => {
-                let (gpa, pages, zero) = (rec.gpa, rec.pages, rec.data.is_none());
-                vm.write_ram(gpa, pages, rec.data)
-                    .map_err(MigrationError::Vm)?;
+                let t = std::time::Instant::now();
+                let (gpa, pages) = (rec.gpa, rec.pages);
+                let zero = rec.data.is_none() && rec.sparse.is_none();
+                match rec.sparse {
+                    Some(body) => vm.write_ram_sparse(gpa, pages, body),
+                    None => vm.write_ram(gpa, pages, rec.data),
+                }
+                .map_err(MigrationError::Vm)?;
+                write_time += t.elapsed();
+                written += u64::from(pages);
+                if report_progress
+                    && written - reported >= PROGRESS_PAGES
+                    && let Some(r) = ret.as_mut()
+                {
+                    // A report that cannot be written means the source is gone: the next
+                    // read says where the stream stopped, which is the better error.
+                    report_progress = Msg::new(Kind::Received, written).write(r).is_ok();
+                    reported = written;
+                }
                 progress.update(|s| {
                     if zero {
                         s.zero_pages += u64::from(pages);
@@ -176,6 +210,13 @@ fn run<V: DestinationVm>(
             Item::End => break,
         }
     }
+    let end_at = std::time::Instant::now();
+    info!(
+        pages = written,
+        write_ms = write_time.as_secs_f64() * 1e3,
+        read_ms = read_time.as_secs_f64() * 1e3,
+        "stream received"
+    );
     progress.update(|s| s.transferred = stream.offset());
     let switch_at = sections
         .iter()
@@ -192,6 +233,11 @@ fn run<V: DestinationVm>(
     Msg::new(Kind::Loaded, sections.len() as u64)
         .write(r)
         .map_err(io_err("switchover"))?;
+    info!(
+        sections = sections.len(),
+        ms = end_at.elapsed().as_secs_f64() * 1e3,
+        "device state loaded"
+    );
     // COMMIT comes on the forward path, after the end marker.
     let mut rest = stream.into_inner().into_inner();
     let m = Msg::read(&mut rest).map_err(io_err("waiting for COMMIT"))?;
@@ -203,6 +249,7 @@ fn run<V: DestinationVm>(
     }
     vm.commit(switchover.source_running)
         .map_err(MigrationError::Vm)?;
+    info!(ms = end_at.elapsed().as_secs_f64() * 1e3, "committed");
     // The guest is ours now; an unheard ack only leaves the source in "state unknown".
     if let Err(e) = Msg::new(Kind::Committed, 0).write(r) {
         error!(error = %e, "could not acknowledge COMMIT; the guest runs here regardless");

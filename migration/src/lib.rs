@@ -57,6 +57,9 @@ pub struct Params {
     pub io_timeout: Duration,
     /// Keep a copy of the forward stream here (`--dump-stream`).
     pub dump_stream: Option<PathBuf>,
+    /// Send mostly-zero pages as SPARSE records when the destination accepts them (TCP
+    /// only; default on). `file:` streams always use DATA, so any build reads them.
+    pub sparse_pages: bool,
 }
 
 impl Default for Params {
@@ -68,6 +71,7 @@ impl Default for Params {
             switchover_policy: SwitchoverPolicy::Cancel,
             io_timeout: Duration::from_secs(10),
             dump_stream: None,
+            sparse_pages: true,
         }
     }
 }

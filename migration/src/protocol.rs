@@ -7,11 +7,12 @@
 //!
 //! ```text
 //! source                                   destination
-//!   | Hello(proto)                    --->   |  refuse an unknown protocol version
-//!   |                                 <---   | HelloAck(proto) | Refuse(text)
+//!   | Hello(proto, features)          --->   |  refuse an unknown protocol version
+//!   |                                 <---   | HelloAck(proto, accepted features) | Refuse
 //!   | header, config record           --->   |  compare machine type and configuration,
 //!   |                                 <---   | Accept | Refuse(list of differences)
 //!   | RAM records (pre-copy passes)   --->   |  reset connectors, write pages
+//!   |                                 <---   | Received(pages written) every 4096 pages
 //!   | [pause] last RAM, sections, end --->   |  validate and load everything
 //!   |                                 <---   | Loaded | Failed(text)
 //!   | Commit                          --->   |  from here the source never resumes
@@ -30,6 +31,15 @@ pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Protocol versions this build accepts (the current one and the previous one).
 pub const ACCEPTED_PROTOCOLS: [u16; 1] = [PROTOCOL_VERSION];
+/// Feature bit: the destination reads SPARSE RAM records (`devstate::sparse`).
+pub const FEATURE_SPARSE_PAGES: u32 = 1;
+/// Feature bit: the destination reports its progress with [`Kind::Received`] messages, so the
+/// source can wait for it to catch up before it decides to stop the guest.
+pub const FEATURE_PROGRESS: u32 = 2;
+/// Features this build can receive.
+pub const SUPPORTED_FEATURES: u32 = FEATURE_SPARSE_PAGES | FEATURE_PROGRESS;
+/// The destination sends [`Kind::Received`] each time it has written this many more pages.
+pub const PROGRESS_PAGES: u64 = 4096;
 /// Longest text a control message may carry.
 pub const MAX_TEXT: u32 = 64 << 10;
 
@@ -37,7 +47,8 @@ pub const MAX_TEXT: u32 = 64 << 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
-    /// Destination: the protocol version is accepted (`value` = version).
+    /// Destination: the protocol version is accepted (`value` = version in bits 0..16, the
+    /// [`Hello`] features it accepts in bits 32..64).
     HelloAck = 1,
     /// Destination: the configuration matches; pages may follow.
     Accept = 2,
@@ -51,6 +62,8 @@ pub enum Kind {
     Commit = 6,
     /// Destination: COMMIT received; the guest runs here now.
     Committed = 7,
+    /// Destination: pages written so far (`value`); only with [`FEATURE_PROGRESS`].
+    Received = 8,
 }
 
 impl Kind {
@@ -63,16 +76,21 @@ impl Kind {
             5 => Kind::Failed,
             6 => Kind::Commit,
             7 => Kind::Committed,
+            8 => Kind::Received,
             _ => return None,
         })
     }
 }
 
-/// The first 16 bytes on the forward path: magic, protocol version, reserved.
+/// The first 16 bytes on the forward path: magic, protocol version, offered features,
+/// reserved. A peer that predates a feature bit reads it as reserved and accepts nothing, so
+/// features never need a new protocol version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// Protocol version of the sender.
     pub protocol: u16,
+    /// `FEATURE_*` bits the source would like to use.
+    pub features: u32,
 }
 
 impl Hello {
@@ -81,6 +99,7 @@ impl Hello {
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&HELLO_MAGIC);
         b[8..10].copy_from_slice(&self.protocol.to_le_bytes());
+        b[10..14].copy_from_slice(&self.features.to_le_bytes());
         w.write_all(&b)?;
         w.flush()
     }
@@ -97,6 +116,7 @@ impl Hello {
         }
         Ok(Hello {
             protocol: u16::from_le_bytes([b[8], b[9]]),
+            features: u32::from_le_bytes(b[10..14].try_into().expect("4 bytes")),
         })
     }
 }
@@ -187,13 +207,17 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let mut buf = Vec::new();
-        Hello { protocol: 1 }.write(&mut buf).unwrap();
+        let hello = Hello {
+            protocol: 1,
+            features: FEATURE_SPARSE_PAGES,
+        };
+        hello.write(&mut buf).unwrap();
         Msg::with_text(Kind::Refuse, "vCPUs: source 2, destination 1")
             .write(&mut buf)
             .unwrap();
         Msg::new(Kind::Loaded, 42).write(&mut buf).unwrap();
         let mut r = buf.as_slice();
-        assert_eq!(Hello::read(&mut r).unwrap(), Hello { protocol: 1 });
+        assert_eq!(Hello::read(&mut r).unwrap(), hello);
         let m = Msg::read(&mut r).unwrap();
         assert_eq!(
             (m.kind, m.text.as_str()),

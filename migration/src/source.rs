@@ -2,10 +2,13 @@
 
 use crate::config::SwitchoverRecord;
 use crate::progress::{Progress, Status};
-use crate::protocol::{Hello, Kind, Msg, PROTOCOL_VERSION};
+use crate::protocol::{
+    FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
+};
 use crate::transport::{self, TeeWriter, Uri};
 use crate::vm::{DirtyRegion, SourceVm};
 use crate::{MigrationError, Params, SwitchoverPolicy};
+use devstate::sparse::{MAX_SPARSE_BLOCKS, block_mask};
 use devstate::{PAGE_SIZE, StreamWriter};
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
@@ -20,6 +23,9 @@ struct Sender<'a, V: SourceVm> {
     vm: &'a mut V,
     progress: &'a Progress,
     buf: Vec<u8>,
+    /// Whether the destination takes SPARSE records, and each page's block mask.
+    sparse: bool,
+    masks: Vec<u64>,
     /// Bytes written at the start of the current iteration, and when it started.
     iter_bytes: u64,
     iter_start: Instant,
@@ -27,10 +33,31 @@ struct Sender<'a, V: SourceVm> {
     /// the link's real rate (zero-page scans cost time but no wire bytes).
     data_bytes: u64,
     data_time: Duration,
+    /// Pages put in RAM records so far, and the destination's last report of pages written.
+    pages_sent: u64,
+    dest_written: u64,
+}
+
+/// Read the next return-path message that is not a progress report.
+fn read_reply(ret: &mut TcpStream) -> std::io::Result<Msg> {
+    loop {
+        let m = Msg::read(ret)?;
+        if m.kind != Kind::Received {
+            return Ok(m);
+        }
+    }
 }
 
 fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { phase, source }
+}
+
+/// How a page travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Zero,
+    Sparse,
+    Data,
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -43,6 +70,23 @@ fn is_zero(page: &[u8]) -> bool {
         && words
             .chunks(8)
             .all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
+}
+
+/// Classify `page`; with `sparse`, also store its block mask.
+fn classify(page: &[u8], sparse: bool, mask: &mut u64) -> Class {
+    if !sparse {
+        return if is_zero(page) {
+            Class::Zero
+        } else {
+            Class::Data
+        };
+    }
+    *mask = block_mask(page);
+    match mask.count_ones() {
+        0 => Class::Zero,
+        n if n <= MAX_SPARSE_BLOCKS => Class::Sparse,
+        _ => Class::Data,
+    }
 }
 
 impl<V: SourceVm> Sender<'_, V> {
@@ -70,24 +114,31 @@ impl<V: SourceVm> Sender<'_, V> {
             self.vm
                 .read_ram(gpa, &mut self.buf[..len])
                 .map_err(MigrationError::Vm)?;
+            let sparse = self.sparse;
+            let classes: Vec<Class> = self.buf[..len]
+                .chunks_exact(PAGE_SIZE)
+                .zip(self.masks.iter_mut())
+                .map(|(page, mask)| classify(page, sparse, mask))
+                .collect();
             let mut i = 0;
             while i < n {
-                let zero = is_zero(&self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-                let mut j = i + 1;
-                while j < n && is_zero(&self.buf[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]) == zero {
-                    j += 1;
-                }
+                let class = classes[i];
+                let j = i + classes[i..].iter().take_while(|&&c| c == class).count();
                 let at = gpa + (i * PAGE_SIZE) as u64;
                 let count = (j - i) as u32;
-                if zero {
-                    out.ram_zero(at, count).map_err(io_err("RAM transfer"))?;
-                } else {
-                    out.ram_data(at, &self.buf[i * PAGE_SIZE..j * PAGE_SIZE])
-                        .map_err(io_err("RAM transfer"))?;
+                let pages = &self.buf[i * PAGE_SIZE..j * PAGE_SIZE];
+                match class {
+                    Class::Zero => out.ram_zero(at, count),
+                    Class::Data => out.ram_data(at, pages),
+                    Class::Sparse => out.ram_sparse(at, pages, &self.masks[i..j]),
+                }
+                .map_err(io_err("RAM transfer"))?;
+                if class != Class::Zero {
                     chunk_data += u64::from(count) * PAGE_SIZE as u64;
                 }
+                self.pages_sent += u64::from(count);
                 self.progress.update(|s| {
-                    if zero {
+                    if class == Class::Zero {
                         s.zero_pages += u64::from(count);
                     } else {
                         s.normal_pages += u64::from(count);
@@ -105,6 +156,35 @@ impl<V: SourceVm> Sender<'_, V> {
             self.throttle(out.bytes_written());
         }
         Ok(())
+    }
+
+    /// Flush and wait until the destination has written all but the last
+    /// [`PROGRESS_PAGES`] pages sent; returns how long that took.
+    fn catch_up(&mut self, out: &mut Out, ret: &mut TcpStream) -> Result<Duration, MigrationError> {
+        let start = Instant::now();
+        out.flush().map_err(io_err("RAM transfer"))?;
+        while self.dest_written + PROGRESS_PAGES <= self.pages_sent {
+            self.check_cancel()?;
+            let m = Msg::read(ret).map_err(io_err("waiting for the destination to catch up"))?;
+            match m.kind {
+                Kind::Received => self.dest_written = m.value,
+                Kind::Failed => return Err(MigrationError::DestinationFailed(m.text)),
+                k => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected Received, got {k:?}"
+                    )));
+                }
+            }
+        }
+        let waited = start.elapsed();
+        if waited > Duration::from_millis(1) {
+            info!(
+                ms = waited.as_secs_f64() * 1e3,
+                behind = self.pages_sent - self.dest_written,
+                "waited for the destination to catch up"
+            );
+        }
+        Ok(waited)
     }
 
     /// Sleep just enough to keep under `max_bandwidth` (bytes/s) for this iteration.
@@ -263,6 +343,8 @@ fn run<V: SourceVm>(
         Some(p) => Some(transport::create_capture(p)?),
         None => None,
     };
+    // Features the destination accepted (none for a file).
+    let mut features = 0u32;
     // Forward channel, and the return path for TCP.
     let (fwd, mut ret): (Box<dyn Write + Send>, Option<TcpStream>) = match &uri {
         Uri::Tcp(_) => {
@@ -275,12 +357,21 @@ fn run<V: SourceVm>(
             }
             Hello {
                 protocol: PROTOCOL_VERSION,
+                features: FEATURE_PROGRESS
+                    | if params.sparse_pages {
+                        FEATURE_SPARSE_PAGES
+                    } else {
+                        0
+                    },
             }
             .write(&mut s)
             .map_err(io_err("handshake"))?;
             let ack = Msg::read(&mut s).map_err(io_err("handshake"))?;
             match ack.kind {
-                Kind::HelloAck => {}
+                Kind::HelloAck => {
+                    features = (ack.value >> 32) as u32;
+                    info!(features, "destination accepted features");
+                }
                 Kind::Refuse => return Err(MigrationError::Refused(ack.text)),
                 k => {
                     return Err(MigrationError::Protocol(format!(
@@ -328,6 +419,8 @@ fn run<V: SourceVm>(
         was_running,
         paused,
         logging,
+        features & FEATURE_SPARSE_PAGES != 0,
+        ret.as_mut().filter(|_| features & FEATURE_PROGRESS != 0),
     ) {
         Ok(x) => x,
         Err(e) => {
@@ -359,7 +452,11 @@ fn run<V: SourceVm>(
         return Ok(());
     };
     drop(w);
-    let m = Msg::read(&mut ret).map_err(io_err("waiting for the destination to load"))?;
+    info!(
+        ms = pause_at.elapsed().as_secs_f64() * 1e3,
+        "stop-and-copy: stream sent"
+    );
+    let m = read_reply(&mut ret).map_err(io_err("waiting for the destination to load"))?;
     match m.kind {
         Kind::Loaded => {}
         Kind::Failed => return Err(MigrationError::DestinationFailed(m.text)),
@@ -369,6 +466,10 @@ fn run<V: SourceVm>(
             )));
         }
     }
+    info!(
+        ms = pause_at.elapsed().as_secs_f64() * 1e3,
+        "stop-and-copy: destination loaded"
+    );
     tx.check_cancel()?;
     // Point of no return: from here the source never resumes by itself.
     tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
@@ -378,7 +479,7 @@ fn run<V: SourceVm>(
     Msg::new(Kind::Commit, 0)
         .write(&mut ret)
         .map_err(MigrationError::StateUnknown)?;
-    match Msg::read(&mut ret) {
+    match read_reply(&mut ret) {
         Ok(m) if m.kind == Kind::Committed => {}
         Ok(m) => {
             return Err(MigrationError::StateUnknown(std::io::Error::other(
@@ -387,7 +488,12 @@ fn run<V: SourceVm>(
         }
         Err(e) => return Err(MigrationError::StateUnknown(e)),
     }
-    progress.update(|s| s.downtime_ms = pause_at.elapsed().as_millis() as u64);
+    let downtime = pause_at.elapsed();
+    info!(
+        ms = downtime.as_secs_f64() * 1e3,
+        "stop-and-copy: destination committed"
+    );
+    progress.update(|s| s.downtime_ms = downtime.as_millis() as u64);
     Ok(())
 }
 
@@ -405,6 +511,8 @@ fn transfer<'v, V: SourceVm>(
     was_running: bool,
     paused: &mut bool,
     logging: &mut bool,
+    sparse: bool,
+    mut reports: Option<&mut TcpStream>,
 ) -> Result<(Sender<'v, V>, Instant), MigrationError> {
     vm.start_dirty_log().map_err(MigrationError::Vm)?;
     *logging = true;
@@ -415,10 +523,14 @@ fn transfer<'v, V: SourceVm>(
         vm,
         progress,
         buf: vec![0u8; CHUNK_PAGES * PAGE_SIZE],
+        sparse,
+        masks: vec![0; CHUNK_PAGES],
         iter_bytes: out.bytes_written(),
         iter_start: Instant::now(),
         data_bytes: 0,
         data_time: Duration::ZERO,
+        pages_sent: 0,
+        dest_written: 0,
     };
     // Pass 0: all of RAM.
     let mut iteration = 0u64;
@@ -431,6 +543,12 @@ fn transfer<'v, V: SourceVm>(
     }
     // Dirty passes until the rest fits in the downtime limit.
     let pending = loop {
+        // A destination that reports progress is waited for: what it has not written yet
+        // would otherwise land in the downtime. The wait counts as sending time.
+        if let Some(ret) = reports.as_deref_mut() {
+            let waited = tx.catch_up(out, ret)?;
+            tx.data_time += waited;
+        }
         let elapsed = tx.iter_start.elapsed().as_secs_f64().max(1e-6);
         let sent = out.bytes_written() - tx.iter_bytes;
         // Bytes per second: the rate at which data pages went out when there were enough of
@@ -496,7 +614,13 @@ fn transfer<'v, V: SourceVm>(
     progress.set_status(Status::Device);
     let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
     merge(&mut dirty, &pending);
+    let last_pages = dirty_pages(&dirty);
     tx.send_dirty(out, &dirty)?;
+    info!(
+        pages = last_pages,
+        ms = pause_at.elapsed().as_secs_f64() * 1e3,
+        "stop-and-copy: last dirty pages sent"
+    );
     let sections = tx.vm.save_devices(machine).map_err(MigrationError::Vm)?;
     for s in &sections {
         out.raw(s).map_err(io_err("device state"))?;

@@ -62,6 +62,14 @@ pub trait DestinationVm {
     /// Write pages at `gpa`; `None` means `pages` zero pages. Must refuse any range outside
     /// guest RAM.
     fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), VmError>;
+    /// Write `pages` pages at `gpa` from a validated SPARSE body (`devstate::sparse`). The
+    /// default expands it and calls [`write_ram`](Self::write_ram); a VMM that knows which
+    /// pages are still zero can write just the blocks. Wrappers must forward it.
+    fn write_ram_sparse(&mut self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), VmError> {
+        let mut data = vec![0u8; pages as usize * devstate::PAGE_SIZE];
+        devstate::sparse::decode(body, &mut data)?;
+        self.write_ram(gpa, pages, Some(&data))
+    }
     /// Load every device section (vCPUs not yet running).
     fn load_devices(&mut self, sections: &[RawSection]) -> Result<(), VmError>;
     /// COMMIT arrived: run the guest if the source was running.

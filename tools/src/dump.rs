@@ -87,9 +87,10 @@ pub struct RamRun {
     pub gpa: u64,
     /// Pages.
     pub pages: u32,
-    /// `zero` or `data`.
+    /// `zero`, `data` or `sparse`.
     pub kind: &'static str,
-    /// CRC-32 of the page data (data records only).
+    /// CRC-32 of the page data (data and sparse records only; for a sparse record, of its
+    /// pages as expanded, so it equals the CRC of the same pages sent as data).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_crc32: Option<u32>,
     /// Record CRC status.
@@ -110,11 +111,14 @@ pub struct Range {
 pub struct RamSummary {
     /// RAM records.
     pub records: u64,
-    /// Records carrying data.
+    /// Records carrying data (sparse ones included).
     pub data_records: u64,
+    /// Of the data records, those sent SPARSE (only non-zero blocks). Left out of JSON when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sparse_records: u64,
     /// Records that are zero markers.
     pub zero_records: u64,
-    /// Pages sent with data.
+    /// Pages sent with data (sparse ones included).
     pub data_pages: u64,
     /// Pages sent as zero markers.
     pub zero_pages: u64,
@@ -409,16 +413,27 @@ fn section_view(
     v
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn summarise_ram(ram: &[RamRec<'_>], keep_runs: bool) -> RamSummary {
     let mut s = RamSummary::default();
     for rec in ram {
         s.records += 1;
-        s.bytes += 14 + 4 + rec.data.map_or(0, |d| d.len() as u64);
+        s.bytes += rec.len;
         let pages = u64::from(rec.pages);
-        match rec.data {
+        // SPARSE pages are data pages: expanded one record at a time, digested like DATA.
+        // A body that does not expand (a problem reported by the scan) leaves its pages
+        // unknown, like a DATA record too short for its page count.
+        let data = rec.expand().map(Result::ok);
+        match &data {
             Some(_) => {
                 s.data_records += 1;
                 s.data_pages += pages;
+                if matches!(rec.data, Some(scan::RamData::Sparse(_))) {
+                    s.sparse_records += 1;
+                }
             }
             None => {
                 s.zero_records += 1;
@@ -426,10 +441,11 @@ fn summarise_ram(ram: &[RamRec<'_>], keep_runs: bool) -> RamSummary {
             }
         }
         for i in 0..pages {
-            let digest = match rec.data {
-                Some(d) => d
+            let digest = match &data {
+                Some(Some(d)) => d
                     .get(i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE)
                     .map_or(1, page_digest),
+                Some(None) => 1,
                 None => 0,
             };
             if s.pages
@@ -444,8 +460,8 @@ fn summarise_ram(ram: &[RamRec<'_>], keep_runs: bool) -> RamSummary {
                 offset: rec.offset,
                 gpa: rec.gpa,
                 pages: rec.pages,
-                kind: if rec.data.is_some() { "data" } else { "zero" },
-                data_crc32: rec.data.map(crc32fast::hash),
+                kind: rec.kind(),
+                data_crc32: data.flatten().map(|d| crc32fast::hash(&d)),
                 crc: rec.crc.describe(),
             });
         }
@@ -765,9 +781,14 @@ pub fn render(v: &StreamView, filter: Option<&str>) -> String {
     let r = &v.ram;
     let _ = writeln!(
         out,
-        "ram: {} ({} data, {} zero), {} data pages, {} zero pages, {} distinct pages, {} sent more than once, {} in the stream",
+        "ram: {} ({} data{}, {} zero), {} data pages, {} zero pages, {} distinct pages, {} sent more than once, {} in the stream",
         plural(r.records, "record"),
         r.data_records,
+        if r.sparse_records > 0 {
+            format!(" of which {} sparse", r.sparse_records)
+        } else {
+            String::new()
+        },
         r.zero_records,
         r.data_pages,
         r.zero_pages,

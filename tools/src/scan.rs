@@ -4,12 +4,16 @@
 //! inspection tool has to keep going, so this pass frames every record it can, checks every
 //! CRC and ordering rule, and records each problem with its byte offset. It stops only where
 //! framing itself is lost (truncation, an unknown tag, a RAM record whose length cannot be
-//! known). Nothing is allocated from lengths read: bodies are borrowed from the input.
+//! known). Nothing is allocated from lengths read: bodies are borrowed from the input. A
+//! SPARSE RAM body is checked by expanding it into one reused scratch buffer (at most 1 MiB)
+//! and kept encoded; [`RamRec::expand`] expands it again for whoever needs the pages, one
+//! record at a time, so a small stream cannot make a scan hold far more than its own size.
 
 use devstate::{DecodeError, FORMAT_VERSION, MAGIC, PAGE_SIZE};
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
-/// Largest page count of a DATA record.
+/// Largest page count of a DATA or SPARSE record.
 const MAX_DATA_PAGES: u32 = 256;
 /// Largest page count of a ZERO record.
 const MAX_ZERO_PAGES: u32 = 1 << 20;
@@ -105,6 +109,15 @@ pub struct SecRec<'a> {
     pub crc: Crc,
 }
 
+/// How a RAM record that is not ZERO carries its pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RamData<'a> {
+    /// DATA: the pages themselves, `pages * 4096` bytes.
+    Pages(&'a [u8]),
+    /// SPARSE: the encoded body after its `u32` length (see `devstate::sparse`).
+    Sparse(&'a [u8]),
+}
+
 /// A framed RAM record.
 #[derive(Clone, Debug)]
 pub struct RamRec<'a> {
@@ -114,10 +127,47 @@ pub struct RamRec<'a> {
     pub gpa: u64,
     /// Pages.
     pub pages: u32,
-    /// Page contents, `None` for a ZERO record.
-    pub data: Option<&'a [u8]>,
+    /// Page contents, `None` for a ZERO record; [`RamRec::expand`] gives them as pages.
+    pub data: Option<RamData<'a>>,
+    /// Whole record length in the stream, tag to CRC.
+    pub len: u64,
     /// Record CRC.
     pub crc: Crc,
+}
+
+impl<'a> RamRec<'a> {
+    /// `zero`, `data` or `sparse`.
+    pub fn kind(&self) -> &'static str {
+        match self.data {
+            None => "zero",
+            Some(RamData::Pages(_)) => "data",
+            Some(RamData::Sparse(_)) => "sparse",
+        }
+    }
+
+    /// The page contents (`pages * 4096` bytes), `None` for a ZERO record: a DATA record's
+    /// are borrowed, a SPARSE record's expanded (at most 1 MiB). An error says why a SPARSE
+    /// body does not expand; the scan has reported it as a problem already.
+    pub fn expand(&self) -> Option<Result<Cow<'a, [u8]>, String>> {
+        match self.data? {
+            RamData::Pages(d) => Some(Ok(Cow::Borrowed(d))),
+            RamData::Sparse(body) => {
+                let mut out = Vec::new();
+                Some(expand_sparse(body, self.pages, &mut out).map(|()| Cow::Owned(out)))
+            }
+        }
+    }
+}
+
+/// Expand a SPARSE `body` of `pages` pages into `out`, refusing a page count a SPARSE record
+/// cannot have rather than allocating for it.
+fn expand_sparse(body: &[u8], pages: u32, out: &mut Vec<u8>) -> Result<(), String> {
+    if !(1..=MAX_DATA_PAGES).contains(&pages) {
+        return Err(format!("page count {pages} out of range"));
+    }
+    out.clear();
+    out.resize(pages as usize * PAGE_SIZE, 0);
+    devstate::sparse::decode(body, out)
 }
 
 /// The end marker.
@@ -283,6 +333,8 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
     let mut phase = Phase::Config;
     let mut seen = BTreeSet::new();
     let mut count = 0u64;
+    // Where SPARSE bodies are expanded to check them.
+    let mut scratch = Vec::new();
     loop {
         let at = c.pos as u64;
         let tag = c.u8("record tag")?;
@@ -351,7 +403,7 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                     s.problems
                         .push(unexpected(tag, "RAM record after device state", at));
                 }
-                let rec = ram(c, at, &mut s.problems)?;
+                let rec = ram(c, at, &mut s.problems, &mut scratch)?;
                 s.ram.push(rec);
             }
             4 => {
@@ -517,14 +569,17 @@ fn ram<'a>(
     c: &mut Cur<'a>,
     at: u64,
     problems: &mut Vec<Problem>,
+    scratch: &mut Vec<u8>,
 ) -> Result<RamRec<'a>, DecodeError> {
     let gpa = c.u64("RAM record")?;
     let pages = c.u32("RAM record")?;
     let kind = c.u8("RAM record")?;
     let bad = |why: String| DecodeError::BadRam { offset: at, why };
-    let data_len = match kind {
+    // Body length (for SPARSE, after its own u32 length).
+    let body_len = match kind {
         1 => 0,
         2 => u64::from(pages) * PAGE_SIZE as u64,
+        3 => u64::from(c.u32("RAM record")?),
         k => return Err(bad(format!("unknown kind {k}"))),
     };
     let max = if kind == 1 {
@@ -532,27 +587,68 @@ fn ram<'a>(
     } else {
         MAX_DATA_PAGES
     };
-    if !(1..=max).contains(&pages) {
-        if u64::try_from(c.b.len() - c.pos).unwrap_or(u64::MAX) < data_len {
+    // A length the rest of the stream cannot hold is garbage framing; one it can hold is a
+    // problem with this record only, and the next record is framed after it. A SPARSE page
+    // takes at least its 8-byte mask, so a page count is believed only as far as the rest
+    // of the stream could carry it (as for DATA), which bounds the pages a summary walks.
+    let rest = u64::try_from(c.b.len() - c.pos).unwrap_or(u64::MAX);
+    let in_range = (1..=max).contains(&pages);
+    if !in_range {
+        let least = if kind == 3 {
+            body_len.max(u64::from(pages) * 8)
+        } else {
+            body_len
+        };
+        if rest < least {
             return Err(bad(format!("page count {pages} out of range")));
         }
         problems.push(Problem::decode(
             &bad(format!("page count {pages} out of range")),
             at,
         ));
+    } else if kind == 3 {
+        let bound = u64::from(pages) * devstate::sparse::MAX_PAGE_ENCODED as u64;
+        if body_len > bound {
+            let e = bad(format!(
+                "sparse body of {body_len} bytes exceeds {bound} for {pages} pages"
+            ));
+            if rest < body_len {
+                return Err(e);
+            }
+            problems.push(Problem::decode(&e, at));
+        }
     }
-    let data = c.take(data_len as usize, "RAM record")?;
+    let body = c.take(body_len as usize, "RAM record")?;
     let computed = crc32fast::hash(&c.b[at as usize..c.pos]);
     let stored = c.u32("RAM record")?;
     let crc = Crc { stored, computed };
+    let data = match kind {
+        2 => Some(RamData::Pages(body)),
+        3 => Some(RamData::Sparse(body)),
+        _ => None,
+    };
+    let rec = RamRec {
+        offset: at,
+        gpa,
+        pages,
+        data,
+        len: c.pos as u64 - at,
+        crc,
+    };
     if !crc.ok() {
         problems.push(Problem {
             offset: at,
             message: format!(
                 "CRC mismatch in RAM record at offset {at} ({gpa:#x} + {pages} page(s) {}) (stored {stored:#010x}, computed {computed:#010x})",
-                if kind == 2 { "data" } else { "zero" }
+                rec.kind()
             ),
         });
+    } else if kind == 3
+        && in_range
+        && let Err(why) = expand_sparse(body, pages, scratch)
+    {
+        // With a bad CRC a body that does not expand is a consequence, not a second problem.
+        problems.push(Problem::decode(&bad(why), at));
     }
     if !gpa.is_multiple_of(PAGE_SIZE as u64) {
         problems.push(Problem::decode(
@@ -560,7 +656,7 @@ fn ram<'a>(
             at,
         ));
     } else if gpa
-        .checked_add(data_len.max(u64::from(pages) * PAGE_SIZE as u64))
+        .checked_add(u64::from(pages) * PAGE_SIZE as u64)
         .is_none()
     {
         problems.push(Problem::decode(
@@ -568,11 +664,5 @@ fn ram<'a>(
             at,
         ));
     }
-    Ok(RamRec {
-        offset: at,
-        gpa,
-        pages,
-        data: (kind == 2).then_some(data),
-        crc,
-    })
+    Ok(rec)
 }

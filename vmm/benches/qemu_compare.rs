@@ -8,13 +8,20 @@
 //! - `QC_CASES`: comma-separated case names to run (default all but `4g-idle`);
 //!   cases: `1g-idle`, `1g-dirty64`, `1g-dirty99`, `2g-once`, `4g-idle`;
 //! - `QC_QEMU` (default `qemu-system-x86_64`); QEMU is skipped with a note if it is absent;
-//! - `QC_KEEP=DIR`: keep images, logs and serial captures there.
+//! - `QC_KEEP=DIR`: keep images, logs and serial captures there;
+//! - `QC_WARM_GIB` (default: 3x the largest case, within available memory): host memory to
+//!   touch once before the first run. This machine is itself virtualised; memory it never
+//!   touched costs its hypervisor a fault per page, which would land in whichever run comes
+//!   first, Ferry's or QEMU's. `0` skips it;
+//! - `QC_FERRY_LOG` (default `warn`): `RUST_LOG` for the Ferry processes (their logs are kept
+//!   with `QC_KEEP`).
 //!
 //! Runs are interleaved (run r of every case, Ferry and QEMU alternating which goes first)
 //! and medians reported. Both sides get `downtime-limit` 300 ms and `max-bandwidth`
 //! 100 GiB/s. Per run: total time, source-side downtime and bytes sent from the source's
-//! `query-migrate`; throughput = bytes sent * 8 / total time; guest-visible downtime = the
-//! time from the last progress character (`A`/`B` on COM1) the source guest printed to the
+//! `query-migrate`; RAM throughput = bits of guest pages moved (`normal` + `duplicate`, 4 KiB
+//! each) over total time; wire throughput = bits sent over total time; guest-visible
+//! downtime = the time from the last progress character (`A`/`B` on COM1) the source guest printed to the
 //! first one the destination guest printed, as timestamped by this process reading both
 //! serial outputs through pipes. That gap includes one progress interval, so the median
 //! interval just before the migration is reported next to it.
@@ -231,7 +238,10 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
             if incoming {
                 c.args(["--incoming", "tcp:127.0.0.1:0"]);
             }
-            c.env("RUST_LOG", "warn");
+            c.env(
+                "RUST_LOG",
+                std::env::var("QC_FERRY_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            );
             c
         }
         Hv::Qemu => {
@@ -261,7 +271,10 @@ struct Sample {
     downtime_ms: f64,
     setup_ms: f64,
     bytes: f64,
+    /// Wire rate: bytes sent over total time.
     gbit: f64,
+    /// RAM rate: guest pages moved (data and zero pages) over total time.
+    ram_gbit: f64,
     /// Last source progress char to first destination progress char.
     visible_ms: f64,
     /// Median progress interval on the source before the migration.
@@ -355,12 +368,15 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         .ok_or("no destination output")?;
     let total_ms = info["total-time"].as_f64().unwrap_or(f64::NAN);
     let bytes = info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN);
+    let pages = info["ram"]["normal"].as_f64().unwrap_or(f64::NAN)
+        + info["ram"]["duplicate"].as_f64().unwrap_or(f64::NAN);
     let s = Sample {
         total_ms,
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         setup_ms: info["setup-time"].as_f64().unwrap_or(f64::NAN),
         bytes,
         gbit: bytes * 8.0 / (total_ms / 1000.0) / 1e9,
+        ram_gbit: pages * 4096.0 * 8.0 / (total_ms / 1000.0) / 1e9,
         visible_ms: first_dst
             .checked_duration_since(last_src)
             .map_or(f64::NAN, ms),
@@ -373,6 +389,39 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(s)
+}
+
+/// Touch (and free) enough host memory that the runs get pages the machine has backed before.
+fn warm_host_memory(cases: &[Case]) {
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib << 10);
+    let largest = cases.iter().map(|c| c.memory).max().unwrap_or(0);
+    let want = match std::env::var("QC_WARM_GIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(g) => g * GIB,
+        None => 3 * largest,
+    };
+    let bytes = want.min(avail.saturating_sub(4 * GIB));
+    if bytes == 0 {
+        return;
+    }
+    let t = Instant::now();
+    let v = vec![1u8; bytes as usize];
+    std::hint::black_box(&v);
+    drop(v);
+    println!(
+        "warmed {} MiB of host memory in {:.1} s",
+        bytes / MIB,
+        t.elapsed().as_secs_f64()
+    );
 }
 
 fn median(v: &mut Vec<f64>) -> f64 {
@@ -444,6 +493,7 @@ fn main() {
         println!("case {:<11} {}", c.name, c.what);
         imgs.push(p);
     }
+    warm_host_memory(&cases);
     let started = Instant::now();
     let mut samples = vec![vec![Vec::<Sample>::new(); hvs.len()]; cases.len()];
     let mut failures = vec![vec![0usize; hvs.len()]; cases.len()];
@@ -459,13 +509,14 @@ fn main() {
                 match run_once(&env, hv, c, &imgs[ci], &tag) {
                     Ok(s) => {
                         println!(
-                            "run {r:>2} {:<11} {:<5} total {:>6.0} ms  downtime {:>5.0} ms  visible {:>6.1} ms (interval {:>5.1})  {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}",
+                            "run {r:>2} {:<11} {:<5} total {:>6.0} ms  downtime {:>5.0} ms  visible {:>6.1} ms (interval {:>5.1})  RAM {:>6.2} Gbit/s  wire {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}",
                             c.name,
                             hv.name(),
                             s.total_ms,
                             s.downtime_ms,
                             s.visible_ms,
                             s.interval_ms,
+                            s.ram_gbit,
                             s.gbit,
                             s.bytes / MIB as f64,
                             s.passes
@@ -482,7 +533,7 @@ fn main() {
     }
     println!();
     println!(
-        "{:<11} {:<5} {:>3} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>10} {:>7} {:>6}",
+        "{:<11} {:<5} {:>3} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>10} {:>7} {:>6}",
         "case",
         "hv",
         "n",
@@ -491,7 +542,8 @@ fn main() {
         "setup ms",
         "visible ms",
         "intvl ms",
-        "Gbit/s",
+        "RAM Gb/s",
+        "wire Gb/s",
         "MiB sent",
         "passes",
         "fail"
@@ -500,7 +552,7 @@ fn main() {
         for (hi, hv) in hvs.iter().enumerate() {
             let s = &samples[ci][hi];
             println!(
-                "{:<11} {:<5} {:>3} {:>9.0} {:>9.0} {:>9.0} {:>10.1} {:>9.1} {:>8.2} {:>10.0} {:>7.1} {:>6}",
+                "{:<11} {:<5} {:>3} {:>9.0} {:>9.0} {:>9.0} {:>10.1} {:>9.1} {:>8.2} {:>8.2} {:>10.0} {:>7.1} {:>6}",
                 c.name,
                 hv.name(),
                 s.len(),
@@ -509,6 +561,7 @@ fn main() {
                 col(s, |x| x.setup_ms),
                 col(s, |x| x.visible_ms),
                 col(s, |x| x.interval_ms),
+                col(s, |x| x.ram_gbit),
                 col(s, |x| x.gbit),
                 col(s, |x| x.bytes) / MIB as f64,
                 col(s, |x| x.passes),
@@ -519,11 +572,12 @@ fn main() {
             let (f, q) = (&samples[ci][0], &samples[ci][1]);
             let ratio = |g: fn(&Sample) -> f64| col(f, g) / col(q, g);
             println!(
-                "{:<11} ferry/qemu: total {:.2}x  downtime {:.2}x  visible {:.2}x  throughput {:.2}x  bytes {:.2}x",
+                "{:<11} ferry/qemu: total {:.2}x  downtime {:.2}x  visible {:.2}x  RAM throughput {:.2}x  wire {:.2}x  bytes {:.2}x",
                 c.name,
                 ratio(|x| x.total_ms),
                 ratio(|x| x.downtime_ms),
                 ratio(|x| x.visible_ms),
+                ratio(|x| x.ram_gbit),
                 ratio(|x| x.gbit),
                 ratio(|x| x.bytes)
             );

@@ -925,6 +925,7 @@ impl Controller {
         let iterations = a.optional_u64("__org.ferry_max-iterations")?;
         let policy = a.optional_enum("__org.ferry_switchover-policy", &["cancel", "force"])?;
         let timeout = a.optional_u64("__org.ferry_io-timeout")?;
+        let sparse = a.optional_bool("__org.ferry_sparse-pages")?;
         a.finish()?;
         if downtime.is_some_and(|d| d > 2_000_000) {
             return Err(QmpError::generic(
@@ -971,6 +972,9 @@ impl Controller {
         if let Some(t) = timeout {
             p.io_timeout = Duration::from_millis(t);
         }
+        if let Some(s) = sparse {
+            p.sparse_pages = s;
+        }
         Ok(json!({}))
     }
 
@@ -985,6 +989,7 @@ impl Controller {
                 SwitchoverPolicy::Force => "force",
             },
             "__org.ferry_io-timeout": p.io_timeout.as_millis() as u64,
+            "__org.ferry_sparse-pages": p.sparse_pages,
         })
     }
 }
@@ -1068,6 +1073,9 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
     }
     fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
         self.inner.write_ram(gpa, pages, data)
+    }
+    fn write_ram_sparse(&mut self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), String> {
+        self.inner.write_ram_sparse(gpa, pages, body)
     }
     fn load_devices(&mut self, sections: &[devstate::RawSection]) -> Result<(), String> {
         self.inner.load_devices(sections)

@@ -381,23 +381,7 @@ impl DestinationVm for VmMigration<'_> {
             return res.map_err(|e| format!("Cannot write memory block at {gpa:#x}: {e}"));
         }
         let ram = self.vm.ram();
-        // A range outside boot RAM and every block: name the blocks too, so the operator
-        // sees the whole layout the range was checked against.
-        let outside = |e: crate::vm::memory::MemoryError| {
-            let blocks = self.vm.hotplug_blocks();
-            let mut w = words(e.into());
-            if !blocks.is_empty() {
-                let list: Vec<String> = blocks
-                    .iter()
-                    .map(|&(_, _, gpa, size)| format!("{gpa:#x}+{} MiB", size >> 20))
-                    .collect();
-                w.push_str(&format!(
-                    " (hot-plugged memory blocks: {})",
-                    list.join(", ")
-                ));
-            }
-            w
-        };
+        let outside = |e| outside_ram(self.vm, e);
         match data {
             Some(d) => {
                 if d.len() as u64 != u64::from(pages) * PAGE_SIZE {
@@ -415,6 +399,24 @@ impl DestinationVm for VmMigration<'_> {
                 self.stats.zero_pages_cleared += cleared;
             }
         }
+        Ok(())
+    }
+
+    fn write_ram_sparse(&mut self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), String> {
+        if !self.incoming {
+            return Err("RAM record outside an incoming migration".to_owned());
+        }
+        if block_for(self.vm, gpa, u64::from(pages) * PAGE_SIZE).is_some() {
+            // Hot-plugged blocks take the plain path.
+            let mut data = vec![0u8; (u64::from(pages) * PAGE_SIZE) as usize];
+            devstate::sparse::decode(body, &mut data)?;
+            return self.write_ram(gpa, pages, Some(&data));
+        }
+        self.vm
+            .ram()
+            .write_sparse(gpa, pages, body)
+            .map_err(|e| outside_ram(self.vm, e))?;
+        self.stats.data_pages += u64::from(pages);
         Ok(())
     }
 
@@ -650,4 +652,22 @@ pub fn diff_sections(
             .push(format!("{}[{}]: only on the right", k.0, k.1));
     }
     Ok(out)
+}
+
+/// A RAM error in words; a range outside boot RAM and every block names the blocks too, so the
+/// operator sees the whole layout the range was checked against.
+fn outside_ram(vm: &Vm, e: crate::vm::memory::MemoryError) -> String {
+    let blocks = vm.hotplug_blocks();
+    let mut w = words(e.into());
+    if !blocks.is_empty() {
+        let list: Vec<String> = blocks
+            .iter()
+            .map(|&(_, _, gpa, size)| format!("{gpa:#x}+{} MiB", size >> 20))
+            .collect();
+        w.push_str(&format!(
+            " (hot-plugged memory blocks: {})",
+            list.join(", ")
+        ));
+    }
+    w
 }

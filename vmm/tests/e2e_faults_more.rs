@@ -257,7 +257,7 @@ fn stalled_peer_times_out_on_both_sides() {
     let (mut s, conns) = source(dir.path(), "src");
     set_io_timeout(&mut s, 1000);
     set_io_timeout(&mut d, 1000);
-    let relay = Relay::start(format!("127.0.0.1:{port}"), 2 << 20, Fault::Stall);
+    let relay = Relay::start(format!("127.0.0.1:{port}"), 64 << 10, Fault::Stall);
     let started = Instant::now();
     s.ok("migrate", json!({"uri": format!("tcp:{}", relay.addr)}));
     let info = s.wait_migration(&["failed", "completed"]);
@@ -288,7 +288,7 @@ fn connection_reset_mid_ram_leaves_the_source_running() {
     let dir = tempdir();
     let (mut d, port) = destination(dir.path(), "dst");
     let (mut s, conns) = source(dir.path(), "src");
-    let relay = Relay::start(format!("127.0.0.1:{port}"), 3 << 20, Fault::Reset);
+    let relay = Relay::start(format!("127.0.0.1:{port}"), 96 << 10, Fault::Reset);
     s.ok("migrate", json!({"uri": format!("tcp:{}", relay.addr)}));
     let info = s.wait_migration(&["failed", "completed"]);
     assert_eq!(info["status"], "failed", "{info}");

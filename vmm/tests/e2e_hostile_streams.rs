@@ -180,6 +180,7 @@ fn send(port: &str, bytes: &[u8]) -> Msg {
     s.set_write_timeout(Some(TIMEOUT)).unwrap();
     Hello {
         protocol: PROTOCOL_VERSION,
+        features: 0, // as a source that predates features
     }
     .write(&mut s)
     .unwrap();
@@ -311,8 +312,34 @@ fn hostile_streams_are_refused_and_nothing_is_written() {
         ),
         (
             "unknown RAM kind",
-            ram_record(0, 1, 3, &[]),
-            "unknown kind 3".into(),
+            ram_record(0, 1, 4, &[]),
+            "unknown kind 4".into(),
+        ),
+        (
+            // Only the length: the body is never read or allocated.
+            "SPARSE length above its bound",
+            ram_record(0, 1, 3, &u32::MAX.to_le_bytes()),
+            "sparse body of 4294967295 bytes exceeds 4104 for 1 pages".into(),
+        ),
+        (
+            "SPARSE masks claiming more blocks than the body holds",
+            {
+                let mut body = 72u32.to_le_bytes().to_vec();
+                body.extend_from_slice(&0b11u64.to_le_bytes());
+                body.extend_from_slice(&[7u8; 64]);
+                ram_record(0, 1, 3, &body)
+            },
+            "sparse body ends inside page 0".into(),
+        ),
+        (
+            "SPARSE page just beyond RAM",
+            {
+                let mut body = 72u32.to_le_bytes().to_vec();
+                body.extend_from_slice(&1u64.to_le_bytes());
+                body.extend_from_slice(&[7u8; 64]);
+                ram_record(RAM, 1, 3, &body)
+            },
+            "is not guest RAM".into(),
         ),
         (
             "section length far above its schema bound",

@@ -7,6 +7,7 @@
 mod ferry_common;
 
 use ferry_common::*;
+use migration::protocol::Kind;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -154,7 +155,8 @@ fn link_cut_during_handshake() {
 
 #[test]
 fn link_cut_during_ram_precopy() {
-    cut_case(Cut::After(2 << 20), "RAM");
+    // Past header and config, well inside pass 0 (hundreds of KiB even with SPARSE pages).
+    cut_case(Cut::After(64 << 10), "RAM");
 }
 
 #[test]
@@ -205,24 +207,32 @@ fn killed_destination_leaves_the_source_running() {
 }
 
 /// A relay that forwards the source's stream (COMMIT included) but passes only the first
-/// `back_limit` bytes of the destination's replies, then hangs up on the source.
-fn relay_losing_replies(to: String, back_limit: usize) -> (String, thread::JoinHandle<()>) {
+/// `keep` replies of the destination (progress reports pass too and do not count), then hangs
+/// up on the source.
+fn relay_losing_replies(to: String, keep: usize) -> (String, thread::JoinHandle<()>) {
     let forward = |mut a: TcpStream, mut b: TcpStream| {
         let _ = std::io::copy(&mut a, &mut b);
         let _ = b.shutdown(Shutdown::Write);
     };
     let back = move |mut b: TcpStream, mut a: TcpStream| {
-        let mut left = back_limit;
-        let mut buf = [0u8; 64];
+        let mut left = keep;
         while left > 0 {
-            let n = match b.read(&mut buf[..left.min(64)]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if a.write_all(&buf[..n]).is_err() {
+            // A control message: 16 bytes (u16 kind, u16, u32 text length, u64) + text.
+            let mut head = [0u8; 16];
+            if b.read_exact(&mut head).is_err() {
                 break;
             }
-            left -= n;
+            let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+            let mut text = vec![0u8; len];
+            if b.read_exact(&mut text).is_err()
+                || a.write_all(&head).is_err()
+                || a.write_all(&text).is_err()
+            {
+                break;
+            }
+            if u16::from_le_bytes([head[0], head[1]]) != Kind::Received as u16 {
+                left -= 1;
+            }
         }
         // The destination's later replies (Committed) are lost: the source hears EOF.
         let _ = a.shutdown(Shutdown::Write);
@@ -238,8 +248,8 @@ fn link_cut_right_after_commit_never_runs_the_guest_twice() {
     let port = d.incoming_port();
     let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
     s.wait_pass(2);
-    // HelloAck, Accept and Loaded (16 bytes each) reach the source; Committed does not.
-    let (addr, h) = relay_losing_replies(format!("127.0.0.1:{port}"), 48);
+    // HelloAck, Accept and Loaded reach the source; Committed does not.
+    let (addr, h) = relay_losing_replies(format!("127.0.0.1:{port}"), 3);
     s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
     let info = s.wait_migration(&["failed", "completed"]);
     h.join().unwrap();

@@ -482,6 +482,7 @@ pub fn receive_tcp(bytes: &[u8]) -> (StrictVm, Result<(), MigrationError>) {
             let mut all = Vec::with_capacity(bytes.len() + 32);
             Hello {
                 protocol: PROTOCOL_VERSION,
+                features: 0, // as a source that predates features
             }
             .write(&mut all)
             .unwrap();

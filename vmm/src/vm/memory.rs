@@ -20,6 +20,9 @@ pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
 /// Errors setting up or tracking guest RAM.
 #[derive(Debug, Error)]
 pub enum MemoryError {
+    /// A SPARSE page body does not encode the pages it claims.
+    #[error("Invalid sparse page data: {0}")]
+    BadSparse(String),
     /// Mapping guest RAM failed.
     #[error("Cannot map {size} bytes of guest RAM")]
     Map {
@@ -438,6 +441,55 @@ impl GuestRam {
             }
         }
         Ok(cleared)
+    }
+
+    /// Writes `pages` pages at `gpa` from a SPARSE body (`devstate::sparse`). While the RAM
+    /// is [pristine](Self::is_pristine), a page the VMM never wrote is known to be zero, so
+    /// only its non-zero blocks are written (one copy per run of blocks); any other page is
+    /// built in a page buffer and written whole. Refused, untouched, unless the range is all
+    /// RAM and the body holds exactly `pages` pages.
+    pub fn write_sparse(&self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), MemoryError> {
+        use devstate::sparse::{BLOCK, pages as sparse_pages, runs, validate};
+        validate(body, pages).map_err(MemoryError::BadSparse)?;
+        let pieces = self.pieces(gpa, u64::from(pages) * PAGE_SIZE)?;
+        let pristine = self.is_pristine();
+        let mut page = [0u8; PAGE_SIZE as usize];
+        let mut body_pages = sparse_pages(body);
+        for (i, off, n) in pieces {
+            let region = self.region(i);
+            let bitmap = self.region_bitmap(i as u32);
+            for p in 0..n / PAGE_SIZE {
+                let (mask, blocks) = body_pages.next().expect("validated page count");
+                let page_off = off + p * PAGE_SIZE;
+                let known_zero =
+                    pristine && bitmap.is_some_and(|b| !b.is_addr_set(page_off as usize));
+                if known_zero {
+                    let mut at = 0;
+                    for (first, count) in runs(mask) {
+                        let len = count as usize * BLOCK;
+                        region
+                            .write_slice(
+                                &blocks[at..at + len],
+                                MemoryRegionAddress(page_off + u64::from(first) * BLOCK as u64),
+                            )
+                            .map_err(MemoryError::Copy)?;
+                        at += len;
+                    }
+                } else {
+                    page.fill(0);
+                    let mut at = 0;
+                    for (first, count) in runs(mask) {
+                        let (f, len) = (first as usize * BLOCK, count as usize * BLOCK);
+                        page[f..f + len].copy_from_slice(&blocks[at..at + len]);
+                        at += len;
+                    }
+                    region
+                        .write_slice(&page, MemoryRegionAddress(page_off))
+                        .map_err(MemoryError::Copy)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Copies every byte of `src` into this RAM (same layout required). Used by tests and
