@@ -417,6 +417,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Pages whose digest `summarise_ram` tracks (64 GiB of guest RAM): a hostile stream of tiny
+/// ZERO records naming billions of pages must not make the inspector allocate for each.
+const MAX_TRACKED_PAGES: usize = 1 << 24;
+
 fn summarise_ram(ram: &[RamRec<'_>], keep_runs: bool) -> RamSummary {
     let mut s = RamSummary::default();
     for rec in ram {
@@ -440,7 +444,12 @@ fn summarise_ram(ram: &[RamRec<'_>], keep_runs: bool) -> RamSummary {
                 s.zero_pages += pages;
             }
         }
-        for i in 0..pages {
+        // A count over the format's bound was reported by the scan; walk no further than it.
+        let walk = pages.min(u64::from(devstate::stream::MAX_ZERO_PAGES));
+        for i in 0..walk {
+            if s.pages.len() >= MAX_TRACKED_PAGES {
+                break;
+            }
             let digest = match &data {
                 Some(Some(d)) => d
                     .get(i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE)

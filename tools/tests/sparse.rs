@@ -324,3 +324,31 @@ fn a_sparse_length_over_its_bound_is_a_problem_or_a_framing_loss() {
         sc.problems
     );
 }
+
+/// A ZERO record is 18 bytes whatever it claims: one naming 2^32 - 1 pages is reported and
+/// shown at once, without walking (or allocating for) billions of pages.
+#[test]
+fn a_zero_record_naming_billions_of_pages_is_shown_at_once() {
+    let s = stream(false);
+    let at = scan(&s).ram[0].offset as usize;
+    let mut rec = vec![2u8];
+    rec.extend_from_slice(&0u64.to_le_bytes());
+    rec.extend_from_slice(&u32::MAX.to_le_bytes());
+    rec.push(1);
+    let crc = crc32fast::hash(&rec);
+    rec.extend_from_slice(&crc.to_le_bytes());
+    let mut bytes = s[..at].to_vec();
+    bytes.extend_from_slice(&rec);
+    bytes.extend_from_slice(&s[scan(&s).ram[0].offset as usize + scan(&s).ram[0].len as usize..]);
+    let dir = scratch("huge-zero");
+    std::fs::write(dir.join("huge.stream"), &bytes).unwrap();
+    let o = ferry_dump(&dir, &["show", "huge.stream"]);
+    no_panic(&o);
+    assert!(
+        o.stdout.contains(&format!(
+            "Invalid RAM record at offset {at}: page count {} out of range",
+            u32::MAX
+        )),
+        "{o:?}"
+    );
+}

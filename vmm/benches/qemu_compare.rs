@@ -13,6 +13,8 @@
 //!   touch once before the first run. This machine is itself virtualised; memory it never
 //!   touched costs its hypervisor a fault per page, which would land in whichever run comes
 //!   first, Ferry's or QEMU's. `0` skips it;
+//! - `QC_FERRY_SPARSE=0`: Ferry sends every page whole (`__org.ferry_sparse-pages` off), to
+//!   see what the engine does without the SPARSE encoding this guest's pages favour;
 //! - `QC_FERRY_LOG` (default `warn`): `RUST_LOG` for the Ferry processes (their logs are kept
 //!   with `QC_KEEP`).
 //!
@@ -317,6 +319,12 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     src.wait_chars(WARMUP_CHARS, boot, BOOT_TIMEOUT)?;
     let params = json!({"downtime-limit": 300, "max-bandwidth": 100u64 * GIB});
     src.exec("migrate-set-parameters", params.clone())?;
+    if hv == Hv::Ferry && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
+        src.exec(
+            "migrate-set-parameters",
+            json!({"__org.ferry_sparse-pages": false}),
+        )?;
+    }
     dst.exec("migrate-set-parameters", params)?;
     let before = src.chars();
     let mut gaps: Vec<f64> = before
