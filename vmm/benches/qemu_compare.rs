@@ -5,8 +5,9 @@
 //!
 //! `cargo bench -p vmm --bench qemu_compare`. Environment:
 //! - `QC_RUNS` (default 10): runs per case and hypervisor;
-//! - `QC_CASES`: comma-separated case names to run (default all but `4g-idle`);
-//!   cases: `1g-idle`, `1g-dirty64`, `1g-dirty99`, `2g-once`, `4g-idle`;
+//! - `QC_CASES`: comma-separated case names to run (default the 1 and 2 GiB ones but
+//!   `1g-dirty512`); cases: `1g-idle`, `1g-dirty64`, `1g-dirty99`, `2g-once`, `4g-idle`,
+//!   `1g-dirty512`, `4g-dirty64`, `4g-dirty512`;
 //! - `QC_QEMU` (default `qemu-system-x86_64`); QEMU is skipped with a note if it is absent;
 //! - `QC_KEEP=DIR`: keep images, logs and serial captures there;
 //! - `QC_WARM_GIB` (default: 3x the largest case, within available memory): host memory to
@@ -99,6 +100,24 @@ fn cases() -> Vec<Case> {
             memory: 4 * GIB,
             image: bb(2 * MIB, Workload::Idle),
             what: "4 GiB, spins printing B, writes no memory",
+        },
+        Case {
+            name: "1g-dirty512",
+            memory: GIB,
+            image: bb(513 * MIB, dirty),
+            what: "1 GiB, incb first byte of each page of [1,513) MiB, B every pass",
+        },
+        Case {
+            name: "4g-dirty64",
+            memory: 4 * GIB,
+            image: bb(65 * MIB, dirty),
+            what: "4 GiB, incb first byte of each page of [1,65) MiB, B every pass",
+        },
+        Case {
+            name: "4g-dirty512",
+            memory: 4 * GIB,
+            image: bb(513 * MIB, dirty),
+            what: "4 GiB, incb first byte of each page of [1,513) MiB, B every pass",
         },
     ]
 }
@@ -463,7 +482,7 @@ fn main() {
         .into_iter()
         .filter(|c| match &wanted {
             Some(w) => w.iter().any(|n| n == c.name),
-            None => c.name != "4g-idle",
+            None => !c.name.starts_with("4g") && c.name != "1g-dirty512",
         })
         .collect();
     let qemu = std::env::var("QC_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_owned());

@@ -316,13 +316,30 @@ pub fn hostile_stream(data: &[u8]) -> Vec<u8> {
                     4 => devstate::stream::MAX_ZERO_PAGES + u32::from(inp.u8() % 3) - 1,
                     _ => 0,
                 };
-                let kind = match inp.u8() % 5 {
+                let kind = match inp.u8() % 6 {
                     0 | 1 => 1,
                     2 | 3 => 2,
+                    4 => 3,
                     _ => inp.u8(),
                 };
                 let data = if kind == 2 && pages <= 300 {
                     vec![inp.u8(); pages as usize * PAGE]
+                } else if kind == 3 && pages <= 300 {
+                    // A SPARSE body: per page a mask and its blocks, its length sometimes off.
+                    let mut body = Vec::new();
+                    for _ in 0..pages {
+                        let mask = inp.u64() & inp.u64() & inp.u64();
+                        body.extend_from_slice(&mask.to_le_bytes());
+                        body.extend(std::iter::repeat_n(
+                            inp.u8(),
+                            mask.count_ones() as usize * 64,
+                        ));
+                    }
+                    let skew = if inp.u8() % 4 == 0 { inp.u8() % 3 } else { 1 };
+                    let len = (body.len() as u32 + u32::from(skew)).saturating_sub(1);
+                    let mut d = len.to_le_bytes().to_vec();
+                    d.extend_from_slice(&body);
+                    d
                 } else if kind == 1 {
                     vec![]
                 } else {
