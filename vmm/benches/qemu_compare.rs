@@ -16,6 +16,8 @@
 //!   first, Ferry's or QEMU's. `0` skips it;
 //! - `QC_FERRY_SPARSE=0`: Ferry sends every page whole (`__org.ferry_sparse-pages` off), to
 //!   see what the engine does without the SPARSE encoding this guest's pages favour;
+//! - `QC_QEMU_XBZRLE=1`: QEMU with its `xbzrle` capability (delta-encodes re-sent pages
+//!   against a cache of sent ones; off by default in QEMU);
 //! - `QC_FERRY_LOG` (default `warn`): `RUST_LOG` for the Ferry processes (their logs are kept
 //!   with `QC_KEEP`).
 //!
@@ -338,6 +340,11 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     src.wait_chars(WARMUP_CHARS, boot, BOOT_TIMEOUT)?;
     let params = json!({"downtime-limit": 300, "max-bandwidth": 100u64 * GIB});
     src.exec("migrate-set-parameters", params.clone())?;
+    if hv == Hv::Qemu && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
+        let caps = json!({"capabilities": [{"capability": "xbzrle", "state": true}]});
+        src.exec("migrate-set-capabilities", caps.clone())?;
+        dst.exec("migrate-set-capabilities", caps)?;
+    }
     if hv == Hv::Ferry && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
         src.exec(
             "migrate-set-parameters",
