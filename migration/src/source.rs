@@ -432,8 +432,9 @@ fn run<V: SourceVm>(
                     | MigrationError::Refused(_)
                     | MigrationError::DestinationFailed(_)
             );
-            if !silent && ret.is_some() {
+            if !silent && let Some(r) = ret.as_mut() {
                 let _ = out.abort(&crate::chain(&e));
+                close_gracefully(r);
             }
             return Err(e);
         }
@@ -633,6 +634,29 @@ fn transfer<'v, V: SourceVm>(
     )
     .map_err(io_err("device state"))?;
     Ok((tx, pause_at))
+}
+
+/// Half-close after an abort record and read what the destination still sends (progress
+/// reports, its Failed reply) until it closes, for at most a second: closing a socket with
+/// unread data sends a reset, which can discard the abort record before it is read.
+fn close_gracefully(ret: &mut TcpStream) {
+    let _ = ret.shutdown(std::net::Shutdown::Write);
+    let _ = ret.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match std::io::Read::read(ret, &mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 fn out_flush(out: &mut Out) -> Result<(), MigrationError> {

@@ -327,8 +327,12 @@ fn killed_source_fails_the_destination_which_accepts_a_later_migration() {
     assert_eq!(info["status"], "failed", "{info}");
     let err = info["error-desc"].as_str().unwrap();
     eprintln!("killed source: destination: {err}");
+    // A clean close reads as a truncated stream; a killed source that still had unread
+    // progress reports in its receive buffer closes with a reset instead. Either way the
+    // destination names the offset where the stream stopped.
     assert!(
-        err.contains("Truncated stream") && err.contains("at offset"),
+        (err.contains("Truncated stream") || err.contains("Connection reset by peer"))
+            && err.contains("at offset"),
         "the destination names where the stream stopped: {err}"
     );
     assert_eq!(
