@@ -26,6 +26,8 @@ struct Sender<'a, V: SourceVm> {
     /// Whether the destination takes SPARSE records, and each page's block mask.
     sparse: bool,
     masks: Vec<u64>,
+    /// How each page of the chunk travels.
+    classes: Vec<Class>,
     /// Bytes written at the start of the current iteration, and when it started.
     iter_bytes: u64,
     iter_start: Instant,
@@ -115,11 +117,14 @@ impl<V: SourceVm> Sender<'_, V> {
                 .read_ram(gpa, &mut self.buf[..len])
                 .map_err(MigrationError::Vm)?;
             let sparse = self.sparse;
-            let classes: Vec<Class> = self.buf[..len]
+            for ((page, mask), class) in self.buf[..len]
                 .chunks_exact(PAGE_SIZE)
                 .zip(self.masks.iter_mut())
-                .map(|(page, mask)| classify(page, sparse, mask))
-                .collect();
+                .zip(self.classes.iter_mut())
+            {
+                *class = classify(page, sparse, mask);
+            }
+            let classes = &self.classes[..n];
             let mut i = 0;
             while i < n {
                 let class = classes[i];
@@ -526,6 +531,7 @@ fn transfer<'v, V: SourceVm>(
         buf: vec![0u8; CHUNK_PAGES * PAGE_SIZE],
         sparse,
         masks: vec![0; CHUNK_PAGES],
+        classes: vec![Class::Zero; CHUNK_PAGES],
         iter_bytes: out.bytes_written(),
         iter_start: Instant::now(),
         data_bytes: 0,

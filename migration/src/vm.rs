@@ -66,8 +66,7 @@ pub trait DestinationVm {
     /// default expands it and calls [`write_ram`](Self::write_ram); a VMM that knows which
     /// pages are still zero can write just the blocks. Wrappers must forward it.
     fn write_ram_sparse(&mut self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), VmError> {
-        let mut data = vec![0u8; pages as usize * devstate::PAGE_SIZE];
-        devstate::sparse::decode(body, &mut data)?;
+        let data = devstate::sparse::expand(body, pages)?;
         self.write_ram(gpa, pages, Some(&data))
     }
     /// Load every device section (vCPUs not yet running).

@@ -408,8 +408,7 @@ impl DestinationVm for VmMigration<'_> {
         }
         if block_for(self.vm, gpa, u64::from(pages) * PAGE_SIZE).is_some() {
             // Hot-plugged blocks take the plain path.
-            let mut data = vec![0u8; (u64::from(pages) * PAGE_SIZE) as usize];
-            devstate::sparse::decode(body, &mut data)?;
+            let data = devstate::sparse::expand(body, pages)?;
             return self.write_ram(gpa, pages, Some(&data));
         }
         self.vm

@@ -449,7 +449,7 @@ impl GuestRam {
     /// built in a page buffer and written whole. Refused, untouched, unless the range is all
     /// RAM and the body holds exactly `pages` pages.
     pub fn write_sparse(&self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), MemoryError> {
-        use devstate::sparse::{BLOCK, pages as sparse_pages, runs, validate};
+        use devstate::sparse::{BLOCK, expand_page, pages as sparse_pages, runs, validate};
         validate(body, pages).map_err(MemoryError::BadSparse)?;
         let pieces = self.pieces(gpa, u64::from(pages) * PAGE_SIZE)?;
         let pristine = self.is_pristine();
@@ -476,13 +476,7 @@ impl GuestRam {
                         at += len;
                     }
                 } else {
-                    page.fill(0);
-                    let mut at = 0;
-                    for (first, count) in runs(mask) {
-                        let (f, len) = (first as usize * BLOCK, count as usize * BLOCK);
-                        page[f..f + len].copy_from_slice(&blocks[at..at + len]);
-                        at += len;
-                    }
+                    expand_page(mask, blocks, &mut page);
                     region
                         .write_slice(&page, MemoryRegionAddress(page_off))
                         .map_err(MemoryError::Copy)?;
