@@ -96,7 +96,10 @@ pub type Listener = Box<dyn Fn(Notice) + Send + Sync>;
 /// A notice for listeners.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Notice {
-    /// The status changed (QMP `MIGRATION`).
+    /// The status is about to change: react (e.g. allow hotplug again) before anyone can read
+    /// the new status.
+    Changing(Status),
+    /// The status changed and is visible (QMP `MIGRATION`).
     Status(Status),
     /// A RAM pass started (QMP `MIGRATION_PASS`, `pass` = dirty-sync count).
     Pass(u64),
@@ -181,15 +184,17 @@ impl Progress {
             .map_or(0, |t| t.elapsed().as_millis() as u64)
     }
 
-    /// Set the status, notify listeners and wake waiters.
-    /// Listeners hear the change before anyone can read the new status, so a client that
-    /// sees `completed` also sees the VMM's reaction to it (hotplug allowed again, ...).
+    /// Set the status, notify listeners and wake waiters. Listeners hear
+    /// [`Notice::Changing`] before anyone can read the new status (so a client that sees
+    /// `completed` also sees the VMM's reaction to it, e.g. hotplug allowed again) and
+    /// [`Notice::Status`] after it is readable (so a client that hears the event and asks
+    /// `query-migrate` gets the same status).
     pub fn set_status(&self, status: Status) {
         if self.lock().status == status {
             return;
         }
         if let Some(l) = &self.listener {
-            l(Notice::Status(status));
+            l(Notice::Changing(status));
         }
         {
             let mut s = self.lock();
@@ -199,6 +204,9 @@ impl Progress {
             }
         }
         self.changed.notify_all();
+        if let Some(l) = &self.listener {
+            l(Notice::Status(status));
+        }
     }
 
     pub(crate) fn fail(&self, status: Status, why: String) {

@@ -363,7 +363,7 @@ impl Controller {
         let cap = self.events_cap.clone();
         let migrating = self.migrating.clone();
         Box::new(move |n| {
-            if let Notice::Status(s) = n
+            if let Notice::Changing(s) = n
                 && s.is_finished()
             {
                 // The stream is over: hotplug is allowed again before anyone sees the status.
@@ -379,6 +379,7 @@ impl Controller {
                 Notice::Pass(p) => {
                     bus.emit("MIGRATION_PASS", Some(json!({"pass": p + 1})));
                 }
+                Notice::Changing(_) => {}
             }
         })
     }
