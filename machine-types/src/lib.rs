@@ -8,33 +8,9 @@
 use serde::Serialize;
 use std::fmt;
 
-/// The guest-visible CPU model a machine type promises (CPUID mask and XCR0 limit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CpuModel {
-    /// x87 and SSE only (XCR0 = 0x3).
-    FerryV1,
-    /// x87, SSE and AVX (XCR0 = 0x7).
-    FerryV2,
-}
+pub mod cpu;
 
-impl CpuModel {
-    /// Name recorded in streams and checked at handshake.
-    pub fn name(self) -> &'static str {
-        match self {
-            CpuModel::FerryV1 => "ferry-cpu-v1",
-            CpuModel::FerryV2 => "ferry-cpu-v2",
-        }
-    }
-
-    /// The XCR0 bits a guest may enable under this model.
-    pub fn xcr0_mask(self) -> u64 {
-        match self {
-            CpuModel::FerryV1 => 0x3,
-            CpuModel::FerryV2 => 0x7,
-        }
-    }
-}
+pub use cpu::CpuModel;
 
 /// Everything a machine type changes, read by devices as typed fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -45,8 +21,10 @@ pub struct Compat {
     pub drc_unplug_timer: bool,
     /// Whether memory blocks (`ferry-mem-block`) may be hot-plugged.
     pub mem_hotplug: bool,
-    /// The CPU model the guest sees.
+    /// The CPU model the guest sees unless `--cpu` picks another of `cpu_models`.
     pub cpu_model: CpuModel,
+    /// The CPU models a VM of this type may be given (`--cpu`), the default first.
+    pub cpu_models: &'static [CpuModel],
 }
 
 /// The newest machine type's properties; older types override some of them.
@@ -54,7 +32,8 @@ const NEWEST_COMPAT: Compat = Compat {
     drc_section_version: 2,
     drc_unplug_timer: true,
     mem_hotplug: true,
-    cpu_model: CpuModel::FerryV2,
+    cpu_model: CpuModel::X86V2,
+    cpu_models: &[CpuModel::X86V2, CpuModel::X86V3],
 };
 
 /// One compat property: a typed override applied on top of the newest machine type.
@@ -67,7 +46,7 @@ pub enum CompatProp {
     DrcUnplugTimer(bool),
     /// Offer (or not) memory-block hotplug.
     MemHotplug(bool),
-    /// Present this CPU model.
+    /// Present this CPU model, and only it.
     CpuModel(CpuModel),
 }
 
@@ -77,10 +56,21 @@ impl CompatProp {
             CompatProp::DrcSectionVersion(v) => c.drc_section_version = v,
             CompatProp::DrcUnplugTimer(b) => c.drc_unplug_timer = b,
             CompatProp::MemHotplug(b) => c.mem_hotplug = b,
-            CompatProp::CpuModel(m) => c.cpu_model = m,
+            CompatProp::CpuModel(m) => {
+                c.cpu_model = m;
+                c.cpu_models = match m {
+                    CpuModel::FerryV1 => &[CpuModel::FerryV1],
+                    CpuModel::FerryV2 => &[CpuModel::FerryV2],
+                    CpuModel::X86V2 => &[CpuModel::X86V2],
+                    CpuModel::X86V3 => &[CpuModel::X86V3],
+                };
+            }
         }
     }
 }
+
+/// Compat properties that turn ferry-2.1 into ferry-2.0: the host-masked CPU model.
+const COMPAT_2_0: &[CompatProp] = &[CompatProp::CpuModel(CpuModel::FerryV2)];
 
 /// Compat properties that turn ferry-2.0 into ferry-1.1.
 const COMPAT_1_1: &[CompatProp] = &[
@@ -105,21 +95,26 @@ pub struct MachineType {
 pub const ALIAS_NEWEST: &str = "ferry";
 
 /// Every machine type, newest first.
-static MACHINES: [MachineType; 3] = [
+static MACHINES: [MachineType; 4] = [
+    MachineType {
+        name: "ferry-2.1",
+        description: "host-independent CPU models ferry-v2 (default) and ferry-v3",
+        compat_chain: &[],
+    },
     MachineType {
         name: "ferry-2.0",
         description: "connector section v2, memory-block hotplug, CPU model ferry-cpu-v2",
-        compat_chain: &[],
+        compat_chain: &[COMPAT_2_0],
     },
     MachineType {
         name: "ferry-1.1",
         description: "adds the connector unplug-timer subsection",
-        compat_chain: &[COMPAT_1_1],
+        compat_chain: &[COMPAT_2_0, COMPAT_1_1],
     },
     MachineType {
         name: "ferry-1.0",
         description: "connector section v1, sent only while transitional; no memory hotplug",
-        compat_chain: &[COMPAT_1_1, COMPAT_1_0],
+        compat_chain: &[COMPAT_2_0, COMPAT_1_1, COMPAT_1_0],
     },
 ];
 
@@ -222,7 +217,7 @@ mod tests {
     #[test]
     fn alias_resolves_to_newest() {
         let m = MachineType::lookup("ferry").unwrap();
-        assert_eq!(m.name(), "ferry-2.0");
+        assert_eq!(m.name(), "ferry-2.1");
         assert!(m.is_newest());
         assert!(!MachineType::lookup("ferry-1.0").unwrap().is_newest());
     }
@@ -232,16 +227,23 @@ mod tests {
         let err = MachineType::lookup("pc-q35-7.2").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "Unknown machine type 'pc-q35-7.2'; valid types: ferry, ferry-2.0, ferry-1.1, ferry-1.0"
+            "Unknown machine type 'pc-q35-7.2'; valid types: ferry, ferry-2.1, ferry-2.0, ferry-1.1, ferry-1.0"
         );
     }
 
     #[test]
     fn each_type_changes_what_goes_on_the_wire() {
+        let c21 = MachineType::lookup("ferry-2.1").unwrap().compat();
         let c20 = MachineType::lookup("ferry-2.0").unwrap().compat();
         let c11 = MachineType::lookup("ferry-1.1").unwrap().compat();
         let c10 = MachineType::lookup("ferry-1.0").unwrap().compat();
-        assert_eq!(c20, NEWEST_COMPAT);
+        assert_eq!(c21, NEWEST_COMPAT);
+        assert_eq!(c21.cpu_models, [CpuModel::X86V2, CpuModel::X86V3]);
+        assert_eq!(
+            (c20.cpu_model, c20.cpu_models),
+            (CpuModel::FerryV2, &[CpuModel::FerryV2][..])
+        );
+        assert_ne!(c21, c20);
         assert_eq!((c20.drc_section_version, c11.drc_section_version), (2, 1));
         assert!(c20.mem_hotplug && !c11.mem_hotplug && !c10.mem_hotplug);
         assert!(c11.drc_unplug_timer && !c10.drc_unplug_timer);
@@ -259,7 +261,10 @@ mod tests {
             .unwrap()
             .compat_props()
             .collect();
-        assert_eq!(props.len(), COMPAT_1_1.len() + COMPAT_1_0.len());
+        assert_eq!(
+            props.len(),
+            COMPAT_2_0.len() + COMPAT_1_1.len() + COMPAT_1_0.len()
+        );
         assert!(props.contains(&CompatProp::MemHotplug(false)));
         assert!(props.contains(&CompatProp::DrcUnplugTimer(false)));
         assert_eq!(newest().compat_props().count(), 0);
@@ -269,11 +274,11 @@ mod tests {
     fn listing_and_help() {
         assert_eq!(
             valid_names(),
-            ["ferry", "ferry-2.0", "ferry-1.1", "ferry-1.0"]
+            ["ferry", "ferry-2.1", "ferry-2.0", "ferry-1.1", "ferry-1.0"]
         );
         let help = help_text();
         assert_eq!(help.lines().count(), 1 + all().len());
-        assert!(help.contains("ferry-2.0") && help.contains("(alias of 'ferry')"));
+        assert!(help.contains("ferry-2.1") && help.contains("(alias of 'ferry')"));
     }
 
     #[test]

@@ -146,7 +146,12 @@ fn run<V: DestinationVm>(
         ));
     };
     let src_config: ConfigRecord = raw.load()?;
-    let diffs = src_config.differences(&vm.config());
+    let mut diffs = src_config.differences(&vm.config());
+    diffs.extend(
+        vm.host_refusals(&src_config)
+            .into_iter()
+            .map(|r| format!("{r} (configuration record at offset {})", raw.offset)),
+    );
     if !diffs.is_empty() {
         return Err(refuse(ret, diffs.join("; ")));
     }

@@ -52,6 +52,11 @@ pub trait DestinationVm {
     fn machine(&self) -> &'static MachineType;
     /// The configuration after pre-start `device_add`s.
     fn config(&self) -> ConfigRecord;
+    /// What this host cannot run of the source's configuration (CPU features, XSAVE
+    /// components or MSRs its CPU model needs), one line each; refused at the handshake.
+    fn host_refusals(&self, _src: &ConfigRecord) -> Vec<String> {
+        Vec::new()
+    }
     /// Every section type this build reads (the engine adds its own).
     fn catalog(&self) -> Catalog;
     /// Sections that must arrive (e.g. one per vCPU), beyond the catalog's required ones.

@@ -16,7 +16,7 @@ pub const PER_VCPU_SECTION: &str = "cpu";
 const CONFIG_VCPUS: &str = "vcpus";
 
 /// One subsection as shown.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SubView {
     /// Name.
     pub name: String,
@@ -42,7 +42,7 @@ pub struct SubView {
 }
 
 /// One section (or the config record) as shown.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SectionView {
     /// `config` for the configuration record, `section` otherwise.
     pub record: &'static str,
@@ -1275,7 +1275,28 @@ pub fn diff(a: &StreamView, b: &StreamView) -> Diff {
                         ys.join(", ")
                     ));
                 }
-                let (fa, fb) = (flat_view(x), flat_view(y));
+                // vCPU state compares as the guest sees it: host-defined XSAVE fields
+                // (MXCSR_MASK, ...) differ between CPU vendors and are reported apart.
+                let (mut x, mut y) = ((*x).clone(), (*y).clone());
+                if let (Some(Value::Record(fx)), Some(Value::Record(fy))) =
+                    (&mut x.fields, &mut y.fields)
+                {
+                    let (hx, hy) = (
+                        vmm::migrate::normalise_host_fields(fx),
+                        vmm::migrate::normalise_host_fields(fy),
+                    );
+                    for ((at, ra), (_, rb)) in hx.iter().zip(&hy) {
+                        let f = machine_types::cpu::xsave::host_field_differences(ra, rb);
+                        if !f.is_empty() {
+                            d.volatile.push(format!(
+                                "{name} {}: host-defined fields differ ({})",
+                                at.trim_start_matches('.'),
+                                f.join(", ")
+                            ));
+                        }
+                    }
+                }
+                let (fa, fb) = (flat_view(&x), flat_view(&y));
                 let paths: BTreeSet<_> = fa.keys().chain(fb.keys()).collect();
                 for p in paths {
                     let (va, vb) = (fa.get(p), fb.get(p));

@@ -135,6 +135,7 @@ fn run_once(case: Case) -> Sample {
         memory_size: case.memory_mib << 20,
         vcpus: 1,
         machine: machine_types::newest(),
+        ..Default::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let uri = format!("tcp:{}", listener.local_addr().unwrap());

@@ -35,6 +35,7 @@ fn main() {
             memory_size: 64 << 20,
             vcpus,
             machine: machine_types::newest(),
+            ..Default::default()
         };
         let mut vm = Vm::new(&config).expect("create VM");
         vm.load_guest(&GuestSpec::dirty_mib(4)).expect("load guest");

@@ -3,7 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use machine_types::MachineType;
+use machine_types::cpu::Feature;
+use machine_types::{CpuModel, MachineType};
 use thiserror::Error;
 
 use crate::guest::{self, layout};
@@ -66,6 +67,19 @@ pub enum ConfigError {
     /// A dirtying guest with an empty working set.
     #[error("The dirty guest needs a working set of at least 1 MiB")]
     EmptyWorkingSet,
+    /// A `--cpu` model the machine type does not offer.
+    #[error("CPU model '{model}' is not offered by machine type {machine}; valid models: {valid}")]
+    CpuModel {
+        /// The model asked for.
+        model: String,
+        /// The machine type.
+        machine: String,
+        /// Comma-separated list of the type's models.
+        valid: String,
+    },
+    /// A `--x-hide-host-features` name that is not a known CPUID feature.
+    #[error("Unknown CPU feature '{0}' in --x-hide-host-features")]
+    UnknownFeature(String),
 }
 
 /// Looks a machine type up by name (`ferry-1.0`, ..., or the alias `ferry`); usable as a
@@ -210,6 +224,11 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Machine type (guest ABI, CPU model, stream layout), from [`MachineType::lookup`].
     pub machine: &'static MachineType,
+    /// CPU model (`--cpu`); `None` is the machine type's default.
+    pub cpu_model: Option<CpuModel>,
+    /// Test-only: CPUID features treated as absent from this host (`--x-hide-host-features`),
+    /// so refusals of a model the host cannot run can be shown on any host.
+    pub hidden_host_features: Vec<&'static Feature>,
 }
 
 impl Default for VmConfig {
@@ -218,13 +237,56 @@ impl Default for VmConfig {
             memory_size: 64 << 20,
             vcpus: 1,
             machine: machine_types::newest(),
+            cpu_model: None,
+            hidden_host_features: Vec::new(),
         }
     }
 }
 
+/// Looks a CPU model up for `--cpu` (`help` is handled by the caller).
+pub fn parse_cpu_model(name: &str) -> Result<CpuModel, ConfigError> {
+    CpuModel::by_name(name).ok_or_else(|| ConfigError::CpuModel {
+        model: name.to_owned(),
+        machine: "any".to_owned(),
+        valid: machine_types::cpu::ALL_MODELS
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Parses a comma-separated list of CPUID feature names (`avx2,aes`).
+pub fn parse_features(list: &str) -> Result<Vec<&'static Feature>, ConfigError> {
+    list.split(',')
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            machine_types::cpu::feature(n).ok_or_else(|| ConfigError::UnknownFeature(n.to_owned()))
+        })
+        .collect()
+}
+
 impl VmConfig {
+    /// The CPU model the vCPUs get: `--cpu`, or the machine type's default.
+    pub fn cpu_model(&self) -> CpuModel {
+        self.cpu_model
+            .unwrap_or_else(|| self.machine.compat().cpu_model)
+    }
+
     /// Checks the machine shape on its own (no guest).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let models = self.machine.compat().cpu_models;
+        if !models.contains(&self.cpu_model()) {
+            return Err(ConfigError::CpuModel {
+                model: self.cpu_model().name().to_owned(),
+                machine: self.machine.name().to_owned(),
+                valid: models
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(self.vcpus.into()));
         }
@@ -347,9 +409,23 @@ mod tests {
         let e = parse_machine("pc-i440fx").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Unknown machine type 'pc-i440fx'; valid types: ferry, ferry-2.0, ferry-1.1, ferry-1.0"
+            "Unknown machine type 'pc-i440fx'; valid types: ferry, ferry-2.1, ferry-2.0, ferry-1.1, ferry-1.0"
         );
-        assert_eq!(parse_machine("ferry").unwrap().name(), "ferry-2.0");
+        assert_eq!(parse_machine("ferry").unwrap().name(), "ferry-2.1");
+        c.cpu_model = Some(parse_cpu_model("ferry-v3").unwrap());
+        assert_eq!(c.validate(), Ok(()));
+        c.machine = parse_machine("ferry-2.0").unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "CPU model 'ferry-v3' is not offered by machine type ferry-2.0; valid models: ferry-cpu-v2"
+        );
+        c.cpu_model = None;
+        assert_eq!(c.cpu_model(), CpuModel::FerryV2);
+        assert_eq!(
+            parse_features("avx2,x").unwrap_err(),
+            ConfigError::UnknownFeature("x".into())
+        );
+        assert_eq!(parse_features("avx2,aes").unwrap().len(), 2);
         c.machine = parse_machine("ferry-1.1").unwrap();
         c.vcpus = 0;
         assert_eq!(c.validate(), Err(ConfigError::VcpuCount(0)));

@@ -63,6 +63,8 @@ pub struct Controller {
     clock: crate::vm::hotplug::GuestClock,
     /// Where the incoming listener actually bound (port 0 resolved).
     listen_addr: Mutex<Option<std::net::SocketAddr>>,
+    /// What each CPU model lacks on this host (`query-cpu-definitions`).
+    cpu_unavailable: Vec<(machine_types::CpuModel, Vec<String>)>,
     me: std::sync::Weak<Controller>,
 }
 
@@ -84,6 +86,7 @@ const COMMANDS: &[&str] = &[
     "cont",
     "quit",
     "query-machines",
+    "query-cpu-definitions",
     "query-hotpluggable-cpus",
     "migrate",
     "migrate-incoming",
@@ -121,7 +124,12 @@ impl Controller {
         let hp = vm.hotplug().clone();
         let waker = vm.hotplug_waker();
         let clock = vm.guest_clock();
+        let cpu_unavailable = machine_types::cpu::ALL_MODELS
+            .iter()
+            .map(|&m| (m, vm.host_lacks(m)))
+            .collect();
         Arc::new_cyclic(|me| Controller {
+            cpu_unavailable,
             hp,
             waker,
             clock,
@@ -325,6 +333,26 @@ impl Controller {
                     v["alias"] = json!(machine_types::ALIAS_NEWEST);
                 }
                 v
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// Every CPU model as QEMU lists them: named models are migration-safe (a fixed table),
+    /// the legacy host-masked ones are not; `unavailable-features` is what this host lacks.
+    fn query_cpu_definitions(&self) -> Value {
+        let list: Vec<Value> = self
+            .cpu_unavailable
+            .iter()
+            .map(|(m, lacks)| {
+                json!({
+                    "name": m.name(),
+                    "typename": format!("{}-x86_64-cpu", m.name()),
+                    "unavailable-features": lacks,
+                    "static": false,
+                    "migration-safe": m.is_fixed(),
+                    "deprecated": false,
+                })
             })
             .collect();
         Value::Array(list)
@@ -1055,6 +1083,9 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
     fn catalog(&self) -> devstate::Catalog {
         self.inner.catalog()
     }
+    fn host_refusals(&self, src: &ConfigRecord) -> Vec<String> {
+        self.inner.host_refusals(src)
+    }
     fn expected_sections(&self) -> Vec<(String, u32)> {
         self.inner.expected_sections()
     }
@@ -1130,6 +1161,10 @@ impl QmpBackend for Controller {
                 let _ = a.optional_bool("compat-props")?;
                 a.finish()?;
                 Ok(self.query_machines())
+            }
+            "query-cpu-definitions" => {
+                no_args(arguments)?;
+                Ok(self.query_cpu_definitions())
             }
             "query-hotpluggable-cpus" => {
                 no_args(arguments)?;

@@ -42,6 +42,9 @@ struct RunArgs {
     /// Machine type (`help` lists them); `ferry` is the newest.
     #[arg(long, default_value = "ferry")]
     machine: String,
+    /// CPU model (`help` lists them); default: the machine type's.
+    #[arg(long)]
+    cpu: Option<String>,
     /// Guest RAM, e.g. 64M, 512M, 4G.
     #[arg(long, default_value = "512M", value_parser = config::parse_size)]
     memory: u64,
@@ -78,6 +81,10 @@ struct RunArgs {
     /// reset is needed).
     #[arg(long = "x-skip-incoming-reset")]
     x_skip_incoming_reset: bool,
+    /// Test only: treat these CPUID features (e.g. `avx2,aes`) as absent from this host, to
+    /// exercise the refusal of a CPU model or a stream the host cannot run.
+    #[arg(long = "x-hide-host-features")]
+    x_hide_host_features: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -106,16 +113,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--cpu help`: the machine type's CPU models, the default first, and what this host lacks.
+fn cpu_help(machine: &'static machine_types::MachineType) -> String {
+    let host = vmm::vcpu::cpuid::host_support();
+    let mut out = format!("CPU models of machine type {machine}:\n");
+    for (i, m) in machine.compat().cpu_models.iter().enumerate() {
+        let default = if i == 0 { " (default)" } else { "" };
+        let here = match &host {
+            Ok((cpuid, msrs)) => {
+                let lacks = m.host_lacks(cpuid, msrs);
+                if lacks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [this host lacks {}]", lacks.join(", "))
+                }
+            }
+            Err(e) => format!(" [host support unknown: {e}]"),
+        };
+        out.push_str(&format!(
+            "{:<13} {}{default}{here}\n",
+            m.name(),
+            m.description()
+        ));
+    }
+    out
+}
+
 fn run(args: RunArgs) -> Result<()> {
     if args.machine == "help" {
         print!("{}", machine_types::help_text());
         return Ok(());
     }
     let machine = machine_types::MachineType::lookup(&args.machine)?;
+    if args.cpu.as_deref() == Some("help") {
+        print!("{}", cpu_help(machine));
+        return Ok(());
+    }
+    let cpu_model = args
+        .cpu
+        .as_deref()
+        .map(config::parse_cpu_model)
+        .transpose()?;
     let config = VmConfig {
         memory_size: args.memory,
         vcpus: args.vcpus,
         machine,
+        cpu_model,
+        hidden_host_features: config::parse_features(
+            args.x_hide_host_features.as_deref().unwrap_or_default(),
+        )?,
     };
     config
         .validate_for(&args.guest)
@@ -138,6 +184,9 @@ fn run(args: RunArgs) -> Result<()> {
     };
     // A destination gets its guest (memory and vCPU state) from the stream.
     if incoming == IncomingMode::None {
+        // A destination checks the stream's model at the handshake instead, so the source
+        // hears why.
+        vm.check_host_runs(vm.cpu_model(), "this host")?;
         vm.load_guest(&args.guest)
             .context("Cannot load the test guest")?;
         let mode = match args.guest_hotplug.as_str() {

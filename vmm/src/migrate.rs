@@ -29,7 +29,7 @@ use devstate::{
     DecodeError, FieldKind, FieldSchema, Item, MachineSchema, RawSection, Reader, StreamReader,
     Value,
 };
-use machine_types::MachineType;
+use machine_types::{CpuModel, MachineType};
 use migration::{ConfigRecord, DestinationVm, DeviceDesc, DirtyRegion, RegionDesc, SourceVm};
 use vm_memory::Bytes;
 
@@ -334,6 +334,27 @@ impl DestinationVm for VmMigration<'_> {
         catalog()
     }
 
+    fn host_refusals(&self, src: &ConfigRecord) -> Vec<String> {
+        match CpuModel::by_name(&src.cpu_model) {
+            Some(m) => self
+                .vm
+                .check_host_runs(m, "destination host")
+                .err()
+                .map(|e| e.to_string())
+                .into_iter()
+                .collect(),
+            None => vec![format!(
+                "unknown CPU model '{}': this build knows {}",
+                src.cpu_model,
+                machine_types::cpu::ALL_MODELS
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+        }
+    }
+
     fn expected_sections(&self) -> Vec<(String, u32)> {
         self.vm.expected_sections()
     }
@@ -603,6 +624,47 @@ fn diff_fields(
     }
 }
 
+/// Replaces every XSAVE area in decoded vCPU state (a record with `cpu_model` and `xsave`,
+/// at any depth) by its guest view ([`machine_types::cpu::xsave::normalise`]): MXCSR_MASK,
+/// the kernel's software-reserved words and components in their init state are filled in by
+/// the host, differ between CPU vendors, and are not guest state. Returns each area as it
+/// was, with its path, so a diff can report host-defined differences apart.
+pub fn normalise_host_fields(fields: &mut [(String, Value)]) -> Vec<(String, Vec<u32>)> {
+    let mut out = Vec::new();
+    normalise_at("", fields, &mut out);
+    out
+}
+
+fn normalise_at(path: &str, fields: &mut [(String, Value)], out: &mut Vec<(String, Vec<u32>)>) {
+    let xcr0 = fields.iter().find_map(|(n, v)| match (n.as_str(), v) {
+        ("cpu_model", Value::Str(m)) => Some(
+            machine_types::CpuModel::by_name(m)
+                .map_or(crate::vcpu::cpuid::XCR0_ALLOWED.into(), |m| m.xcr0_mask()),
+        ),
+        _ => None,
+    });
+    for (name, v) in fields.iter_mut() {
+        match (name.as_str(), v, xcr0) {
+            ("xsave", Value::List(words), Some(xcr0)) => {
+                let raw: Vec<u32> = words
+                    .iter()
+                    .map(|w| match w {
+                        Value::Uint(x) => *x as u32,
+                        _ => 0,
+                    })
+                    .collect();
+                let guest = machine_types::cpu::xsave::normalise(&raw, xcr0);
+                *words = guest.iter().map(|&w| Value::Uint(w.into())).collect();
+                out.push((format!("{path}.xsave"), raw));
+            }
+            (_, Value::Record(inner), _) => {
+                normalise_at(&format!("{path}.{name}"), inner, out);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Compares two sets of sections by `(name, instance)`, decoding every body by `schema`
 /// alone; volatile fields (at any depth) are reported apart. Subsections are compared as
 /// bytes.
@@ -633,8 +695,23 @@ pub fn diff_sections(
             continue;
         };
         let fields = devstate::fields_at(s.fields.clone(), x.version);
-        let dx = devstate::decode_fields(&fields, &mut Reader::new(&x.body, x.body_offset, &k.0))?;
-        let dy = devstate::decode_fields(&fields, &mut Reader::new(&y.body, y.body_offset, &k.0))?;
+        let mut dx =
+            devstate::decode_fields(&fields, &mut Reader::new(&x.body, x.body_offset, &k.0))?;
+        let mut dy =
+            devstate::decode_fields(&fields, &mut Reader::new(&y.body, y.body_offset, &k.0))?;
+        let (hx, hy) = (
+            normalise_host_fields(&mut dx),
+            normalise_host_fields(&mut dy),
+        );
+        for ((at, a), (_, b)) in hx.iter().zip(&hy) {
+            let fields = machine_types::cpu::xsave::host_field_differences(a, b);
+            if !fields.is_empty() {
+                out.volatile.push(format!(
+                    "{path}{at}: host-defined fields differ ({})",
+                    fields.join(", ")
+                ));
+            }
+        }
         diff_fields(&fields, false, &path, &dx, &dy, &mut out);
         let subs = |s: &RawSection| {
             s.subsections

@@ -25,6 +25,7 @@ fn shape(machine_name: &str, memory_mib: u64, vcpus: u8) -> VmConfig {
         memory_size: memory_mib << 20,
         vcpus,
         machine: machine(machine_name),
+        ..Default::default()
     }
 }
 
@@ -406,16 +407,22 @@ fn machine_type_and_cpu_model_mismatches_are_refused() {
 
 #[test]
 fn the_cpu_model_follows_the_machine_type() {
+    use machine_types::CpuModel;
     let _kvm = kvm_test();
-    for (name, avx_allowed) in [
-        ("ferry-1.0", false),
-        ("ferry-1.1", false),
-        ("ferry-2.0", true),
+    for (name, model, avx_allowed) in [
+        ("ferry-1.0", None, false),
+        ("ferry-1.1", None, false),
+        ("ferry-2.0", None, true),
+        ("ferry-2.1", None, false),
+        ("ferry-2.1", Some(CpuModel::X86V3), true),
     ] {
-        let vm = Vm::new(&shape(name, 16, 1)).unwrap();
+        let mut cfg = shape(name, 16, 1);
+        cfg.cpu_model = model;
+        let vm = Vm::new(&cfg).unwrap();
         let state = vm.save_state().unwrap();
         let cpu = &state.vcpus[0];
-        let want = vm.machine().compat().cpu_model;
+        let want = cfg.cpu_model();
+        assert_eq!(want, model.unwrap_or(vm.machine().compat().cpu_model));
         assert_eq!(cpu.cpu_model, want.name());
         let leaf1 = cpu.cpuid.iter().find(|e| e.function == 1).unwrap();
         let xsave0 = cpu
@@ -428,12 +435,31 @@ fn the_cpu_model_follows_the_machine_type() {
             assert_eq!(leaf1.ecx & (1 << 28), 0, "{name} must not offer AVX");
             assert_eq!(xsave0.eax & 0b100, 0);
         }
+        // A named model is its fixed table, whatever the host: leaf for leaf.
+        if let Some(table) = want.fixed_cpuid() {
+            let got: Vec<_> = cpu
+                .cpuid
+                .iter()
+                .map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx))
+                .collect();
+            let want_t: Vec<_> = table
+                .iter()
+                .map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx))
+                .collect();
+            assert_eq!(got, want_t, "{name} {}", want.name());
+            assert_eq!(
+                cpu.msrs.iter().map(|m| m.index).collect::<Vec<_>>(),
+                want.msrs(),
+                "{}: every MSR of the model travels",
+                want.name()
+            );
+        }
         // The MSR list is the model's fixed list (minus what the host lacks), TSC apart.
         assert!(!cpu.msrs.is_empty());
         assert!(
             cpu.msrs
                 .iter()
-                .all(|m| { vmm::vcpu::cpuid::MODEL_MSRS.contains(&m.index) && m.index != 0x10 })
+                .all(|m| want.msrs().contains(&m.index) && m.index != 0x10)
         );
         assert_ne!(cpu.tsc, 0);
     }

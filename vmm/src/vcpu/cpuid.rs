@@ -1,17 +1,19 @@
-//! The guest CPU model: KVM's supported CPUID masked to the machine type's
-//! [`CpuModel`] (never the host CPU passed through), the XCR0 bits it may enable, and the
-//! fixed list of MSRs that travel in the `cpu` section.
+//! The guest CPU model as KVM takes it. Named models (`ferry-v2`, `ferry-v3`, machine type
+//! `ferry-2.1`) are fixed tables from [`machine_types::cpu`]; the legacy ones
+//! (`ferry-cpu-v1`, `ferry-cpu-v2`) are KVM's supported CPUID masked to a baseline:
 //!
 //! | model | XSAVE features (XCR0) | extra CPUID |
 //! |---|---|---|
 //! | `ferry-cpu-v1` | x87, SSE (`0x3`) | none |
 //! | `ferry-cpu-v2` | x87, SSE, AVX (`0x7`) | AVX (leaf 1 ECX bit 28), XSAVE leaf 0xD subleaf 2 |
 //!
-//! Both keep the same baseline of leaf 1 / 0x8000_0001 bits below; leaves 5..=0x1e other
-//! than 0xb and 0xd are zeroed. AVX is offered only when both the model and the host have it.
+//! Both legacy models keep the same baseline of leaf 1 / 0x8000_0001 bits below; leaves
+//! 5..=0x1e other than 0xb and 0xd are zeroed. AVX is offered only when both the model and
+//! the host have it.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 pub use machine_types::CpuModel;
+use machine_types::cpu::CpuidLeaf;
 
 /// Leaf 1 ECX bits kept: SSE3, PCLMULQDQ, SSSE3, CX16, SSE4.1, SSE4.2, x2APIC, MOVBE,
 /// POPCNT, TSC-deadline, AES, XSAVE, AVX; the hypervisor bit is set.
@@ -52,80 +54,107 @@ pub const LEAF1_ECX_AVX: u32 = 1 << 28;
 /// `IA32_TSC`.
 pub const MSR_IA32_TSC: u32 = 0x10;
 
-/// The MSRs every CPU model saves and restores (besides `IA32_TSC`, which travels apart as a
-/// volatile field), in restore order. A host that lacks one leaves it out of its streams.
-pub const MODEL_MSRS: &[u32] = &[
-    0x3b,  // IA32_TSC_ADJUST
-    0x174, // IA32_SYSENTER_CS
-    0x175, // IA32_SYSENTER_ESP
-    0x176, // IA32_SYSENTER_EIP
-    0x1a0, // IA32_MISC_ENABLE
-    0x277, // IA32_PAT
-    0x2ff, // IA32_MTRR_DEF_TYPE
-    0x200,
-    0x201,
-    0x202,
-    0x203,
-    0x204,
-    0x205,
-    0x206,
-    0x207, // variable MTRRs 0-3
-    0x208,
-    0x209,
-    0x20a,
-    0x20b,
-    0x20c,
-    0x20d,
-    0x20e,
-    0x20f, // variable MTRRs 4-7
-    0x250,
-    0x258,
-    0x259, // fixed MTRRs 64K, 16K
-    0x268,
-    0x269,
-    0x26a,
-    0x26b,
-    0x26c,
-    0x26d,
-    0x26e,
-    0x26f,       // fixed MTRRs 4K
-    0x6e0,       // IA32_TSC_DEADLINE (after the TSC)
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-    0xc000_0103, // TSC_AUX
-    0x4b56_4d00, // KVM wall clock
-    0x4b56_4d01, // KVM system time (kvmclock)
-    0x4b56_4d02, // KVM async page fault
-    0x4b56_4d03, // KVM steal time
-    0x4b56_4d04, // KVM PV EOI
-    0x4b56_4d05, // KVM poll control
-    0x4b56_4d06, // KVM async page fault interrupt
-];
-
-/// XSAVE feature names, by XCR0 bit.
-const XSAVE_FEATURES: [&str; 3] = ["x87", "sse", "avx"];
-
 /// The XSAVE features a model offers (`["x87", "sse"]`, ...).
-pub fn features(model: CpuModel) -> Vec<&'static str> {
-    xcr0_features(model.xcr0_mask())
+pub fn features(model: CpuModel) -> Vec<String> {
+    machine_types::cpu::xcr0_names(model.xcr0_mask())
 }
 
-/// Names of the XSAVE features set in `xcr0` (unknown bits as `bitN`).
-pub fn xcr0_features(xcr0: u64) -> Vec<&'static str> {
-    (0..64)
-        .filter(|b| xcr0 & (1 << b) != 0)
-        .map(|b| XSAVE_FEATURES.get(b).copied().unwrap_or("xsave-component"))
-        .collect()
+/// Names of the XSAVE features set in `xcr0`.
+pub fn xcr0_features(xcr0: u64) -> Vec<String> {
+    machine_types::cpu::xcr0_names(xcr0)
 }
 
 /// Looks a CPU model up by its stream name.
 pub fn model_by_name(name: &str) -> Option<CpuModel> {
-    [CpuModel::FerryV1, CpuModel::FerryV2]
+    CpuModel::by_name(name)
+}
+
+/// KVM's entries as plain leaves.
+pub fn leaves_from_kvm(c: &CpuId) -> Vec<CpuidLeaf> {
+    c.as_slice()
+        .iter()
+        .map(|e| CpuidLeaf {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+/// Plain leaves as KVM's entries.
+pub fn leaves_to_kvm(leaves: &[CpuidLeaf]) -> Result<CpuId, vmm_sys_util::fam::Error> {
+    let v: Vec<kvm_cpuid_entry2> = leaves
+        .iter()
+        .map(|l| kvm_cpuid_entry2 {
+            function: l.function,
+            index: l.index,
+            flags: l.flags,
+            eax: l.eax,
+            ebx: l.ebx,
+            ecx: l.ecx,
+            edx: l.edx,
+            ..Default::default()
+        })
+        .collect();
+    CpuId::from_entries(&v)
+}
+
+/// The leaves of the host CPU's own CPUID that hold [`machine_types::cpu::NATIVE_ISA`] bits.
+pub fn native_leaves() -> Vec<CpuidLeaf> {
+    [(1, 0), (7, 0), (0xd, 1), (0x8000_0001, 0)]
         .into_iter()
-        .find(|m| m.name() == name)
+        .map(|(function, index)| {
+            let r = std::arch::x86_64::__cpuid_count(function, index);
+            CpuidLeaf {
+                function,
+                index,
+                flags: machine_types::cpu::FLAG_INDEXED,
+                eax: r.eax,
+                ebx: r.ebx,
+                ecx: r.ecx,
+                edx: r.edx,
+            }
+        })
+        .collect()
+}
+
+/// What a guest can run on this host (KVM's supported CPUID plus the native ISA, see
+/// [`machine_types::cpu::with_native_isa`]) and the MSRs KVM lists, from `/dev/kvm`.
+pub fn host_support() -> Result<(Vec<CpuidLeaf>, Vec<u32>), kvm_ioctls::Error> {
+    host_support_of(&kvm_ioctls::Kvm::new()?)
+}
+
+/// [`host_support`] through an open `/dev/kvm`.
+pub fn host_support_of(
+    kvm: &kvm_ioctls::Kvm,
+) -> Result<(Vec<CpuidLeaf>, Vec<u32>), kvm_ioctls::Error> {
+    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+    let mut msrs = kvm.get_msr_index_list()?.as_slice().to_vec();
+    // MTRRs are emulated by KVM for every vCPU but never listed.
+    msrs.extend(
+        (0x200..=0x20f)
+            .chain([0x2ff, 0x250, 0x258, 0x259])
+            .chain(0x268..=0x26f),
+    );
+    let host = machine_types::cpu::with_native_isa(&leaves_from_kvm(&cpuid), &native_leaves());
+    Ok((host, msrs))
+}
+
+/// The CPUID every vCPU of `model` starts from (APIC ids still 0): the model's fixed table,
+/// or for a legacy model `host` (KVM's supported CPUID) masked.
+pub fn base_cpuid(model: CpuModel, host: &[CpuidLeaf]) -> Result<CpuId, vmm_sys_util::fam::Error> {
+    match model.fixed_cpuid() {
+        Some(t) => leaves_to_kvm(&t),
+        None => {
+            let mut c = leaves_to_kvm(host)?;
+            mask_entries(c.as_mut_slice(), model);
+            Ok(c)
+        }
+    }
 }
 
 /// Describes how the model a stream recorded (`stream`) differs from this VM's, naming the
@@ -149,6 +178,8 @@ pub fn model_difference(stream: &str, vm: CpuModel) -> Option<String> {
         }
     };
     let theirs = model_by_name(stream).map(features).unwrap_or_default();
+    let ours: Vec<&str> = ours.iter().map(String::as_str).collect();
+    let theirs: Vec<&str> = theirs.iter().map(String::as_str).collect();
     let stream_desc = if model_by_name(stream).is_some() {
         describe(stream, &theirs, &ours)
     } else {
@@ -311,6 +342,8 @@ mod tests {
             "CPU model differs: stream has unknown model 'host', this VM has ferry-cpu-v2 (x87, sse, avx)"
         );
         assert_eq!(xcr0_features(0x7), ["x87", "sse", "avx"]);
-        assert!(MODEL_MSRS.iter().all(|&m| m != MSR_IA32_TSC));
+        for m in machine_types::cpu::ALL_MODELS {
+            assert!(m.msrs().iter().all(|&x| x != MSR_IA32_TSC));
+        }
     }
 }

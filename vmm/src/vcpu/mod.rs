@@ -80,6 +80,14 @@ pub enum VcpuError {
         /// First MSR refused.
         msr: u32,
     },
+    /// A saved XSAVE area this host cannot load.
+    #[error("Cannot load the XSAVE state of vCPU {index}: {reason}")]
+    Xsave {
+        /// vCPU index.
+        index: u8,
+        /// What does not fit this host.
+        reason: String,
+    },
     /// The thread could not be started.
     #[error("Cannot start the thread of vCPU {index}")]
     Spawn {
@@ -310,10 +318,16 @@ impl Vcpu {
         self.index
     }
 
-    /// The MSRs of `wanted` (the CPU model's fixed list, in its order) that KVM lists and
+    /// The MSRs of `wanted` (the CPU model's fixed list, in its order) that KVM lists (when
+    /// `require_listed`; the legacy models' rule) and
     /// that this vCPU can read and write back unchanged. `IA32_TSC` is always captured on its
     /// own ([`persist::VcpuState::tsc`]) and is left out here.
-    pub fn probe_msrs(&self, kvm: &Kvm, wanted: &[u32]) -> Result<Vec<u32>, VcpuError> {
+    pub fn probe_msrs(
+        &self,
+        kvm: &Kvm,
+        wanted: &[u32],
+        require_listed: bool,
+    ) -> Result<Vec<u32>, VcpuError> {
         let list = kvm
             .get_msr_index_list()
             .map_err(|source| VcpuError::Ioctl {
@@ -329,7 +343,7 @@ impl Vcpu {
             if index == cpuid::MSR_IA32_TSC {
                 continue;
             }
-            if !listed.contains(&index) {
+            if require_listed && !listed.contains(&index) {
                 missing.push(index);
                 continue;
             }
@@ -575,7 +589,18 @@ impl Vcpu {
                 .map_err(ioctl("KVM_SET_SREGS", i))?;
             fd.set_fpu(&state.fpu.to_kvm())
                 .map_err(ioctl("KVM_SET_FPU", i))?;
-            let xsave = persist::xsave_to_kvm(&state.xsave);
+            // Host-defined fields (MXCSR_MASK, the kernel's software-reserved words) are
+            // this host's, not the stream's: the source may have been another CPU vendor.
+            let local = fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE", i))?;
+            let xcr0 = machine_types::CpuModel::by_name(&state.cpu_model)
+                .map_or(cpuid::XCR0_ALLOWED.into(), |m| m.xcr0_mask());
+            let words = machine_types::cpu::xsave::for_host(
+                &state.xsave,
+                &persist::xsave_from_kvm(&local),
+                xcr0,
+            )
+            .map_err(|reason| VcpuError::Xsave { index: i, reason })?;
+            let xsave = persist::xsave_to_kvm(&words);
             // SAFETY: `xsave` is a whole `kvm_xsave` (4 KiB region, no trailing flexible
             // part): KVM_GET_XSAVE2 sizes above 4 KiB only occur with AMX state, which the
             // masked CPUID never offers, so the kernel reads nothing past the struct.

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use devstate::{RawSection, Section};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use machine_types::MachineType;
 use vm_memory::bitmap::AtomicBitmap;
@@ -54,7 +54,7 @@ use crate::hotplug::{
 };
 use crate::runstate::RunState;
 use crate::vcpu::persist::VcpuState;
-use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, cpuid, longmode};
+use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, longmode};
 
 /// KVM memory slot of hot-plugged memory block 0 (block `s` uses `HOTPLUG_KVM_SLOT_BASE + s`).
 pub const HOTPLUG_KVM_SLOT_BASE: u32 = 16;
@@ -882,12 +882,7 @@ impl Vm {
             .ok()
             .filter(|&i| i < layout::MAX_VCPUS)
             .ok_or_else(|| device_err(format!("core {core} has no vCPU index")))?;
-        let mut c = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::mask_entries(c.as_mut_slice(), self.cpu_model());
-        cpuid::set_apic_id(c.as_mut_slice(), index);
+        let c = self.vcpu_cpuid(index);
         let mut vcpu = Vcpu::new(&self.fd, index, &c)?;
         vcpu.spawn(RunContext {
             io_bus: self.io_bus.clone(),

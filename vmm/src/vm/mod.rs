@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use devstate::{RawSection, Section};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
+use machine_types::cpu::CpuidLeaf;
 use machine_types::{CpuModel, MachineType};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
@@ -105,6 +106,9 @@ pub enum VmError {
         "The guest has no Ferry test-guest mailbox (magic {0:#x}; a boot-sector or foreign guest): mailbox queries and memory-pattern checks only apply to the built-in test guest"
     )]
     NoMailbox(u64),
+    /// This host cannot run the CPU model or the saved vCPU state (names what it lacks).
+    #[error("{0}")]
+    HostLacks(String),
 }
 
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -126,6 +130,12 @@ pub struct Vm {
     uart: Arc<Mutex<Uart>>,
     progress: Arc<ProgressMonitor>,
     msrs: Vec<u32>,
+    /// KVM's supported CPUID, less `--x-hide-host-features`.
+    host_cpuid: Vec<CpuidLeaf>,
+    /// MSRs KVM lists for this host.
+    host_msrs: Vec<u32>,
+    /// The CPUID every vCPU starts from (APIC id aside).
+    base_cpuid: CpuId,
     run_state: Arc<Mutex<RunState>>,
     guest: Option<GuestSpec>,
 }
@@ -171,11 +181,18 @@ impl Vm {
         )?;
 
         let hp = hotplug::VmHotplug::new(&fd, config, &io_bus, &ram)?;
-        let mut base_cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
-        let cpu_model = config.machine.compat().cpu_model;
-        cpuid::mask_entries(base_cpuid.as_mut_slice(), cpu_model);
+        // Legacy models mask KVM's own list (their guest ABI); checks use what the host runs.
+        let mut kvm_cpuid = cpuid::leaves_from_kvm(&supported);
+        machine_types::cpu::hide_features(&mut kvm_cpuid, &config.hidden_host_features);
+        let (mut host_cpuid, host_msrs) =
+            cpuid::host_support_of(&kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+        machine_types::cpu::hide_features(&mut host_cpuid, &config.hidden_host_features);
+        let cpu_model = config.cpu_model();
+        let base_cpuid = cpuid::base_cpuid(cpu_model, &kvm_cpuid)
+            .map_err(|e| VmError::Vcpu(VcpuError::Fam("CPUID", e)))?;
         let run_state = Arc::new(Mutex::new(RunState::Prelaunch));
         let ctx = RunContext {
             io_bus: io_bus.clone(),
@@ -188,7 +205,7 @@ impl Vm {
             cpuid::set_apic_id(c.as_mut_slice(), index);
             vcpus.push(Vcpu::new(&fd, index, &c)?);
         }
-        let msrs = vcpus[0].probe_msrs(&kvm, cpuid::MODEL_MSRS)?;
+        let msrs = vcpus[0].probe_msrs(&kvm, cpu_model.msrs(), !cpu_model.is_fixed())?;
         for v in &mut vcpus {
             v.spawn(ctx.clone())?;
         }
@@ -212,6 +229,9 @@ impl Vm {
             uart,
             progress,
             msrs,
+            host_cpuid,
+            host_msrs,
+            base_cpuid,
             run_state,
             guest: None,
         })
@@ -227,9 +247,83 @@ impl Vm {
         self.config.machine
     }
 
-    /// The CPU model the vCPUs were given (from the machine type).
+    /// The CPU model the vCPUs were given (`--cpu` or the machine type's default).
     pub fn cpu_model(&self) -> CpuModel {
-        self.config.machine.compat().cpu_model
+        self.config.cpu_model()
+    }
+
+    /// What this host lacks to run CPU model `model`, in words (empty when it can run it).
+    pub fn host_lacks(&self, model: CpuModel) -> Vec<String> {
+        model.host_lacks(&self.host_cpuid, &self.host_msrs)
+    }
+
+    /// Refuses, naming every missing feature, a CPU model this host cannot run: `who` is
+    /// "this host" on a source, "destination host" on a destination.
+    pub fn check_host_runs(&self, model: CpuModel, who: &str) -> Result<(), VmError> {
+        let lacks = self.host_lacks(model);
+        if lacks.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::HostLacks(format!(
+                "{who} lacks {}, required by CPU model '{}'",
+                lacks.join(", "),
+                model.name()
+            )))
+        }
+    }
+
+    /// What this host cannot run of a stream's vCPU state: CPUID features it lacks, XSAVE
+    /// components beyond what it supports, MSRs it does not have.
+    pub fn vcpu_state_refusals(&self, v: &VcpuState) -> Vec<String> {
+        let mut out = Vec::new();
+        let leaves: Vec<CpuidLeaf> = v
+            .cpuid
+            .iter()
+            .map(|e| CpuidLeaf {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect();
+        out.extend(machine_types::cpu::missing_features(
+            &leaves,
+            &self.host_cpuid,
+        ));
+        let host_xcr0 = machine_types::cpu::host_xcr0(&self.host_cpuid);
+        let xcr0 = v
+            .xcrs
+            .xcrs
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(0, |x| x.value);
+        let bv = v
+            .xsave
+            .get(machine_types::cpu::xsave::XSTATE_BV)
+            .map_or(0, |&w| u64::from(w));
+        let model_xcr0 = CpuModel::by_name(&v.cpu_model).map_or(u64::MAX, |m| m.xcr0_mask());
+        let used = (xcr0 | (bv & model_xcr0)) & !host_xcr0;
+        out.extend(
+            machine_types::cpu::xcr0_names(used)
+                .into_iter()
+                .map(|n| format!("XSAVE component {n}")),
+        );
+        for m in &v.msrs {
+            if !self.host_msrs.contains(&m.index) {
+                out.push(machine_types::cpu::msr_name(m.index));
+            }
+        }
+        out
+    }
+
+    /// The CPUID a new vCPU with APIC id `index` gets.
+    pub(crate) fn vcpu_cpuid(&self, index: u8) -> CpuId {
+        let mut c = self.base_cpuid.clone();
+        cpuid::set_apic_id(c.as_mut_slice(), index);
+        c
     }
 
     /// The KVM VM fd.
@@ -517,6 +611,16 @@ impl Vm {
             && let Some(d) = cpuid::model_difference(&v.cpu_model, model)
         {
             diffs.push(d);
+        }
+        if let Some(v) = state.vcpus.first() {
+            let lacks = self.vcpu_state_refusals(v);
+            if !lacks.is_empty() {
+                diffs.push(format!(
+                    "this host lacks {}, required by the saved vCPU state (CPU model '{}')",
+                    lacks.join(", "),
+                    v.cpu_model
+                ));
+            }
         }
         for v in &state.vcpus {
             if v.cpu_model != state.vcpus[0].cpu_model {

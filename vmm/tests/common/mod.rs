@@ -35,6 +35,7 @@ pub fn config(memory_mib: u64, vcpus: u8) -> VmConfig {
         memory_size: memory_mib << 20,
         vcpus,
         machine: machine_types::MachineType::lookup("ferry-2.0").unwrap(),
+        ..Default::default()
     }
 }
 
@@ -71,6 +72,8 @@ pub fn wait_mailbox(vm: &Vm, what: &str, cond: impl Fn(&vmm::guest::Mailbox) -> 
             Instant::now() < deadline,
             "timed out waiting for {what}; mailbox {mb:?}"
         );
-        std::thread::yield_now();
+        // Poll, do not spin: on a 2-core host a spinning test thread takes the time the
+        // guest's vCPU needs to reach the state waited for.
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
