@@ -187,10 +187,12 @@ pub enum DecodeError {
         offset: u64,
     },
     /// A `post_load` hook rejected the decoded state.
-    #[error("Section '{section}' rejected by post_load: {why}")]
+    #[error("Section '{section}' at offset {offset} rejected by post_load: {why}")]
     PostLoad {
         /// Section name.
         section: String,
+        /// Offset of the section record.
+        offset: u64,
         /// The hook's reason.
         why: String,
     },
@@ -226,8 +228,9 @@ impl DecodeError {
             | CountMismatch { offset, .. }
             | BadRam { offset, .. }
             | SourceAborted { offset, .. }
+            | PostLoad { offset, .. }
             | Io { offset, .. } => Some(*offset),
-            MissingSection { .. } | PostLoad { .. } => None,
+            MissingSection { .. } => None,
         }
     }
 }

@@ -138,6 +138,7 @@ impl RawSection {
         s.post_load(self.version)
             .map_err(|why| DecodeError::PostLoad {
                 section: S::NAME.to_owned(),
+                offset: self.offset,
                 why,
             })?;
         Ok(s)

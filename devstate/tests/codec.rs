@@ -293,7 +293,7 @@ fn post_load_rejects_bad_state() {
     let err = decode_one(&rec).load::<Conn>().unwrap_err();
     assert_eq!(
         err.to_string(),
-        "Section 'conn' rejected by post_load: state 0 is not a valid connector state"
+        "Section 'conn' at offset 67 rejected by post_load: state 0 is not a valid connector state"
     );
 }
 

@@ -711,6 +711,41 @@ impl DebugRegsState {
 mod tests {
     use super::*;
 
+    /// A `cpu` section whose XSAVE area is not the 4 KiB layout this build knows is refused
+    /// by section name and offset before anything is loaded.
+    #[test]
+    fn an_unknown_xsave_layout_is_refused_with_its_offset() {
+        let m = machine_types::MachineType::lookup("ferry-2.1").unwrap();
+        let mut s = VcpuState {
+            cpu_model: "ferry-v3".into(),
+            xsave: vec![0; 512],
+            lapic: vec![0; LAPIC_BYTES as usize],
+            ..Default::default()
+        };
+        s.sregs.interrupt_bitmap = vec![0; 4];
+        s.fpu.fpr = vec![0; 128];
+        s.fpu.xmm = vec![0; 256];
+        s.debug_regs.db = vec![0; 4];
+        let rec = devstate::encode_section(&mut s, 0, m, devstate::Tag::Section).unwrap();
+        let mut w = devstate::StreamWriter::new(Vec::new(), m, "test").unwrap();
+        w.config(&mut migration::ConfigRecord::default()).unwrap();
+        w.raw(&rec).unwrap();
+        let bytes = w.finish().unwrap();
+        let c = crate::vm::persist::full_catalog();
+        let mut r = devstate::StreamReader::new(bytes.as_slice(), Some(&c)).unwrap();
+        r.next_item().unwrap();
+        let devstate::Item::Section(raw) = r.next_item().unwrap() else {
+            panic!("expected a section");
+        };
+        let offset = raw.offset;
+        assert_eq!(
+            raw.load::<VcpuState>().unwrap_err().to_string(),
+            format!(
+                "Section 'cpu' at offset {offset} rejected by post_load: XSAVE area has 512 words, expected 1024"
+            )
+        );
+    }
+
     #[test]
     fn conversions_round_trip() {
         let regs = kvm_regs {

@@ -542,7 +542,7 @@ mod tests {
         let e = raw.load::<IrqchipState>().unwrap_err().to_string();
         assert_eq!(
             e,
-            "Section 'irqchip' rejected by post_load: IOAPIC has 3 redirection entries, expected 24"
+            "Section 'irqchip' at offset 78 rejected by post_load: IOAPIC has 3 redirection entries, expected 24"
         );
     }
 }
