@@ -28,8 +28,10 @@ struct Sender<'a, V: SourceVm> {
     masks: Vec<u64>,
     /// How each page of the chunk travels.
     classes: Vec<Class>,
-    /// Bytes written at the start of the current iteration, and when it started.
+    /// Bytes written and pages sent at the start of the current iteration, and when it
+    /// started (also the throttle's window).
     iter_bytes: u64,
+    iter_pages: u64,
     iter_start: Instant,
     /// Page bytes sent with data this iteration and the time spent on chunks that had data:
     /// the link's real rate (zero-page scans cost time but no wire bytes).
@@ -192,6 +194,15 @@ impl<V: SourceVm> Sender<'_, V> {
         Ok(waited)
     }
 
+    /// Start a new measuring and throttling window: an iteration, or stop-and-copy.
+    fn start_window(&mut self, out: &Out) {
+        self.iter_bytes = out.bytes_written();
+        self.iter_pages = self.pages_sent;
+        self.iter_start = Instant::now();
+        self.data_bytes = 0;
+        self.data_time = Duration::ZERO;
+    }
+
     /// Sleep just enough to keep under `max_bandwidth` (bytes/s) for this iteration.
     fn throttle(&self, written: u64) {
         let cap = self.progress.max_bandwidth();
@@ -251,6 +262,45 @@ fn merge(into: &mut Vec<DirtyRegion>, more: &[DirtyRegion]) {
             }
             None => into.push(m.clone()),
         }
+    }
+}
+
+/// The switchover estimate after a pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Estimate {
+    /// Bytes per second the rest can count on: the measured rate, never more than the cap.
+    bandwidth: f64,
+    /// Milliseconds to send what remains, rounded up; at least 1 while anything remains.
+    expected_ms: u64,
+}
+
+impl Estimate {
+    /// Estimate sending `remaining` bytes when `measured` bytes/s went out in the last pass
+    /// and `cap` (bytes/s, 0 unlimited) throttles from now on. The measured rate can be a
+    /// burst that the throttle only paid for afterwards, and the cap can have been lowered
+    /// meanwhile: the cap bounds it either way.
+    fn new(remaining: u64, measured: f64, cap: u64) -> Self {
+        let mut bandwidth = if measured.is_finite() { measured } else { 0.0 };
+        if cap > 0 {
+            bandwidth = bandwidth.min(cap as f64);
+        }
+        let bandwidth = bandwidth.max(1.0);
+        let expected_ms = if remaining == 0 {
+            0
+        } else {
+            // Rounded up: a fraction of a millisecond is not zero downtime.
+            ((remaining as f64 / bandwidth * 1000.0).ceil() as u64).max(1)
+        };
+        Estimate {
+            bandwidth,
+            expected_ms,
+        }
+    }
+
+    /// Whether what remains fits in `limit_ms` (nothing left always fits; anything left never
+    /// fits in 0 ms).
+    fn fits(&self, limit_ms: u64) -> bool {
+        self.expected_ms <= limit_ms
     }
 }
 
@@ -533,6 +583,7 @@ fn transfer<'v, V: SourceVm>(
         masks: vec![0; CHUNK_PAGES],
         classes: vec![Class::Zero; CHUNK_PAGES],
         iter_bytes: out.bytes_written(),
+        iter_pages: 0,
         iter_start: Instant::now(),
         data_bytes: 0,
         data_time: Duration::ZERO,
@@ -557,33 +608,37 @@ fn transfer<'v, V: SourceVm>(
             tx.data_time += waited;
         }
         let elapsed = tx.iter_start.elapsed().as_secs_f64().max(1e-6);
-        let sent = out.bytes_written() - tx.iter_bytes;
-        // Bytes per second: the rate at which data pages went out when there were enough of
-        // them to measure, else everything over the whole pass.
-        let bandwidth = if tx.data_bytes >= 1 << 20 && !tx.data_time.is_zero() {
+        // Page bytes per second, the unit of what remains: the rate at which data pages went
+        // out when there were enough of them to measure, else every page over the whole pass
+        // (not wire bytes: a SPARSE page is a few dozen). The former leaves out the
+        // throttle's sleeps, so only the estimate below makes it respect the cap.
+        let measured = if tx.data_bytes >= 1 << 20 && !tx.data_time.is_zero() {
             tx.data_bytes as f64 / tx.data_time.as_secs_f64()
         } else {
-            sent as f64 / elapsed
+            ((tx.pages_sent - tx.iter_pages) * PAGE_SIZE as u64) as f64 / elapsed
         };
         let dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
         let dirty_n = dirty_pages(&dirty);
         iteration += 1;
-        let expected_ms = (dirty_n as f64 * PAGE_SIZE as f64 / bandwidth.max(1.0) * 1000.0) as u64;
+        let remaining = dirty_n * PAGE_SIZE as u64;
+        let est = Estimate::new(remaining, measured, progress.max_bandwidth());
+        let expected_ms = est.expected_ms;
         progress.update(|s| {
             s.iterations = iteration;
-            s.remaining = dirty_n * PAGE_SIZE as u64;
+            s.remaining = remaining;
             s.expected_downtime_ms = expected_ms;
             s.dirty_pages_rate = (dirty_n as f64 / elapsed) as u64;
-            s.mbps = bandwidth * 8.0 / 1e6;
+            s.mbps = est.bandwidth * 8.0 / 1e6;
         });
         info!(
             iteration,
             dirty_pages = dirty_n,
             expected_ms,
-            mbps = bandwidth * 8.0 / 1e6,
+            mbps = est.bandwidth * 8.0 / 1e6,
+            measured_mbps = measured * 8.0 / 1e6,
             "pre-copy pass done"
         );
-        if expected_ms <= progress.downtime_limit_ms() {
+        if est.fits(progress.downtime_limit_ms()) {
             // Converged: these pages go in stop-and-copy, with whatever dirties meanwhile.
             break dirty;
         }
@@ -604,10 +659,7 @@ fn transfer<'v, V: SourceVm>(
         }
         let _s = info_span!("iteration", n = iteration).entered();
         progress.pass(iteration);
-        tx.iter_bytes = out.bytes_written();
-        tx.iter_start = Instant::now();
-        tx.data_bytes = 0;
-        tx.data_time = Duration::ZERO;
+        tx.start_window(out);
         tx.send_dirty(out, &dirty)?;
     };
 
@@ -619,6 +671,9 @@ fn transfer<'v, V: SourceVm>(
     }
     *paused = true;
     progress.set_status(Status::Device);
+    // The throttle's window starts afresh: the pause pays for its own bytes at the cap, as
+    // estimated, not for a pre-copy burst (or a cap lowered during the last pass).
+    tx.start_window(out);
     let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
     merge(&mut dirty, &pending);
     let last_pages = dirty_pages(&dirty);
@@ -684,6 +739,42 @@ mod tests {
         merge(&mut a, &[r(0, 0b0110), r(1 << 20, 1)]);
         assert_eq!(a, vec![r(0, 0b0111), r(1 << 20, 1)]);
         assert_eq!(dirty_pages(&a), 4);
+    }
+
+    #[test]
+    fn capped_link_raises_the_expected_downtime() {
+        const MIB: u64 = 1 << 20;
+        // 1 MiB left, measured at 1 GiB/s: about 1 ms uncapped.
+        let free = Estimate::new(MIB, 1024.0 * MIB as f64, 0);
+        assert_eq!(free.expected_ms, 1);
+        // The same burst on an 8 MiB/s link: 125 ms, and the cap is the bandwidth.
+        let capped = Estimate::new(MIB, 1024.0 * MIB as f64, 8 * MIB);
+        assert_eq!(capped.expected_ms, 125);
+        assert_eq!(capped.bandwidth, (8 * MIB) as f64);
+        assert!(free.fits(100) && !capped.fits(100));
+        // A cap above the measured rate changes nothing.
+        assert_eq!(
+            Estimate::new(MIB, 4.0 * MIB as f64, 8 * MIB).expected_ms,
+            250
+        );
+    }
+
+    #[test]
+    fn anything_left_never_fits_in_zero_ms() {
+        const MIB: u64 = 1 << 20;
+        // A sub-millisecond estimate rounds up, whatever the measured rate.
+        for measured in [1e12, f64::INFINITY, f64::NAN, 0.0] {
+            let e = Estimate::new(PAGE_SIZE as u64, measured, 0);
+            assert!(e.expected_ms >= 1 && !e.fits(0), "{measured}: {e:?}");
+        }
+        assert!(!Estimate::new(1, 1e12, 8 * MIB).fits(0));
+        // Nothing left fits any limit.
+        let none = Estimate::new(0, 1e6, 8 * MIB);
+        assert!(none.expected_ms == 0 && none.fits(0));
+        // 1.5 ms rounds up to 2: it does not fit a 1 ms limit.
+        let e = Estimate::new(3 * MIB / 2, 1000.0 * MIB as f64, 0);
+        assert_eq!(e.expected_ms, 2);
+        assert!(!e.fits(1) && e.fits(2));
     }
 
     #[test]

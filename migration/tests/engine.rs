@@ -402,6 +402,9 @@ fn destination_load_failure_resumes_the_source() {
 fn connection_dropped_before_commit_resumes_the_source() {
     let (l, uri) = listener();
     let mut src = MemVm::new(512, 16, "ferry-2.0").running();
+    // Pass 0 then carries 16 DATA pages, more than the peer reads before hanging up, however
+    // late the guest thread gets scheduled.
+    src.wait_passes(1);
     // A peer that handshakes, accepts, reads some RAM and hangs up.
     let peer = thread::spawn(move || {
         use migration::protocol::{Hello, Kind, Msg};
@@ -424,8 +427,27 @@ fn connection_dropped_before_commit_resumes_the_source() {
     src.wait_passes(2);
 }
 
+/// 256 always-dirty pages (1 MiB) over an 8 MiB/s link: at least 125 ms to send, however fast
+/// the build copies memory.
+const CAPPED_MS: u64 = 125;
+
+/// Check the figures of a pass that did not converge over the 8 MiB/s link.
+fn assert_capped(snap: &migration::Snapshot) {
+    assert_eq!(snap.remaining, 256 * PAGE as u64, "{snap:?}");
+    assert!(
+        snap.expected_downtime_ms >= CAPPED_MS,
+        "the estimate must use the capped bandwidth: {snap:?}"
+    );
+    assert!(
+        snap.mbps <= (8 << 20) as f64 * 8.0 / 1e6,
+        "the reported bandwidth must not exceed the cap: {snap:?}"
+    );
+}
+
 #[test]
 fn no_convergence_cancels_by_default_and_forces_when_asked() {
+    // The dirty set never shrinks (`always_dirty`), so no pass can converge in 0 ms, whatever
+    // the build's speed: the outcome depends on the policy only.
     let params = Params {
         downtime_limit_ms: 0,
         max_iterations: 2,
@@ -436,18 +458,21 @@ fn no_convergence_cancels_by_default_and_forces_when_asked() {
     let mut src = MemVm::new(512, 256, "ferry-2.0").running();
     src.always_dirty = Some(256);
     let dst = destination(l, MemVm::new(512, 256, "ferry-2.0"), params.clone());
-    let err = migration::send(&mut src, &uri, &params, &Progress::default()).unwrap_err();
+    let progress = Progress::default();
+    let err = migration::send(&mut src, &uri, &params, &progress).unwrap_err();
     assert!(
         matches!(
             err,
             MigrationError::NotConverged {
                 iterations: 2,
+                expected_ms: CAPPED_MS..,
                 limit_ms: 0,
-                ..
             }
         ),
         "{err}"
     );
+    assert_eq!(progress.status(), Status::Failed);
+    assert_capped(&progress.snapshot());
     assert!(src.is_running());
     let (res, _) = dst.join().unwrap();
     let why = migration::chain(&res.unwrap_err());
@@ -462,9 +487,46 @@ fn no_convergence_cancels_by_default_and_forces_when_asked() {
     };
     let (l, uri) = listener();
     let dst = destination(l, MemVm::new(512, 256, "ferry-2.0"), forced.clone());
-    migration::send(&mut src, &uri, &forced, &Progress::default()).unwrap();
+    let progress = Progress::default();
+    migration::send(&mut src, &uri, &forced, &progress).unwrap();
     assert!(dst.join().unwrap().0.is_ok());
     assert!(!src.is_running());
+    let snap = progress.snapshot();
+    assert_eq!(snap.status, Status::Completed);
+    assert_eq!(snap.iterations, 2, "forced after max_iterations: {snap:?}");
+    assert_capped(&snap);
+}
+
+#[test]
+fn capped_link_is_not_judged_converged_early() {
+    // 1 MiB left fits in 100 ms at memory speed but not at 8 MiB/s: the cap decides.
+    let params = Params {
+        downtime_limit_ms: 100,
+        max_iterations: 3,
+        max_bandwidth: 8 << 20,
+        ..Params::default()
+    };
+    let (l, uri) = listener();
+    let mut src = MemVm::new(512, 256, "ferry-2.0").running();
+    src.always_dirty = Some(256);
+    let dst = destination(l, MemVm::new(512, 256, "ferry-2.0"), params.clone());
+    let progress = Progress::default();
+    let err = migration::send(&mut src, &uri, &params, &progress).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MigrationError::NotConverged {
+                iterations: 3,
+                expected_ms: CAPPED_MS..,
+                limit_ms: 100,
+            }
+        ),
+        "{err}"
+    );
+    assert_capped(&progress.snapshot());
+    assert!(src.is_running());
+    let (res, d) = dst.join().unwrap();
+    assert!(res.is_err() && d.committed.is_none());
 }
 
 #[test]
