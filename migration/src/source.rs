@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, info_span, warn};
 
 const CHUNK_PAGES: usize = devstate::stream::MAX_DATA_PAGES as usize;
+/// Longest time sent records may sit in the stream buffer during a pass.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 type Out = StreamWriter<BufWriter<TeeWriter<Box<dyn Write + Send>>>>;
 
@@ -40,6 +42,8 @@ struct Sender<'a, V: SourceVm> {
     /// Pages put in RAM records so far, and the destination's last report of pages written.
     pages_sent: u64,
     dest_written: u64,
+    /// When the stream was last flushed to the socket.
+    last_flush: Instant,
 }
 
 /// Read the next return-path message that is not a progress report.
@@ -160,6 +164,12 @@ impl<V: SourceVm> Sender<'_, V> {
             }
             gpa += len as u64;
             pages -= n;
+            // A pass of mostly zero pages can take longer than the peer's I/O timeout
+            // without filling the stream buffer: flush now and then so the peer hears us.
+            if self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                out.flush().map_err(io_err("RAM transfer"))?;
+                self.last_flush = Instant::now();
+            }
             self.throttle(out.bytes_written());
         }
         Ok(())
@@ -589,6 +599,7 @@ fn transfer<'v, V: SourceVm>(
         data_time: Duration::ZERO,
         pages_sent: 0,
         dest_written: 0,
+        last_flush: Instant::now(),
     };
     // Pass 0: all of RAM.
     let mut iteration = 0u64;

@@ -51,6 +51,8 @@ struct MemVm {
     /// Report the whole working set dirty at every sync (a dirty rate no bandwidth beats),
     /// independent of how the guest thread happens to be scheduled.
     always_dirty: Option<usize>,
+    /// Time each `read_ram` takes (a slow source: memory the host must fault in).
+    read_delay: Duration,
 }
 
 impl MemVm {
@@ -90,6 +92,7 @@ impl MemVm {
             committed: None,
             aborted: None,
             always_dirty: None,
+            read_delay: Duration::ZERO,
         }
     }
 
@@ -182,6 +185,7 @@ impl SourceVm for MemVm {
         }])
     }
     fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        thread::sleep(self.read_delay);
         let m = self.s.mem.lock().unwrap();
         buf.copy_from_slice(&m[gpa as usize..gpa as usize + buf.len()]);
         Ok(())
@@ -283,6 +287,29 @@ fn live_migration_converges_and_memory_matches() {
         snap.transferred < 2048 * PAGE as u64,
         "zero pages must not travel as data: {snap:?}"
     );
+    assert_same_memory(&src.mem(), &dst.mem());
+}
+
+/// A pass of zero pages that outlasts the destination's I/O timeout: the source flushes
+/// what it sent now and then, so the destination hears it and the migration completes.
+#[test]
+fn a_slow_pass_of_zero_pages_keeps_the_destination_hearing_from_the_source() {
+    let (l, uri) = listener();
+    // 16384 pages in 64 reads of 40 ms: pass 0 takes about 2.6 s and its ZERO records are
+    // a few KiB, far less than the stream buffer.
+    let mut src = MemVm::new(16384, 0, "ferry-2.0");
+    src.read_delay = Duration::from_millis(40);
+    let dst_params = Params {
+        io_timeout: Duration::from_millis(1000),
+        ..Params::default()
+    };
+    let dst = destination(l, MemVm::new(16384, 0, "ferry-2.0"), dst_params);
+    let progress = Progress::default();
+    let r = migration::send(&mut src, &uri, &Params::default(), &progress);
+    let (res, dst) = dst.join().unwrap();
+    res.expect("the destination timed out waiting for a pass that was being sent");
+    r.unwrap();
+    assert_eq!(dst.committed, Some(false));
     assert_same_memory(&src.mem(), &dst.mem());
 }
 

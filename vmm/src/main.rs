@@ -224,6 +224,14 @@ fn run(args: RunArgs) -> Result<()> {
     ctl.set_autostart(!args.paused);
     ctl.set_skip_incoming_reset(args.x_skip_incoming_reset);
     ctl.start_hotplug_service();
+    // A TCP listener is bound before the QMP socket opens, so a client that connects finds
+    // `socket-address` in `query-migrate` at once.
+    let tcp_incoming = matches!(&incoming, IncomingMode::Started(u) if u.starts_with("tcp:"));
+    if let IncomingMode::Started(uri) = &incoming
+        && tcp_incoming
+    {
+        start_incoming(&ctl, uri)?;
+    }
     let server_task = match &args.qmp {
         Some(spec) => {
             let path = spec
@@ -241,11 +249,10 @@ fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    if let IncomingMode::Started(uri) = &incoming {
-        ctl.start_incoming(uri)
-            .map_err(anyhow::Error::msg)
-            .context("Cannot start the incoming migration")?;
-        tracing::info!(uri, "waiting for the incoming migration");
+    if let IncomingMode::Started(uri) = &incoming
+        && !tcp_incoming
+    {
+        start_incoming(&ctl, uri)?;
     } else if incoming == IncomingMode::None && !args.paused {
         ctl.start()
             .map_err(anyhow::Error::msg)
@@ -265,6 +272,14 @@ fn run(args: RunArgs) -> Result<()> {
             runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
     }
     runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+fn start_incoming(ctl: &Arc<Controller>, uri: &str) -> Result<()> {
+    ctl.start_incoming(uri)
+        .map_err(anyhow::Error::msg)
+        .context("Cannot start the incoming migration")?;
+    tracing::info!(uri, "waiting for the incoming migration");
     Ok(())
 }
 
