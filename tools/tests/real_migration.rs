@@ -217,6 +217,8 @@ fn check_sections(dir: &Path, file: &str) -> Value {
 fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
     let dir = scratch("real_migration");
     let vcpus = VCPUS.to_string();
+    // The unplug below stays pending through the migration: its timer (15 s by default) must
+    // not fire first on a slow host.
     let common = [
         "--machine",
         MACHINE,
@@ -226,6 +228,8 @@ fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
         &vcpus,
         "--guest",
         "dirty:2",
+        "--unplug-timeout-ms",
+        "600000",
     ];
     // ferry resolves --dump-stream against its working directory: give absolute paths.
     let received = dir.join("received.stream").display().to_string();
@@ -242,6 +246,16 @@ fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
     let mut src_args = common.to_vec();
     src_args.extend(["--dump-stream", &sent]);
     let mut src = Ferry::spawn(&dir, "source", &src_args);
+    // Not a convergence test: on a loaded host a debug build can keep the default 300 ms out
+    // of reach for all 30 default passes. Switch over once 3 s fits, after 10 at the latest.
+    src.ok(
+        "migrate-set-parameters",
+        json!({
+            "downtime-limit": 3000,
+            "__org.ferry_max-iterations": 10,
+            "__org.ferry_switchover-policy": "force",
+        }),
+    );
     src.wait_pass(3);
     // A hot-plugged PCI function with an unplug the guest has not answered yet: its
     // connector is in a transitional state, so it travels, with the unplug timer.

@@ -60,6 +60,7 @@ fn each_named_model_migrates_live_and_the_guest_keeps_its_cpu() {
         dst_args.extend(["--incoming", "tcp:127.0.0.1:0", "--dump-stream", &dump_s]);
         let mut dst = Ferry::spawn(dir.path(), "dst", &dst_args);
         let port = dst.incoming_port();
+        src.ok("migrate-set-parameters", completes_under_load());
         src.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
         let info = src.wait_migration(&["completed", "failed"]);
         assert_eq!(info["status"], "completed", "{cpu}: {info}");
@@ -167,6 +168,7 @@ fn a_destination_host_lacking_a_feature_refuses_the_migration_by_name() {
     ok_args.extend(["--incoming", "tcp:127.0.0.1:0"]);
     let mut ok = Ferry::spawn(dir.path(), "ok", &ok_args);
     let port = ok.incoming_port();
+    src.ok("migrate-set-parameters", completes_under_load());
     src.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = src.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "completed", "{info}");

@@ -232,14 +232,14 @@ fn hostile_streams_are_refused_and_nothing_is_written() {
     let conn = wait_configured(&mut s, "mem0");
     let mem0_index = conn["index"].as_u64().unwrap() as u32;
     let snap = dir.path().join("src.ferry");
+    // A live save of a dirtying guest: let it finish on a loaded host too.
+    s.ok("migrate-set-parameters", completes_under_load());
     s.ok(
         "migrate",
         json!({"uri": format!("file:{}", snap.display())}),
     );
-    assert_eq!(
-        s.wait_migration(&["completed", "failed"])["status"],
-        "completed"
-    );
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "source snapshot: {info}");
     drop(s);
     let cap = capture(&snap);
     let config: ConfigRecord = cap.config.load().unwrap();

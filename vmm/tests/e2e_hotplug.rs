@@ -123,6 +123,9 @@ fn plug_and_unplug_every_kind_with_events() {
 #[test]
 fn refused_and_ignored_unplugs_report_guest_errors_and_can_be_retried() {
     let dir = tempdir();
+    // The ignored unplug must still be pending while the test checks it (a few QMP round
+    // trips after `device_del`); the timer then fires on its own. 5 s keeps a loaded host
+    // from expiring it in between (500 ms did not) and is well inside TIMEOUT.
     let mut f = Ferry::spawn(
         dir.path(),
         "vm",
@@ -136,7 +139,7 @@ fn refused_and_ignored_unplugs_report_guest_errors_and_can_be_retried() {
             "--guest-hotplug",
             "refuse",
             "--unplug-timeout-ms",
-            "500",
+            "5000",
         ],
     );
     f.wait_pass(1);

@@ -22,6 +22,8 @@ fn devices() -> Vec<Value> {
 #[test]
 fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination() {
     let dir = tempdir();
+    // mem0's unplug stays pending across the migration until the test tells the guest to
+    // answer: the unplug timer (15 s by default) must not fire first on a slow host.
     let shape = [
         "--machine",
         "ferry-2.0",
@@ -29,6 +31,8 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
         "64M",
         "--guest",
         "dirty:4",
+        "--unplug-timeout-ms",
+        "600000",
     ];
     let mut s = Ferry::spawn(dir.path(), "src", &shape);
     s.wait_pass(1);
@@ -56,8 +60,15 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
     }
     let port = d.incoming_port();
 
-    // Slow enough that both sides are mid-stream when we try to hotplug.
-    s.ok("migrate-set-parameters", json!({"max-bandwidth": 16 << 20}));
+    // Both sides stay mid-stream until the test lets go, however long its checks take: a
+    // downtime limit of 0 never fits while the guest dirties pages, the iteration bound is
+    // out of reach, and the cap keeps each pass long. (A cap alone is a time budget: at
+    // 16 MiB/s the default 30 passes end the migration, not converged, after about 16 s on
+    // an idle debug build, sooner on a faster host.)
+    s.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000}),
+    );
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     s.wait_migration(&["active"]);
     let e = s.err(
@@ -75,7 +86,17 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
     assert_eq!(e, "GenericError: device_add not allowed while migrating");
     let e = d.err("device_del", json!({"id": "core1"}));
     assert_eq!(e, "GenericError: device_del not allowed while migrating");
-    s.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    assert_eq!(
+        s.ok("query-migrate", json!({}))["status"],
+        "active",
+        "the migration was held for the checks above"
+    );
+    // Let go: no cap, and switch over at the end of the next pass (the iteration bound and
+    // the policy were fixed at the start; a downtime limit this large fits any estimate).
+    s.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 0, "downtime-limit": 600_000}),
+    );
 
     let info = s.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "completed", "{info}\n{}", read(&d.log));
@@ -137,6 +158,7 @@ fn migrate_core(skip_reset: bool) -> (Value, Value) {
         "dirty:4",
     ];
     let mut s = Ferry::spawn(dir.path(), "src", &shape);
+    s.ok("migrate-set-parameters", completes_under_load());
     s.wait_pass(1);
     s.ok(
         "device_add",

@@ -9,7 +9,16 @@ use serde_json::json;
 
 const MACHINES: [&str; 3] = ["ferry-1.0", "ferry-1.1", "ferry-2.0"];
 
-fn shape(m: &str) -> Vec<String> {
+/// Unplug timeout of the tests that wait for the guest's answer: the timer must never fire
+/// first, however slow the host (a save and a restore run while the unplug is pending).
+const NEVER_MS: u64 = 600_000;
+
+/// Unplug timeout of the test that watches the timer travel: long enough that the test can
+/// stop the guest with the timer part-way through on a loaded host, short enough to fire.
+const TIMER_MS: u64 = 3000;
+
+fn shape(m: &str, unplug_timeout_ms: u64) -> Vec<String> {
+    let timeout = unplug_timeout_ms.to_string();
     [
         "--machine",
         m,
@@ -18,7 +27,7 @@ fn shape(m: &str) -> Vec<String> {
         "--guest",
         "dirty:4",
         "--unplug-timeout-ms",
-        "1000",
+        timeout.as_str(),
     ]
     .map(String::from)
     .to_vec()
@@ -32,20 +41,20 @@ fn spawn(dir: &std::path::Path, name: &str, args: &[String]) -> Ferry {
 /// Save `f` to `dir/NAME.stream`; returns the path.
 fn save(f: &mut Ferry, dir: &std::path::Path, name: &str) -> String {
     let file = dir.join(format!("{name}.stream"));
+    // The guest may be running (a live save): let it finish on a loaded host too.
+    f.ok("migrate-set-parameters", completes_under_load());
     f.ok(
         "migrate",
         json!({"uri": format!("file:{}", file.display())}),
     );
-    assert_eq!(
-        f.wait_migration(&["completed", "failed"])["status"],
-        "completed"
-    );
+    let info = f.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "save {name}: {info}");
     format!("file:{}", file.display())
 }
 
 /// A new process restoring `uri` after the same pre-start device_add.
-fn restore(dir: &std::path::Path, m: &str, uri: &str) -> Ferry {
-    let mut args = shape(m);
+fn restore(dir: &std::path::Path, m: &str, unplug_timeout_ms: u64, uri: &str) -> Ferry {
+    let mut args = shape(m, unplug_timeout_ms);
     args.extend(["--incoming".into(), "defer".into()]);
     let mut b = spawn(dir, &format!("restored-{m}"), &args);
     b.ok(
@@ -67,7 +76,7 @@ fn restore(dir: &std::path::Path, m: &str, uri: &str) -> Ferry {
 fn hotplug_in_progress_completes_after_restore() {
     for m in MACHINES {
         let dir = tempdir();
-        let mut a = spawn(dir.path(), "a", &shape(m));
+        let mut a = spawn(dir.path(), "a", &shape(m, NEVER_MS));
         a.wait_pass(1);
         // Paused: the guest cannot serve the hotplug event yet.
         a.ok("stop", json!({}));
@@ -78,7 +87,7 @@ fn hotplug_in_progress_completes_after_restore() {
         let before = a.connector("core1");
         assert_ne!(before["state"], "logical-configured", "{m}: {before}");
         let uri = save(&mut a, dir.path(), "plugging");
-        let mut b = restore(dir.path(), m, &uri);
+        let mut b = restore(dir.path(), m, NEVER_MS, &uri);
         assert_eq!(b.status(), "paused");
         assert_eq!(
             b.connector("core1")["state"],
@@ -98,7 +107,7 @@ fn hotplug_in_progress_completes_after_restore() {
 fn pending_unplug_completes_after_restore() {
     for m in MACHINES {
         let dir = tempdir();
-        let mut a = spawn(dir.path(), "a", &shape(m));
+        let mut a = spawn(dir.path(), "a", &shape(m, NEVER_MS));
         a.wait_pass(1);
         a.ok(
             "device_add",
@@ -109,7 +118,7 @@ fn pending_unplug_completes_after_restore() {
         a.ok("device_del", json!({"id": "core1"}));
         a.wait_connector("core1", |c| c["unplug-pending"] == true, "unplug request");
         let uri = save(&mut a, dir.path(), "unplugging");
-        let mut b = restore(dir.path(), m, &uri);
+        let mut b = restore(dir.path(), m, NEVER_MS, &uri);
         assert_eq!(b.status(), "running");
         assert_eq!(
             b.connector("core1")["unplug-pending"],
@@ -134,7 +143,7 @@ fn pending_unplug_completes_after_restore() {
 fn unplug_timer_survives_restore_as_the_machine_type_says() {
     for m in MACHINES {
         let dir = tempdir();
-        let mut a = spawn(dir.path(), "a", &shape(m));
+        let mut a = spawn(dir.path(), "a", &shape(m, TIMER_MS));
         a.wait_pass(1);
         a.ok(
             "device_add",
@@ -143,24 +152,25 @@ fn unplug_timer_survives_restore_as_the_machine_type_says() {
         a.wait_connector("core1", |c| c["state"] == "logical-configured", "configure");
         a.ok("__org.ferry_guest-hotplug", json!({"mode": "ignore"}));
         a.ok("device_del", json!({"id": "core1"}));
-        // Half-way through the 1000 ms of guest-running time.
+        // A third of the way through the timeout (guest-running time): the 2 s left leave
+        // the `stop` below ample time to land before the timer fires.
         let c = a.wait_connector(
             "core1",
-            |c| c["remaining-ms"].as_u64().is_some_and(|r| r < 600),
-            "half the timeout",
+            |c| c["remaining-ms"].as_u64().is_some_and(|r| r < 2000),
+            "a third of the timeout",
         );
         a.ok("stop", json!({}));
         let left = a.connector("core1")["remaining-ms"].as_u64().unwrap();
         assert!(left <= c["remaining-ms"].as_u64().unwrap());
         let uri = save(&mut a, dir.path(), "timer");
-        let mut b = restore(dir.path(), m, &uri);
+        let mut b = restore(dir.path(), m, TIMER_MS, &uri);
         assert_eq!(b.status(), "paused");
         let restored = b.connector("core1")["remaining-ms"]
             .as_u64()
             .expect("remaining-ms after restore");
         if m == "ferry-1.0" {
             assert_eq!(
-                restored, 1000,
+                restored, TIMER_MS,
                 "ferry-1.0 has no unplug-timer subsection: the full timeout restarts"
             );
         } else {

@@ -93,6 +93,14 @@ fn relay(to: String, cut: Cut) -> (String, thread::JoinHandle<()>) {
     })
 }
 
+/// A source running the guest, with parameters that let its migrations finish on a loaded
+/// host (what these tests break is the link, not convergence).
+fn src(dir: &std::path::Path) -> Ferry {
+    let mut s = Ferry::spawn(dir, "src", &SHAPE);
+    s.ok("migrate-set-parameters", completes_under_load());
+    s
+}
+
 fn dst(dir: &std::path::Path, name: &str) -> Ferry {
     let mut args = SHAPE.to_vec();
     args.extend(["--incoming", "tcp:127.0.0.1:0"]);
@@ -113,6 +121,22 @@ fn assert_source_intact(src: &mut Ferry) {
     src.wait_pass(p + 2);
 }
 
+/// Parameters that keep a migration active until the test acts, however slow the host: a
+/// downtime limit of 0 never fits while the guest dirties pages, the iteration bound is out
+/// of reach, and the bandwidth cap keeps each pass long. (A cap alone is a time budget: at
+/// 4 MiB/s the default 30 passes end the migration, not converged, after about 25 s on an
+/// idle debug build, sooner on a faster host.)
+fn hold() -> serde_json::Value {
+    json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000})
+}
+
+/// No cap, and [`completes_under_load`] again, for the attempt after a held one.
+fn release() -> serde_json::Value {
+    let mut p = completes_under_load();
+    p["max-bandwidth"] = json!(0);
+    p
+}
+
 fn migrate_ok(src: &mut Ferry, port: &str) {
     src.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = src.wait_migration(&["completed", "failed"]);
@@ -124,7 +148,7 @@ fn cut_case(cut: Cut, label: &str) {
     let dir = tempdir();
     let mut d = dst(dir.path(), "dst");
     let port = d.incoming_port();
-    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    let mut s = src(dir.path());
     s.wait_pass(2);
     let (addr, h) = relay(format!("127.0.0.1:{port}"), cut);
     s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
@@ -169,10 +193,10 @@ fn cancel_mid_way_keeps_the_source_running() {
     let dir = tempdir();
     let mut d = dst(dir.path(), "dst");
     let port = d.incoming_port();
-    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    let mut s = src(dir.path());
     s.wait_pass(2);
-    // Slow enough to still be running when cancelled: 4 MiB/s for 64 MiB.
-    s.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
+    // Still running when cancelled, whatever the host's load.
+    s.ok("migrate-set-parameters", hold());
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     s.wait_migration(&["active"]);
     s.ok("migrate_cancel", json!({}));
@@ -180,7 +204,7 @@ fn cancel_mid_way_keeps_the_source_running() {
     assert_eq!(info["status"], "cancelled", "{info}");
     assert_source_intact(&mut s);
     d.wait_migration(&["failed"]);
-    s.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    s.ok("migrate-set-parameters", release());
     migrate_ok(&mut s, &port);
 }
 
@@ -189,9 +213,9 @@ fn killed_destination_leaves_the_source_running() {
     let dir = tempdir();
     let mut d = dst(dir.path(), "dst");
     let port = d.incoming_port();
-    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    let mut s = src(dir.path());
     s.wait_pass(2);
-    s.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
+    s.ok("migrate-set-parameters", hold());
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     s.wait_migration(&["active"]);
     d.child.kill().unwrap();
@@ -199,7 +223,7 @@ fn killed_destination_leaves_the_source_running() {
     let info = s.wait_migration(&["failed", "completed"]);
     assert_eq!(info["status"], "failed", "{info}");
     assert_source_intact(&mut s);
-    s.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    s.ok("migrate-set-parameters", release());
     let mut d2 = dst(dir.path(), "dst2");
     let port2 = d2.incoming_port();
     migrate_ok(&mut s, &port2);
@@ -246,7 +270,7 @@ fn link_cut_right_after_commit_never_runs_the_guest_twice() {
     let dir = tempdir();
     let mut d = dst(dir.path(), "dst");
     let port = d.incoming_port();
-    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    let mut s = src(dir.path());
     s.wait_pass(2);
     // HelloAck, Accept and Loaded reach the source; Committed does not.
     let (addr, h) = relay_losing_replies(format!("127.0.0.1:{port}"), 3);
@@ -283,7 +307,7 @@ fn a_completed_source_refuses_cont() {
     let dir = tempdir();
     let mut d = dst(dir.path(), "dst");
     let port = d.incoming_port();
-    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    let mut s = src(dir.path());
     migrate_ok(&mut s, &port);
     let e = s.err("cont", json!({}));
     assert!(e.contains("running it here too would run it twice"), "{e}");

@@ -132,10 +132,16 @@ fn fifty_qmp_clients_during_a_migration_all_get_answers() {
     let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
     s.wait_pass(2);
     // Long enough for the clients to overlap every phase (8 MiB of data at 16 MiB/s), with a
-    // downtime limit that pass 1 can meet.
+    // downtime limit that pass 1 can meet, and a forced switchover after 10 passes should a
+    // loaded host measure too low a bandwidth for it (the subject here is the control plane).
     s.ok(
         "migrate-set-parameters",
-        json!({"max-bandwidth": 16 << 20, "downtime-limit": 2000}),
+        json!({
+            "max-bandwidth": 16 << 20,
+            "downtime-limit": 2000,
+            "__org.ferry_max-iterations": 10,
+            "__org.ferry_switchover-policy": "force",
+        }),
     );
 
     let start = Arc::new(Barrier::new(CLIENTS + RAW_CLIENTS + 1));

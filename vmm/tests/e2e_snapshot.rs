@@ -137,6 +137,8 @@ fn snapshot_for_another_shape_is_refused_naming_the_difference() {
 fn live_snapshot_of_a_running_guest_resumes_running() {
     let dir = tempdir();
     let mut a = Ferry::spawn(dir.path(), "a", &SHAPE);
+    // A live save of a dirtying guest: let it finish on a loaded host too.
+    a.ok("migrate-set-parameters", completes_under_load());
     a.wait_pass(2);
     let file = dir.path().join("live.stream");
     a.ok(

@@ -9,7 +9,7 @@ use common::*;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::GuestSpec;
 use vmm::guest::mailbox::{STATUS_DIRTYING, STATUS_IDLE};
-use vmm::guest::{PAGE_SIZE, layout};
+use vmm::guest::{PAGE_SIZE, PatternError, layout};
 use vmm::{RunState, VmError};
 
 #[test]
@@ -24,6 +24,32 @@ fn dirty_guest_pause_verify_resume() {
     assert_eq!(mb.status, STATUS_DIRTYING);
     assert!(mb.pass_count >= u64::from(first), "{mb:?}");
     vm.verify_guest_pattern().expect("pattern after pause");
+
+    // Every byte of a working-set page is checked, not only the one the guest increments.
+    let page7 = layout::WORKING_SET_GPA + 7 * PAGE_SIZE;
+    vm.memory()
+        .write_obj(0x5au8, GuestAddress(page7 + 4095))
+        .unwrap();
+    match vm.verify_guest_pattern() {
+        Err(VmError::Pattern(e @ PatternError::Stray { .. })) => {
+            assert_eq!(
+                e,
+                PatternError::Stray {
+                    page: 7,
+                    gpa: page7,
+                    offset: 4095,
+                    found: 0x5a
+                }
+            );
+            assert!(e.to_string().contains("offset 4095"), "{e}");
+        }
+        other => panic!("a stray byte at offset 4095 went unnoticed: {other:?}"),
+    }
+    vm.memory()
+        .write_obj(0u8, GuestAddress(page7 + 4095))
+        .unwrap();
+    vm.verify_guest_pattern()
+        .expect("pattern with the page restored");
 
     // Paused means paused: the guest neither reports nor writes.
     let frozen = vm.progress().last_pass();

@@ -610,9 +610,11 @@ async fn disconnect_mid_message_and_mid_command() {
     half.send(br#"{"execute": "query-st"#).await;
     drop(half);
 
-    // A command still running when its client disconnects.
+    // A command still running when its client disconnects: the watcher hears it start
+    // before the client goes (a disconnect could otherwise beat the command to the server).
     let mut busy = Client::negotiated(&srv.path).await;
     busy.send(br#"{"execute": "x-block", "id": 1}"#).await;
+    assert_eq!(watcher.event().await["event"], "X_BLOCK_STARTED");
     drop(busy);
     assert_eq!(
         watcher

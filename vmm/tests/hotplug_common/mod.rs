@@ -113,7 +113,13 @@ pub fn guest_configure(m: &mut HotplugManager, index: u32) {
         m.guest_op(index, GuestOp::SET_USABLE).unwrap();
     }
     m.guest_op(index, GuestOp::UNISOLATE).unwrap();
-    while m.guest_op(index, GuestOp::ConfigureConnector).unwrap() != Outcome::Configured {}
+    // As the test guest does: at most 64 configure steps (ABI.md).
+    for _ in 0..64 {
+        if m.guest_op(index, GuestOp::ConfigureConnector).unwrap() == Outcome::Configured {
+            return;
+        }
+    }
+    panic!("connector {index:#010x}: the configure walk did not finish in 64 steps");
 }
 
 pub fn spec_index(spec: &DeviceSpec) -> u32 {

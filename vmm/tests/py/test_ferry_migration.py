@@ -49,9 +49,16 @@ async def main(src_path, dst_path):
                         {"capabilities": [{"capability": "events", "state": True}]})
         caps = await q.execute("query-migrate-capabilities")
         assert caps == [{"capability": "events", "state": True}], caps
-    await src.execute("migrate-set-parameters", {"downtime-limit": 300})
+    # Not a convergence test: on a loaded host a debug build can keep 300 ms out of reach for
+    # all 30 default passes. Switch over once 3 s fits, after 10 passes at the latest.
+    await src.execute("migrate-set-parameters", {
+        "downtime-limit": 3000,
+        "__org.ferry_max-iterations": 10,
+        "__org.ferry_switchover-policy": "force",
+    })
     params = await src.execute("query-migrate-parameters")
-    assert params["downtime-limit"] == 300 and params["max-bandwidth"] == 0, params
+    assert params["downtime-limit"] == 3000 and params["max-bandwidth"] == 0, params
+    assert params["__org.ferry_switchover-policy"] == "force", params
 
     # Hot-plug a CPU core and a PCI function into the running guest; unplug one again and
     # wait for its event, registering the listener before the command.
@@ -120,12 +127,14 @@ async def main(src_path, dst_path):
         assert e.error_class == "GenericError", e
 
     g1 = (await dst.execute("__org.ferry_query-guest"))["pass"]
-    for _ in range(2000):
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while True:
         g2 = (await dst.execute("__org.ferry_query-guest"))["pass"]
         if g2 > g1:
             break
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"guest made no progress on the destination in {TIMEOUT} s ({g1} -> {g2})")
         await asyncio.sleep(0.005)
-    assert g2 > g1, f"guest made no progress on the destination ({g1} -> {g2})"
     await dst.execute("stop")
     v = await dst.execute("__org.ferry_verify-guest")
     assert v["ok"] is True, v

@@ -114,10 +114,13 @@ impl QmpBackend for DemoVm {
                 args.finish()?;
                 Ok(json!({"name": name, "count": count, "flag": flag}))
             }
-            // Blocks until some client runs x-release, then emits X_BLOCK_DONE.
+            // Emits X_BLOCK_STARTED, blocks until some client runs x-release, then emits
+            // X_BLOCK_DONE.
             "x-block" => {
                 args.finish()?;
                 let released = self.released.lock().unwrap();
+                // Under the lock: an x-release that follows the event is not missed.
+                self.events.emit("X_BLOCK_STARTED", None);
                 let (released, timeout) = self
                     .release_cv
                     .wait_timeout_while(released, BLOCK_LIMIT, |r| !*r)
