@@ -13,7 +13,7 @@ fn schema_follows_the_machine_type() {
     let cat = catalog();
     let s10 = cat.schema(MachineType::lookup("ferry-1.0").unwrap());
     let s11 = cat.schema(MachineType::lookup("ferry-1.1").unwrap());
-    let s20 = cat.schema(MachineType::lookup("ferry").unwrap());
+    let s20 = cat.schema(MachineType::lookup("ferry-2.0").unwrap());
     let conn = |s: &MachineSchema| s.section("conn").unwrap().clone();
     assert_eq!(conn(&s10).version, 1);
     assert!(
