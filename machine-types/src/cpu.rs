@@ -477,6 +477,17 @@ pub fn msr_name(index: u32) -> String {
     }
 }
 
+/// Leaf 1 EDX of every model: FPU, VME, DE, PSE, TSC, MSR, PAE, MCE, CX8, APIC, SEP, MTRR,
+/// PGE, MCA, CMOV, PAT, PSE36, CLFSH, MMX, FXSR, SSE, SSE2.
+pub const LEAF1_EDX_BASE: u32 = (0x0000_ffff & !(1 << 10))
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 19)
+    | (1 << 23)
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 26);
+
 /// Guest physical address bits of the named models (leaf 0x8000_0008); a host must have at
 /// least as many.
 pub const NAMED_PHYS_BITS: u32 = 40;
@@ -565,16 +576,7 @@ impl CpuModel {
             // FMA, MOVBE, XSAVE, AVX, F16C.
             ecx1 |= (1 << 12) | (1 << 22) | (1 << 26) | (1 << 28) | (1 << 29);
         }
-        // FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT PSE36 CLFSH MMX
-        // FXSR SSE SSE2.
-        let edx1: u32 = (0x0000_ffff & !(1 << 10))
-            | (1 << 16)
-            | (1 << 17)
-            | (1 << 19)
-            | (1 << 23)
-            | (1 << 24)
-            | (1 << 25)
-            | (1 << 26);
+        let edx1 = LEAF1_EDX_BASE;
         // BMI1, AVX2, BMI2.
         let ebx7: u32 = if v3 {
             (1 << 3) | (1 << 5) | (1 << 8)

@@ -69,7 +69,7 @@ use machine_types::MachineType;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Unplug timeout of the timer row's source (guest-running ms; Precise rule 4: tests use
 /// <= 1 s). The source is paused before the request, so this is exactly what it has left.
@@ -191,26 +191,6 @@ fn shape(m: &str, unplug_timeout_ms: u64) -> Vec<String> {
         "--unplug-timeout-ms",
         &unplug_timeout_ms.to_string(),
     ])
-}
-
-/// The port a `--incoming tcp:127.0.0.1:0` destination listens on, once it does: `ferry`
-/// opens its QMP socket before it binds the incoming listener, so right after the start
-/// `query-migrate` may show no `socket-address` yet (bounded wait).
-fn listening_port(d: &mut Ferry) -> String {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let info = d.ok("query-migrate", json!({}));
-        if let Some(p) = info["socket-address"][0]["port"].as_str() {
-            return p.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: no incoming listener within {TIMEOUT:?}: query-migrate says {info}\n{}",
-            d.name,
-            read(&d.log)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn configured(c: &Value) -> bool {
@@ -526,7 +506,7 @@ fn live_cell(m: &'static MachineType, sc: Scenario) -> Outcome {
     for dev in &devices {
         d.add(dev.clone());
     }
-    let port = listening_port(&mut d);
+    let port = d.incoming_port();
 
     // Whether pre-copy converges within the downtime limit depends on how fast this machine
     // copies pages against the guest's dirty rate (a loaded 2-core machine may never get the
@@ -705,7 +685,7 @@ fn refusal_cell(m: &'static MachineType, sc: Scenario) -> Outcome {
     for dev in dst_devices {
         d.add(dev);
     }
-    let port = listening_port(&mut d);
+    let port = d.incoming_port();
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = s.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "failed", "must be refused: {info}");

@@ -24,8 +24,8 @@ fn shape(cpu: &str) -> Vec<&str> {
     ]
 }
 
-/// The guest's CPUID as the stream carries it: (leaf, subleaf, eax, ebx, ecx, edx).
-fn cpuid_of(file: &std::path::Path) -> Vec<(u64, u64, u64, u64, u64, u64)> {
+/// The guest's CPUID as the stream carries it.
+fn cpuid_of(file: &std::path::Path) -> Vec<machine_types::cpu::CpuidLeaf> {
     let (_, sections) =
         vmm::migrate::read_stream_sections(std::fs::File::open(file).unwrap()).unwrap();
     let cpu = sections
@@ -33,19 +33,7 @@ fn cpuid_of(file: &std::path::Path) -> Vec<(u64, u64, u64, u64, u64, u64)> {
         .find(|s| s.name == "cpu")
         .expect("cpu section");
     let s: vmm::vcpu::persist::VcpuState = cpu.load().unwrap();
-    s.cpuid
-        .iter()
-        .map(|e| {
-            (
-                e.function.into(),
-                e.index.into(),
-                e.eax.into(),
-                e.ebx.into(),
-                e.ecx.into(),
-                e.edx.into(),
-            )
-        })
-        .collect()
+    s.cpuid.iter().map(|e| e.to_leaf()).collect()
 }
 
 #[test]
@@ -71,23 +59,10 @@ fn each_named_model_migrates_live_and_the_guest_keeps_its_cpu() {
         let v = dst.ok("__org.ferry_verify-guest", json!({}));
         assert_eq!(v["ok"], true, "{cpu}: {v}");
         // The stream carries the model's fixed table, not this host's CPUID.
-        let table = machine_types::CpuModel::by_name(cpu)
+        let want = machine_types::CpuModel::by_name(cpu)
             .unwrap()
             .fixed_cpuid()
             .unwrap();
-        let want: Vec<_> = table
-            .iter()
-            .map(|e| {
-                (
-                    e.function.into(),
-                    e.index.into(),
-                    e.eax.into(),
-                    e.ebx.into(),
-                    e.ecx.into(),
-                    e.edx.into(),
-                )
-            })
-            .collect();
         assert_eq!(cpuid_of(&dump), want, "{cpu}");
     }
 }

@@ -19,7 +19,6 @@ mod ferry_common;
 use ferry_common::*;
 use serde_json::json;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 use vmm::qmp::client::QmpClient;
 
 /// The link: 40 Mbit/s = 5 MB/s.
@@ -49,26 +48,6 @@ fn ip(args: &[&str]) -> Result<(), String> {
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
-    }
-}
-
-/// The port the destination listens on, once it does: `ferry` opens its QMP socket before
-/// it binds the incoming listener, so right after the start `query-migrate` may show no
-/// `socket-address` yet (bounded wait).
-fn listening_port(d: &mut Ferry) -> String {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let info = d.ok("query-migrate", json!({}));
-        if let Some(p) = info["socket-address"][0]["port"].as_str() {
-            return p.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the destination did not listen for the incoming migration within {TIMEOUT:?}: \
-             query-migrate says {info}\n{}",
-            read(&d.log)
-        );
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -178,7 +157,7 @@ fn bandwidth_capped_link_cancels_when_it_cannot_converge_and_converges_when_it_c
     let listen = format!("tcp:{DST_IP}:0");
     dargs.extend(["--incoming", &listen]);
     let mut d = link.spawn(&link.dst.clone(), dir.path(), "dst", &dargs);
-    let port = listening_port(&mut d);
+    let port = d.incoming_port();
     let mut s = link.spawn(&link.src.clone(), dir.path(), "src", &SHAPE);
     s.wait_pass(2);
     let uri = format!("tcp:{DST_IP}:{port}");

@@ -15,6 +15,8 @@ use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 pub use machine_types::CpuModel;
 use machine_types::cpu::CpuidLeaf;
 
+use super::persist::CpuidEntry;
+
 /// Leaf 1 ECX bits kept: SSE3, PCLMULQDQ, SSSE3, CX16, SSE4.1, SSE4.2, x2APIC, MOVBE,
 /// POPCNT, TSC-deadline, AES, XSAVE, AVX; the hypervisor bit is set.
 pub const LEAF1_ECX_KEEP: u32 = (1 << 0)
@@ -32,16 +34,8 @@ pub const LEAF1_ECX_KEEP: u32 = (1 << 0)
     | (1 << 28);
 /// Leaf 1 ECX hypervisor bit.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX bits kept: FPU, VME, DE, PSE, TSC, MSR, PAE, MCE, CX8, APIC, SEP, MTRR, PGE,
-/// MCA, CMOV, PAT, PSE36, CLFSH, MMX, FXSR, SSE, SSE2.
-pub const LEAF1_EDX_KEEP: u32 = (0x0000_ffff & !(1 << 10))
-    | (1 << 16)
-    | (1 << 17)
-    | (1 << 19)
-    | (1 << 23)
-    | (1 << 24)
-    | (1 << 25)
-    | (1 << 26);
+/// Leaf 1 EDX bits kept (the same baseline as the named models).
+pub const LEAF1_EDX_KEEP: u32 = machine_types::cpu::LEAF1_EDX_BASE;
 /// Leaf 0x8000_0001 ECX bits kept: LAHF/SAHF, LZCNT, PREFETCHW.
 pub const EXT1_ECX_KEEP: u32 = (1 << 0) | (1 << 5) | (1 << 8);
 /// Leaf 0x8000_0001 EDX bits kept: SYSCALL, NX, RDTSCP, LM.
@@ -73,34 +67,14 @@ pub fn model_by_name(name: &str) -> Option<CpuModel> {
 pub fn leaves_from_kvm(c: &CpuId) -> Vec<CpuidLeaf> {
     c.as_slice()
         .iter()
-        .map(|e| CpuidLeaf {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
+        .map(|e| CpuidEntry::from_kvm(e).to_leaf())
         .collect()
 }
 
 /// Plain leaves as KVM's entries.
 pub fn leaves_to_kvm(leaves: &[CpuidLeaf]) -> Result<CpuId, vmm_sys_util::fam::Error> {
-    let v: Vec<kvm_cpuid_entry2> = leaves
-        .iter()
-        .map(|l| kvm_cpuid_entry2 {
-            function: l.function,
-            index: l.index,
-            flags: l.flags,
-            eax: l.eax,
-            ebx: l.ebx,
-            ecx: l.ecx,
-            edx: l.edx,
-            ..Default::default()
-        })
-        .collect();
-    CpuId::from_entries(&v)
+    let entries: Vec<CpuidEntry> = leaves.iter().map(CpuidEntry::from_leaf).collect();
+    CpuidEntry::list_to_kvm(&entries)
 }
 
 /// The leaves of the host CPU's own CPUID that hold [`machine_types::cpu::NATIVE_ISA`] bits.

@@ -6,6 +6,7 @@ use kvm_bindings::{
     kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcr,
     kvm_xcrs, kvm_xsave,
 };
+use machine_types::cpu::CpuidLeaf;
 
 /// Largest CPUID table a stream may carry.
 pub const MAX_CPUID_ENTRIES: u32 = 256;
@@ -148,6 +149,32 @@ impl CpuidEntry {
     /// A whole CPUID table from KVM.
     pub fn list_from_kvm(cpuid: &CpuId) -> Vec<CpuidEntry> {
         cpuid.as_slice().iter().map(CpuidEntry::from_kvm).collect()
+    }
+
+    /// The KVM-free leaf `machine_types::cpu` works with.
+    pub fn to_leaf(&self) -> CpuidLeaf {
+        CpuidLeaf {
+            function: self.function,
+            index: self.index,
+            flags: self.flags,
+            eax: self.eax,
+            ebx: self.ebx,
+            ecx: self.ecx,
+            edx: self.edx,
+        }
+    }
+
+    /// From a KVM-free leaf.
+    pub fn from_leaf(l: &CpuidLeaf) -> CpuidEntry {
+        CpuidEntry {
+            function: l.function,
+            index: l.index,
+            flags: l.flags,
+            eax: l.eax,
+            ebx: l.ebx,
+            ecx: l.ecx,
+            edx: l.edx,
+        }
     }
 
     /// A KVM CPUID table from entries.

@@ -276,19 +276,7 @@ impl Vm {
     /// components beyond what it supports, MSRs it does not have.
     pub fn vcpu_state_refusals(&self, v: &VcpuState) -> Vec<String> {
         let mut out = Vec::new();
-        let leaves: Vec<CpuidLeaf> = v
-            .cpuid
-            .iter()
-            .map(|e| CpuidLeaf {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect();
+        let leaves: Vec<CpuidLeaf> = v.cpuid.iter().map(|e| e.to_leaf()).collect();
         out.extend(machine_types::cpu::missing_features(
             &leaves,
             &self.host_cpuid,
