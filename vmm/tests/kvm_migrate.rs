@@ -13,6 +13,7 @@ use common::*;
 use machine_types::MachineType;
 use migration::{Incoming, MigrationError, Params, Progress, Status, SwitchoverPolicy};
 use vmm::config::{GuestSpec, VmConfig};
+use vmm::devices::persist::ProgressState;
 use vmm::migrate::{self, VmMigration};
 use vmm::{RunState, Vm};
 
@@ -189,6 +190,13 @@ fn cpu_entries(sections: &[devstate::RawSection]) -> usize {
     u32::from_le_bytes(cpu.body[at..at + 4].try_into().unwrap()) as usize
 }
 
+/// `last_pass` of the guest-progress section among `sections` (as encoded for `cfg`).
+fn loaded_pass(cfg: &VmConfig, sections: &[Vec<u8>]) -> u32 {
+    let parsed = migrate::parse_sections(cfg.machine, sections).unwrap();
+    let progress = parsed.iter().find(|s| s.name == "guest-progress").unwrap();
+    progress.load::<ProgressState>().unwrap().last_pass
+}
+
 #[test]
 fn live_migration_over_tcp_moves_a_dirtying_guest() {
     let _kvm = kvm_test();
@@ -201,14 +209,18 @@ fn live_migration_over_tcp_moves_a_dirtying_guest() {
         let mut dst = Vm::new(&dst_cfg).expect("destination VM");
         let (sock, _) = listener.accept().unwrap();
         let progress = Progress::default();
+        let mut handle = VmMigration::new(&mut dst).capture_after_load();
         let res = migration::receive(
-            &mut VmMigration::new(&mut dst),
+            &mut handle,
             Incoming::Tcp(sock),
             &Params::default(),
             &progress,
         );
+        // The pass the destination resumed from: its progress state as loaded, before its
+        // first KVM_RUN (the running guest may report the next pass at any moment).
+        let resumed_from = handle.reserialised().map(|s| loaded_pass(&dst_cfg, s));
         let out = res.map_err(|e| err_chain(&e)).and_then(|()| {
-            let pass = dst.progress().last_pass();
+            let pass = resumed_from.ok_or("no state captured after load")?;
             let state = dst.run_state();
             dst.wait_for_pass(pass + 3, PROGRESS_TIMEOUT)
                 .map_err(|e| format!("destination guest stalled: {e}"))?;
