@@ -35,6 +35,7 @@ use vm_memory::Bytes;
 
 use crate::guest::PAGE_SIZE;
 use crate::runstate::RunState;
+use crate::vm::persist::HotVcpuState;
 pub use crate::vm::persist::{catalog, full_catalog};
 use crate::vm::{Vm, VmError};
 
@@ -193,47 +194,13 @@ fn hotplug_sections(vm: &Vm, m: &MachineType) -> Vec<Vec<u8>> {
     out
 }
 
-devstate::record! {
-    /// A hot-added vCPU: which core it is, whether it runs, and its full vCPU state.
-    pub struct HotVcpuState {
-        /// Core id (`ferry-cpu-core` `core-id`).
-        pub core: u32,
-        /// 1 created, 2 running, 3 parked (0 is invalid).
-        pub run: u8,
-        /// Registers, MSRs, LAPIC, ... as for a boot vCPU.
-        pub cpu: crate::vcpu::persist::VcpuState,
-    }
-}
-
-impl devstate::Section for HotVcpuState {
-    const NAME: &'static str = "hot-vcpu";
-    const VERSION: u32 = 1;
-    const MIN_VERSION: u32 = 1;
-
-    fn post_load(&mut self, _version: u32) -> Result<(), String> {
-        if !(1..=3).contains(&self.run) {
-            return Err(format!(
-                "run state {} of core {} is not 1..=3",
-                self.run, self.core
-            ));
-        }
-        Ok(())
-    }
-}
-
 fn hot_vcpu_sections(vm: &Vm, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError> {
-    use crate::vm::hotplug::HotCoreState;
     Ok(vm
         .save_hot_vcpus()?
         .into_iter()
         .filter_map(|(core, run, cpu)| {
-            let run = match run {
-                HotCoreState::Created => 1,
-                HotCoreState::Running => 2,
-                HotCoreState::Parked => 3,
-            };
             devstate::encode_section(
-                &mut HotVcpuState { core, run, cpu },
+                &mut HotVcpuState::new(core, run, cpu),
                 core,
                 m,
                 devstate::Tag::Section,
@@ -450,15 +417,9 @@ impl DestinationVm for VmMigration<'_> {
         let mut rest = Vec::with_capacity(sections.len());
         for raw in sections {
             if raw.name == <HotVcpuState as devstate::Section>::NAME {
-                use crate::vm::hotplug::HotCoreState;
                 let h: HotVcpuState = raw.load().map_err(|e| migration::chain(&e))?;
-                let run = match h.run {
-                    1 => HotCoreState::Created,
-                    2 => HotCoreState::Running,
-                    _ => HotCoreState::Parked,
-                };
                 self.vm
-                    .restore_hot_vcpu(h.core, run, &h.cpu)
+                    .restore_hot_vcpu(h.core, h.run_state(), &h.cpu)
                     .map_err(words)?;
             } else if self.vm.load_hotplug_device_section(raw).map_err(words)? {
                 // A PCI function's registers.

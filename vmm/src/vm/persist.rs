@@ -23,6 +23,7 @@ use kvm_ioctls::VmFd;
 
 use crate::devices::persist::{ProgressState, UartState};
 use crate::vcpu::persist::VcpuState;
+use crate::vm::hotplug::HotCoreState;
 
 /// The whole machine except guest RAM (which travels as RAM records).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -352,7 +353,7 @@ pub fn catalog() -> Catalog {
         .register::<UartState>()
         .register::<ProgressState>()
         .register::<crate::devices::pci_fn::PciFnState>()
-        .register::<crate::migrate::HotVcpuState>();
+        .register::<HotVcpuState>();
     crate::hotplug::register_sections(&mut c);
     c
 }
@@ -414,6 +415,55 @@ pub fn restore_irqchip(
     };
     chip.chip.ioapic = ioapic.to_kvm();
     vm.set_irqchip(&chip)
+}
+
+devstate::record! {
+    /// A hot-added vCPU: which core it is, whether it runs, and its full vCPU state.
+    pub struct HotVcpuState {
+        /// Core id (`ferry-cpu-core` `core-id`).
+        pub core: u32,
+        /// 1 created, 2 running, 3 parked (0 is invalid).
+        pub run: u8,
+        /// Registers, MSRs, LAPIC, ... as for a boot vCPU.
+        pub cpu: VcpuState,
+    }
+}
+
+impl HotVcpuState {
+    /// The section of hot-added core `core` in run state `run`.
+    pub fn new(core: u32, run: HotCoreState, cpu: VcpuState) -> Self {
+        let run = match run {
+            HotCoreState::Created => 1,
+            HotCoreState::Running => 2,
+            HotCoreState::Parked => 3,
+        };
+        HotVcpuState { core, run, cpu }
+    }
+
+    /// The run state (`post_load` has checked `run` is 1..=3).
+    pub fn run_state(&self) -> HotCoreState {
+        match self.run {
+            1 => HotCoreState::Created,
+            2 => HotCoreState::Running,
+            _ => HotCoreState::Parked,
+        }
+    }
+}
+
+impl devstate::Section for HotVcpuState {
+    const NAME: &'static str = "hot-vcpu";
+    const VERSION: u32 = 1;
+    const MIN_VERSION: u32 = 1;
+
+    fn post_load(&mut self, _version: u32) -> Result<(), String> {
+        if !(1..=3).contains(&self.run) {
+            return Err(format!(
+                "run state {} of core {} is not 1..=3",
+                self.run, self.core
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

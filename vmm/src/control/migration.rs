@@ -1,0 +1,523 @@
+//! Migration commands and threads: `migrate`, `migrate-incoming`, cancel, queries,
+//! capabilities and parameters, and the wrapper that mirrors the engine's run-state changes.
+
+use super::{Controller, IncomingMode, lock};
+use crate::RunState;
+use crate::migrate::VmMigration;
+use crate::qmp::{Args, QmpError};
+use machine_types::MachineType;
+use migration::{
+    ConfigRecord, DestinationVm, DirtyRegion, Incoming, Notice, Params, Progress, SourceVm, Status,
+    SwitchoverPolicy, Uri,
+};
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tracing::{error, info};
+
+impl Controller {
+    pub(super) fn progress_listener(&self) -> migration::Listener {
+        let bus = self.events.clone();
+        let cap = self.events_cap.clone();
+        let migrating = self.migrating.clone();
+        Box::new(move |n| {
+            if let Notice::Changing(s) = n
+                && s.is_finished()
+            {
+                // The stream is over: hotplug is allowed again before anyone sees the status.
+                migrating.store(false, Ordering::SeqCst);
+            }
+            if !cap.load(Ordering::SeqCst) {
+                return;
+            }
+            match n {
+                Notice::Status(s) => {
+                    bus.emit("MIGRATION", Some(json!({"status": s.as_str()})));
+                }
+                Notice::Pass(p) => {
+                    bus.emit("MIGRATION_PASS", Some(json!({"pass": p + 1})));
+                }
+                Notice::Changing(_) => {}
+            }
+        })
+    }
+
+    pub(super) fn migrate(self: &Arc<Self>, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.optional_str("uri")?;
+        let _detach = a.optional_bool("detach")?;
+        let blk = a.optional_bool("blk")?;
+        let inc = a.optional_bool("inc")?;
+        let resume = a.optional_bool("resume")?;
+        if a.optional_value("channels").is_some() {
+            return Err(QmpError::generic(
+                "Ferry takes the migration target as 'uri'; 'channels' is not supported",
+            ));
+        }
+        a.finish()?;
+        let Some(uri) = uri else {
+            return Err(QmpError::missing_parameter("uri"));
+        };
+        if blk == Some(true) || inc == Some(true) {
+            return Err(QmpError::generic("Block migration is not supported"));
+        }
+        if resume == Some(true) {
+            return Err(QmpError::generic("Postcopy resume is not supported"));
+        }
+        Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        if let Some(p) = lock(&self.progress).as_ref()
+            && p.status().is_active()
+        {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        match self.run_state() {
+            RunState::InMigrate => {
+                return Err(QmpError::generic(
+                    "Guest is waiting for an incoming migration",
+                ));
+            }
+            RunState::PostMigrate => {
+                return Err(QmpError::generic("The guest has already migrated away"));
+            }
+            RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
+            _ => {}
+        }
+        // Effects the service thread has not applied yet (a configured core to start, a
+        // released device to tear down) must be in place before the configuration is sent.
+        lock(&self.vm).apply_pending_hotplug();
+        let progress = Arc::new(Progress::new(Some(self.progress_listener())));
+        progress.set_status(Status::Setup);
+        *lock(&self.progress) = Some(progress.clone());
+        self.migrating.store(true, Ordering::SeqCst);
+        // A guest that completes an unplug from now on leaves its connector release-pending;
+        // whichever side runs the guest afterwards releases it.
+        lock(&self.hp).set_migration_in_progress(true);
+        let params = lock(&self.params).clone();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || me.run_outgoing(&uri, &params, &progress))
+            .map_err(|e| QmpError::generic(format!("Cannot start the migration thread: {e}")))?;
+        Ok(json!({}))
+    }
+
+    pub(super) fn run_outgoing(&self, uri: &str, params: &Params, progress: &Progress) {
+        let mut vm = lock(&self.vm);
+        let mut side = Side {
+            inner: VmMigration::new(&mut vm),
+            ctl: self,
+        };
+        let res = migration::send(&mut side, uri, params, progress);
+        drop(vm);
+        if let Err(e) = res {
+            error!(error = %migration::chain(&e), "outgoing migration failed");
+            if self.run_state() != RunState::PostMigrate {
+                // The guest runs on here: finish what it completed meanwhile.
+                let mut m = lock(&self.hp);
+                m.set_migration_in_progress(false);
+                m.complete_pending_releases();
+            }
+        }
+        self.migrating.store(false, Ordering::SeqCst);
+        self.wake_hotplug();
+    }
+
+    /// Begin receiving from `uri` (from `--incoming URI` or `migrate-incoming`).
+    pub fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
+        let parsed = Uri::parse(uri).map_err(|e| e.to_string())?;
+        let listener = match &parsed {
+            Uri::Tcp(_) => {
+                let l = migration::transport::listen(&parsed).map_err(|e| migration::chain(&e))?;
+                *lock(&self.listen_addr) = l.local_addr().ok();
+                Some(l)
+            }
+            Uri::File(p) => {
+                std::fs::metadata(p).map_err(|e| format!("Cannot open {}: {e}", p.display()))?;
+                None
+            }
+        };
+        *lock(&self.incoming) = IncomingMode::Started(uri.to_owned());
+        // A file is read at once: its progress replaces the last attempt's before this
+        // command returns, so `query-migrate` never shows a stale result for it.
+        let first = matches!(parsed, Uri::File(_)).then(|| {
+            let p = Arc::new(Progress::new(Some(self.progress_listener())));
+            p.set_status(Status::Setup);
+            *lock(&self.progress) = Some(p.clone());
+            p
+        });
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || me.run_incoming(parsed, listener, first))
+            .map_err(|e| format!("Cannot start the incoming migration thread: {e}"))?;
+        Ok(())
+    }
+
+    pub(super) fn run_incoming(
+        &self,
+        uri: Uri,
+        listener: Option<std::net::TcpListener>,
+        mut first: Option<Arc<Progress>>,
+    ) {
+        loop {
+            let incoming = match (&uri, &listener) {
+                (Uri::Tcp(_), Some(l)) => match l.accept() {
+                    Ok((s, peer)) => {
+                        info!(%peer, "incoming migration connection");
+                        // The stream starts: no hotplug until it completed or failed.
+                        self.migrating.store(true, Ordering::SeqCst);
+                        Incoming::Tcp(s)
+                    }
+                    Err(e) => {
+                        error!(error = %e, "accepting the incoming migration failed");
+                        return;
+                    }
+                },
+                (Uri::File(p), _) => match std::fs::File::open(p) {
+                    Ok(f) => {
+                        self.migrating.store(true, Ordering::SeqCst);
+                        Incoming::File(f)
+                    }
+                    Err(e) => {
+                        error!(error = %e, path = %p.display(), "cannot open the incoming stream file");
+                        return;
+                    }
+                },
+                _ => return,
+            };
+            let progress = first
+                .take()
+                .unwrap_or_else(|| Arc::new(Progress::new(Some(self.progress_listener()))));
+            *lock(&self.progress) = Some(progress.clone());
+            let params = lock(&self.params).clone();
+            let mut vm = lock(&self.vm);
+            let mut side = Side {
+                inner: VmMigration::new(&mut vm),
+                ctl: self,
+            };
+            let res = migration::receive(&mut side, incoming, &params, &progress);
+            drop(vm);
+            {
+                let mut m = lock(&self.hp);
+                m.set_migration_in_progress(false);
+                if res.is_ok() {
+                    // This side runs the guest now: finish unplugs it completed in flight.
+                    m.complete_pending_releases();
+                }
+            }
+            self.migrating.store(false, Ordering::SeqCst);
+            self.wake_hotplug();
+            match res {
+                Ok(()) => return,
+                Err(e) => {
+                    error!(error = %migration::chain(&e), "incoming migration failed; waiting for another attempt");
+                    if listener.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn migrate_incoming(
+        self: &Arc<Self>,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.optional_str("uri")?;
+        let _exit = a.optional_bool("exit-on-error")?;
+        a.finish()?;
+        let Some(uri) = uri else {
+            return Err(QmpError::missing_parameter("uri"));
+        };
+        match &*lock(&self.incoming) {
+            IncomingMode::None => {
+                return Err(QmpError::generic(
+                    "'-incoming' was not specified on the command line",
+                ));
+            }
+            // A finished, failed attempt from a file may be retried (a TCP listener keeps
+            // listening by itself).
+            IncomingMode::Started(prev)
+                if prev.starts_with("file:")
+                    && self.run_state() == RunState::InMigrate
+                    && lock(&self.progress)
+                        .as_ref()
+                        .is_some_and(|p| p.status() == Status::Failed) => {}
+            IncomingMode::Started(_) => {
+                return Err(QmpError::generic(
+                    "The incoming migration has already been started",
+                ));
+            }
+            IncomingMode::Defer => {}
+        }
+        self.start_incoming(&uri).map_err(QmpError::generic)?;
+        Ok(json!({}))
+    }
+
+    pub(super) fn migrate_cancel(&self) -> Value {
+        if let Some(p) = lock(&self.progress).as_ref()
+            && p.status().is_active()
+        {
+            p.cancel();
+        }
+        json!({})
+    }
+
+    pub(super) fn query_migrate(&self) -> Value {
+        let socket = lock(&self.listen_addr).map(|a| {
+            json!([{"type": "inet", "host": a.ip().to_string(), "port": a.port().to_string(), "ipv4": a.is_ipv4()}])
+        });
+        let Some(p) = lock(&self.progress).clone() else {
+            return match socket {
+                Some(s) => json!({"socket-address": s}),
+                None => json!({}),
+            };
+        };
+        let s = p.snapshot();
+        let mut v = json!({
+            "status": s.status.as_str(),
+            "total-time": s.total_time_ms,
+            "setup-time": s.setup_time_ms,
+            "expected-downtime": s.expected_downtime_ms,
+            "ram": {
+                "transferred": s.transferred,
+                "remaining": s.remaining,
+                "total": s.total,
+                "duplicate": s.zero_pages,
+                "normal": s.normal_pages,
+                "normal-bytes": s.normal_pages * devstate::PAGE_SIZE as u64,
+                "dirty-pages-rate": s.dirty_pages_rate,
+                "mbps": s.mbps,
+                "dirty-sync-count": s.iterations,
+                "page-size": devstate::PAGE_SIZE,
+            },
+        });
+        if s.status == Status::Completed {
+            v["downtime"] = json!(s.downtime_ms);
+        }
+        if let Some(e) = s.error {
+            v["error-desc"] = json!(e);
+        }
+        if let Some(sa) = socket {
+            v["socket-address"] = sa;
+        }
+        v
+    }
+
+    pub(super) fn set_capabilities(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let caps = a.required_array("capabilities")?;
+        a.finish()?;
+        let mut parsed = Vec::new();
+        for (i, c) in caps.into_iter().enumerate() {
+            let Value::Object(m) = c else {
+                return Err(QmpError::invalid_parameter_type(
+                    &format!("capabilities[{i}]"),
+                    "object",
+                ));
+            };
+            let mut ca = Args::nested(m, format!("capabilities[{i}]"));
+            let name = ca.required_str("capability")?;
+            let state = ca.required_bool("state")?;
+            ca.finish()?;
+            if name != "events" {
+                return Err(QmpError::generic(format!(
+                    "Capability '{name}' is not supported by Ferry"
+                )));
+            }
+            parsed.push(state);
+        }
+        if let Some(p) = lock(&self.progress).as_ref()
+            && p.status().is_active()
+        {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        for s in parsed {
+            self.events_cap.store(s, Ordering::SeqCst);
+        }
+        Ok(json!({}))
+    }
+
+    pub(super) fn set_parameters(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let downtime = a.optional_u64("downtime-limit")?;
+        let bandwidth = a.optional_u64("max-bandwidth")?;
+        let iterations = a.optional_u64("__org.ferry_max-iterations")?;
+        let policy = a.optional_enum("__org.ferry_switchover-policy", &["cancel", "force"])?;
+        let timeout = a.optional_u64("__org.ferry_io-timeout")?;
+        let sparse = a.optional_bool("__org.ferry_sparse-pages")?;
+        a.finish()?;
+        if downtime.is_some_and(|d| d > 2_000_000) {
+            return Err(QmpError::generic(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms",
+            ));
+        }
+        if iterations.is_some_and(|i| i == 0 || i > 10_000) {
+            return Err(QmpError::generic(
+                "Parameter '__org.ferry_max-iterations' expects 1 to 10000",
+            ));
+        }
+        if timeout.is_some_and(|t| t == 0) {
+            return Err(QmpError::generic(
+                "Parameter '__org.ferry_io-timeout' expects a positive number of ms",
+            ));
+        }
+        if let Some(live) = lock(&self.progress).as_ref()
+            && live.status().is_active()
+        {
+            if let Some(b) = bandwidth {
+                live.set_max_bandwidth(b);
+            }
+            if let Some(d) = downtime {
+                live.set_downtime_limit(d);
+            }
+        }
+        let mut p = lock(&self.params);
+        if let Some(d) = downtime {
+            p.downtime_limit_ms = d;
+        }
+        if let Some(b) = bandwidth {
+            p.max_bandwidth = b;
+        }
+        if let Some(i) = iterations {
+            p.max_iterations = i as u32;
+        }
+        if let Some(pol) = policy {
+            p.switchover_policy = if pol == "force" {
+                SwitchoverPolicy::Force
+            } else {
+                SwitchoverPolicy::Cancel
+            };
+        }
+        if let Some(t) = timeout {
+            p.io_timeout = Duration::from_millis(t);
+        }
+        if let Some(s) = sparse {
+            p.sparse_pages = s;
+        }
+        Ok(json!({}))
+    }
+
+    pub(super) fn query_parameters(&self) -> Value {
+        let p = lock(&self.params);
+        json!({
+            "downtime-limit": p.downtime_limit_ms,
+            "max-bandwidth": p.max_bandwidth,
+            "__org.ferry_max-iterations": p.max_iterations,
+            "__org.ferry_switchover-policy": match p.switchover_policy {
+                SwitchoverPolicy::Cancel => "cancel",
+                SwitchoverPolicy::Force => "force",
+            },
+            "__org.ferry_io-timeout": p.io_timeout.as_millis() as u64,
+            "__org.ferry_sparse-pages": p.sparse_pages,
+        })
+    }
+}
+
+/// Wraps the VM's migration handle so that run-state changes made by the engine reach the
+/// controller's mirror and QMP (STOP on the source, RESUME on the destination).
+struct Side<'a, H> {
+    inner: H,
+    ctl: &'a Controller,
+}
+
+impl<H: SourceVm> SourceVm for Side<'_, H> {
+    fn machine(&self) -> &'static MachineType {
+        self.inner.machine()
+    }
+    fn config(&self) -> ConfigRecord {
+        self.inner.config()
+    }
+    fn is_running(&self) -> bool {
+        self.ctl.run_state() == RunState::Running
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.inner.pause()?;
+        self.ctl.set_state(RunState::FinishMigrate);
+        self.ctl.events.emit("STOP", None);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.inner.resume()?;
+        self.ctl.set_state(RunState::Running);
+        self.ctl.events.emit("RESUME", None);
+        Ok(())
+    }
+    fn start_dirty_log(&mut self) -> Result<(), String> {
+        self.inner.start_dirty_log()
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), String> {
+        self.inner.stop_dirty_log()
+    }
+    fn take_dirty(&mut self) -> Result<Vec<DirtyRegion>, String> {
+        self.inner.take_dirty()
+    }
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.inner.read_ram(gpa, buf)
+    }
+    fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, String> {
+        self.inner.save_devices(m)
+    }
+    fn handed_over(&mut self) {
+        self.inner.handed_over();
+        self.ctl.set_state(RunState::PostMigrate);
+    }
+}
+
+impl<H: DestinationVm> DestinationVm for Side<'_, H> {
+    fn machine(&self) -> &'static MachineType {
+        self.inner.machine()
+    }
+    fn config(&self) -> ConfigRecord {
+        self.inner.config()
+    }
+    fn catalog(&self) -> devstate::Catalog {
+        self.inner.catalog()
+    }
+    fn host_refusals(&self, src: &ConfigRecord) -> Vec<String> {
+        self.inner.host_refusals(src)
+    }
+    fn expected_sections(&self) -> Vec<(String, u32)> {
+        self.inner.expected_sections()
+    }
+    fn begin_incoming(&mut self) -> Result<(), String> {
+        self.ctl.migrating.store(true, Ordering::SeqCst);
+        self.inner.begin_incoming()?;
+        // After the pre-start device_adds and before anything is loaded: every connector to
+        // its reset state and an empty guest-event queue; the stream then overwrites the
+        // connectors the source was in the middle of.
+        let mut m = lock(&self.ctl.hp);
+        m.set_migration_in_progress(true);
+        if !self.ctl.skip_incoming_reset.load(Ordering::SeqCst) {
+            m.reset_all();
+            m.clear_events();
+        }
+        Ok(())
+    }
+    fn write_ram(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
+        self.inner.write_ram(gpa, pages, data)
+    }
+    fn write_ram_sparse(&mut self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), String> {
+        self.inner.write_ram_sparse(gpa, pages, body)
+    }
+    fn load_devices(&mut self, sections: &[devstate::RawSection]) -> Result<(), String> {
+        self.inner.load_devices(sections)
+    }
+    fn commit(&mut self, run: bool) -> Result<(), String> {
+        let run = run && self.ctl.autostart.load(Ordering::SeqCst);
+        self.inner.commit(run)?;
+        if run {
+            self.ctl.set_state(RunState::Running);
+            self.ctl.events.emit("RESUME", None);
+        } else {
+            self.ctl.set_state(RunState::Paused);
+        }
+        Ok(())
+    }
+    fn abort_incoming(&mut self, why: &str) {
+        self.inner.abort_incoming(why);
+        self.ctl.set_state(RunState::InMigrate);
+    }
+}
