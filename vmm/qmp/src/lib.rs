@@ -16,7 +16,7 @@
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # use vmm::qmp::*;
+//! # use ferry_qmp::*;
 //! # use serde_json::{Map, Value};
 //! struct Vm;
 //! impl QmpBackend for Vm {

@@ -7,7 +7,7 @@
 //! effect. `null` counts as present and has the wrong type, as in QEMU.
 //!
 //! ```
-//! # use vmm::qmp::{Args, QmpError};
+//! # use ferry_qmp::{Args, QmpError};
 //! # use serde_json::json;
 //! fn device_del(args: serde_json::Map<String, serde_json::Value>) -> Result<String, QmpError> {
 //!     let mut args = Args::new(args);

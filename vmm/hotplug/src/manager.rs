@@ -1384,8 +1384,8 @@ pub fn parse_pci_addr(s: &str) -> Option<(u8, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hotplug::connector::DrcState;
-    use crate::hotplug::controller::{op, reg};
+    use crate::connector::DrcState;
+    use crate::controller::{op, reg};
 
     const T: u64 = 1000; // unplug timeout used by the tests
 
@@ -1573,7 +1573,7 @@ mod tests {
         let mut m = mgr("ferry-2.0");
         m.guest_op(
             0x4000_0008,
-            GuestOp::dr_indicator(crate::hotplug::DrIndicator::Action),
+            GuestOp::dr_indicator(crate::DrIndicator::Action),
         )
         .unwrap();
         let before = m.clone();
@@ -1588,14 +1588,14 @@ mod tests {
         // a function of the slot blinking blocks function 0
         m.guest_op(
             0x4000_0008,
-            GuestOp::dr_indicator(crate::hotplug::DrIndicator::Inactive),
+            GuestOp::dr_indicator(crate::DrIndicator::Inactive),
         )
         .unwrap();
         m.device_add("ferry-pci-fn", "f3", &pci("1.3", false), RunPhase::Started)
             .unwrap();
         m.guest_op(
             0x4000_000b,
-            GuestOp::dr_indicator(crate::hotplug::DrIndicator::Identify),
+            GuestOp::dr_indicator(crate::DrIndicator::Identify),
         )
         .unwrap();
         let before = m.clone();
@@ -1872,10 +1872,7 @@ mod tests {
         let p = m.connector(0x4000_0000).unwrap();
         assert_eq!(
             (p.state(), p.dr_indicator()),
-            (
-                DrcState::PhysicalConfigured,
-                crate::hotplug::DrIndicator::Active
-            )
+            (DrcState::PhysicalConfigured, crate::DrIndicator::Active)
         );
         assert!(m.drain_events().is_empty());
     }

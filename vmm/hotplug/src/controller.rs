@@ -243,8 +243,8 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hotplug::connector::{Connector, ConnectorKind, EntitySense};
-    use crate::hotplug::events::{EventQueue, GuestEventKind};
+    use crate::connector::{Connector, ConnectorKind, EntitySense};
+    use crate::events::{EventQueue, GuestEventKind};
 
     /// One CPU connector and a queue, without the manager.
     struct Mock {
@@ -283,7 +283,7 @@ mod tests {
 
     fn mock() -> Mock {
         let mut conn = Connector::new(ConnectorKind::CpuCore, 2);
-        conn.attach(crate::hotplug::connector::AttachedDevice {
+        conn.attach(crate::connector::AttachedDevice {
             id: "cpu2".into(),
             multifunction: false,
         });
