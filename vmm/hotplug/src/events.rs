@@ -5,7 +5,7 @@
 //! `hotplug-events`), cleared by every reset, and the incoming side replaces its own queue
 //! with the migrated one (seed 002: "nukes the list first").
 
-use super::connector::ConnectorKind;
+use crate::papr::ConnectorKind;
 use std::collections::VecDeque;
 
 /// Most events the queue holds. A `device_add`/`device_del` that would overflow it fails with
