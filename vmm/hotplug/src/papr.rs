@@ -128,10 +128,12 @@ impl ConnectorKind {
 
 /// The unified DRC state. Discriminants are the LoPAPR/QEMU wire values: they are exposed in
 /// the migration stream, never change them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum DrcState {
-    /// Never a valid state; only exists so 0 on the wire is recognisably wrong.
+    /// Never a valid state; only exists so 0 on the wire is recognisably wrong (the codec
+    /// refuses it).
+    #[default]
     Invalid = 0,
     /// Logical: no resource, or not allocated to the guest.
     LogicalUnusable = 1,
@@ -170,11 +172,6 @@ impl DrcState {
         self as u8
     }
 
-    /// Parse a wire value (0..=8); anything else is `None`.
-    pub fn from_wire(v: u8) -> Option<DrcState> {
-        DrcState::ALL.get(usize::from(v)).copied()
-    }
-
     /// Name used in queries and logs, e.g. `logical-configured`.
     pub const fn name(self) -> &'static str {
         match self {
@@ -207,18 +204,19 @@ impl DrcState {
 }
 
 /// Isolation-state indicator values (token 9001).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Isolation {
     /// Isolated from the guest.
+    #[default]
     Isolated = 0,
     /// Unisolated (the guest may configure and use it).
     Unisolated = 1,
 }
 
 impl Isolation {
-    /// Parse a wire value.
-    pub const fn from_wire(v: u32) -> Option<Isolation> {
+    /// Parse a value the guest wrote (a 32-bit register).
+    pub const fn from_guest(v: u32) -> Option<Isolation> {
         match v {
             0 => Some(Isolation::Isolated),
             1 => Some(Isolation::Unisolated),
@@ -237,18 +235,19 @@ impl Isolation {
 
 /// Allocation-state indicator values (token 9003). LoPAPR also defines EXCHANGE (2) and
 /// RECOVER (3); like QEMU, they are refused with a parameter error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Allocation {
     /// Not allocated to the guest.
+    #[default]
     Unusable = 0,
     /// Allocated to the guest.
     Usable = 1,
 }
 
 impl Allocation {
-    /// Parse a wire value.
-    pub const fn from_wire(v: u32) -> Option<Allocation> {
+    /// Parse a value the guest wrote (a 32-bit register).
+    pub const fn from_guest(v: u32) -> Option<Allocation> {
         match v {
             0 => Some(Allocation::Unusable),
             1 => Some(Allocation::Usable),
@@ -266,10 +265,11 @@ impl Allocation {
 }
 
 /// DR indicator values (token 9002), physical connectors only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum DrIndicator {
     /// Off.
+    #[default]
     Inactive = 0,
     /// On.
     Active = 1,
@@ -280,8 +280,8 @@ pub enum DrIndicator {
 }
 
 impl DrIndicator {
-    /// Parse a wire value (0..=3).
-    pub const fn from_wire(v: u32) -> Option<DrIndicator> {
+    /// Parse a value the guest wrote (a 32-bit register; 0..=3).
+    pub const fn from_guest(v: u32) -> Option<DrIndicator> {
         match v {
             0 => Some(DrIndicator::Inactive),
             1 => Some(DrIndicator::Active),
@@ -455,3 +455,37 @@ pub fn allocation_of(kind: ConnectorKind, state: DrcState, present: bool) -> All
         Allocation::Unusable
     }
 }
+
+/// Stream encoding (a `u8` discriminant) of an enum the migrated state carries, so the codec
+/// refuses values the enum does not have.
+macro_rules! wire_enum {
+    ($t:ty: $($v:expr),+ $(,)?) => {
+        impl devstate::WireEnum for $t {
+            type Repr = u8;
+            const VALUES: &'static [Self] = &[$($v),+];
+            fn to_wire(self) -> u8 {
+                self as u8
+            }
+        }
+    };
+}
+
+// `Invalid` (0) is reserved: no stream carries it.
+wire_enum!(DrcState:
+    DrcState::LogicalUnusable,
+    DrcState::LogicalAvailable,
+    DrcState::LogicalUnisolate,
+    DrcState::LogicalConfigured,
+    DrcState::PhysicalAvailable,
+    DrcState::PhysicalPowerOn,
+    DrcState::PhysicalUnisolate,
+    DrcState::PhysicalConfigured,
+);
+wire_enum!(Isolation: Isolation::Isolated, Isolation::Unisolated);
+wire_enum!(Allocation: Allocation::Unusable, Allocation::Usable);
+wire_enum!(DrIndicator:
+    DrIndicator::Inactive,
+    DrIndicator::Active,
+    DrIndicator::Identify,
+    DrIndicator::Action,
+);

@@ -2,25 +2,26 @@
 //! [`Connector::restore`].
 
 use super::{Connector, RestoreError};
-use crate::papr::{DrIndicator, DrcState};
-use crate::persist::{ABSENT, ConnectorState};
+use crate::papr::DrcState;
+use crate::persist::ConnectorState;
 
 impl Connector {
     /// The migrated form of this connector at guest-running time `now_ms`.
     pub fn to_state(&self, now_ms: u64) -> ConnectorState {
         ConnectorState {
             index: self.index(),
-            state: self.state.wire(),
+            state: self.state,
             device: self.device_id().unwrap_or_default().to_owned(),
             unplug_requested: self.unplug_requested,
             release_pending: self.release_pending,
             unplug_timed_out: self.unplug_timed_out,
-            isolation: self.isolation() as u8,
-            allocation: self.allocation() as u8,
-            dr_indicator: self.dr_indicator as u8,
+            isolation: self.isolation(),
+            allocation: self.allocation(),
+            dr_indicator: self.dr_indicator,
             cc_cursor: self.cc_cursor,
             remaining_ms: self.remaining_ms(now_ms).unwrap_or(0),
             remaining_known: self.unplug_requested,
+            v2_known: true,
         }
     }
 
@@ -41,15 +42,14 @@ impl Connector {
         if s.index != self.index() {
             return Err(err(format!("stream carries index {:#010x}", s.index)));
         }
-        let state = DrcState::from_wire(s.state)
-            .filter(|st| st.valid_for(self.kind))
-            .ok_or_else(|| {
-                err(format!(
-                    "state {} is not valid for a {}",
-                    s.state,
-                    self.kind.name()
-                ))
-            })?;
+        let state = s.state;
+        if !state.valid_for(self.kind) {
+            return Err(err(format!(
+                "state {} is not valid for a {}",
+                state.wire(),
+                self.kind.name()
+            )));
+        }
         match (self.device_id(), s.device.as_str()) {
             (_, "") => {
                 return Err(err("section without an attached device".to_owned()));
@@ -79,31 +79,28 @@ impl Connector {
             };
             now_ms.saturating_add(left)
         });
-        next.dr_indicator = if s.dr_indicator == ABSENT {
+        if s.v2_known {
+            next.dr_indicator = s.dr_indicator;
+            next.cc_cursor = s.cc_cursor;
+        } else {
             // A v1 stream does not carry the indicator: a configured function shows ACTIVE,
             // one still waiting (e.g. for function 0 of its slot) INACTIVE, as a guest that
-            // never touched it would have left it.
-            Self::reset_indicator(self.kind, state == DrcState::PhysicalConfigured)
-        } else {
-            DrIndicator::from_wire(u32::from(s.dr_indicator))
-                .ok_or_else(|| err(format!("DR indicator {} is invalid", s.dr_indicator)))?
-        };
-        next.cc_cursor = if s.cc_cursor == ABSENT {
-            0
-        } else {
-            s.cc_cursor
-        };
-        if s.isolation != ABSENT && s.isolation != next.isolation() as u8 {
+            // never touched it would have left it. A walk in progress restarts.
+            next.dr_indicator =
+                Self::reset_indicator(self.kind, state == DrcState::PhysicalConfigured);
+            next.cc_cursor = 0;
+        }
+        if s.v2_known && s.isolation != next.isolation() {
             return Err(err(format!(
                 "isolation {} disagrees with state {}",
-                s.isolation,
+                s.isolation as u8,
                 state.name()
             )));
         }
-        if s.allocation != ABSENT && s.allocation != next.allocation() as u8 {
+        if s.v2_known && s.allocation != next.allocation() {
             return Err(err(format!(
                 "allocation {} disagrees with state {}",
-                s.allocation,
+                s.allocation as u8,
                 state.name()
             )));
         }

@@ -15,7 +15,7 @@ impl Connector {
             GuestOp::SetIndicator {
                 token: token::ISOLATION_STATE,
                 value,
-            } => match Isolation::from_wire(value) {
+            } => match Isolation::from_guest(value) {
                 Some(Isolation::Isolated) if self.kind.is_physical() => self.isolate_physical(),
                 Some(Isolation::Isolated) => self.isolate_logical(),
                 Some(Isolation::Unisolated) if self.kind.is_physical() => self.unisolate_physical(),
@@ -29,7 +29,7 @@ impl Connector {
                 if self.kind.is_physical() {
                     return Err(RtasError::NoSuchIndicator);
                 }
-                match Allocation::from_wire(value) {
+                match Allocation::from_guest(value) {
                     Some(Allocation::Usable) => self.set_usable(),
                     Some(Allocation::Unusable) => self.set_unusable(),
                     None => Err(RtasError::ParamError),
@@ -44,7 +44,7 @@ impl Connector {
                 }
                 // QEMU stores any value; we refuse values LoPAPR does not define so the
                 // migrated indicator is always one of the four.
-                self.dr_indicator = DrIndicator::from_wire(value).ok_or(RtasError::ParamError)?;
+                self.dr_indicator = DrIndicator::from_guest(value).ok_or(RtasError::ParamError)?;
                 Ok(Outcome::Done)
             }
             GuestOp::SetIndicator { .. } => Err(RtasError::NoSuchIndicator),

@@ -2,9 +2,10 @@
 
 use super::*;
 use crate::papr::*;
-use crate::persist::ABSENT;
+use crate::persist::ConnectorState;
 use ConnectorKind::{CpuCore, MemBlock, PciFn};
 use DrcState::*;
+use devstate::WireEnum;
 
 fn dev(id: &str) -> AttachedDevice {
     AttachedDevice {
@@ -541,6 +542,11 @@ fn indices_wire_values_and_names() {
     assert_eq!(wire, (0..=8).collect::<Vec<u8>>());
     assert_eq!(DrcState::from_wire(4), Some(LogicalConfigured));
     assert_eq!(DrcState::from_wire(9), None);
+    assert_eq!(
+        DrcState::from_wire(0),
+        None,
+        "0 is reserved: no stream carries Invalid"
+    );
     assert_eq!(PhysicalPowerOn.name(), "physical-poweron");
     assert!(!PhysicalAvailable.valid_for(PciFn) && !Invalid.valid_for(CpuCore));
     assert_eq!(
@@ -586,12 +592,16 @@ fn state_restore_round_trip_and_refusals() {
         dst.restore(&s, 400, 1000).unwrap();
         assert_eq!(dst, src);
         // a v1 stream without the timer: full timeout from now, reset values for v2 fields
-        let mut v1 = s.clone();
-        v1.isolation = ABSENT;
-        v1.allocation = ABSENT;
-        v1.dr_indicator = ABSENT;
-        v1.cc_cursor = ABSENT;
-        v1.remaining_known = false;
+        // (a v1 load leaves them at their defaults, which need not agree with the state)
+        let v1 = ConnectorState {
+            isolation: Default::default(),
+            allocation: Default::default(),
+            dr_indicator: Default::default(),
+            cc_cursor: 0,
+            remaining_known: false,
+            v2_known: false,
+            ..s.clone()
+        };
         let mut dst = conn(PciFn, PhysicalConfigured, true, false);
         dst.restore(&v1, 50, 1000).unwrap();
         assert_eq!(dst.state(), src.state());
@@ -626,11 +636,11 @@ fn state_restore_round_trip_and_refusals() {
     assert_eq!(other, keep);
     let mut d = conn(PciFn, PhysicalConfigured, true, false);
     let mut bad = s.clone();
-    bad.isolation = 0;
+    bad.isolation = Isolation::Isolated;
     let e = d.restore(&bad, 0, 1000).unwrap_err();
     assert!(e.why.contains("isolation 0 disagrees"), "{e}");
     let mut bad = s.clone();
-    bad.allocation = 0;
+    bad.allocation = Allocation::Unusable;
     assert!(
         d.restore(&bad, 0, 1000)
             .unwrap_err()
@@ -638,7 +648,7 @@ fn state_restore_round_trip_and_refusals() {
             .contains("allocation")
     );
     let mut bad = s.clone();
-    bad.state = LogicalConfigured.wire();
+    bad.state = LogicalConfigured;
     assert!(d.restore(&bad, 0, 1000).is_err());
     let mut bad = s;
     bad.unplug_timed_out = true;

@@ -25,7 +25,7 @@ impl HotplugManager {
                 .iter()
                 .map(|e| GuestEventState {
                     index: e.index,
-                    kind: e.kind.wire(),
+                    kind: e.kind,
                 })
                 .collect(),
         }

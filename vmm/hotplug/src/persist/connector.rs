@@ -3,18 +3,15 @@
 use devstate::{Section, Sub, Subsection, record};
 use machine_types::MachineType;
 
-use crate::papr::{ConnectorKind, DrcState};
-
-/// In-memory marker of a v2 field a v1 stream did not carry (never on the wire).
-pub const ABSENT: u8 = 0xff;
+use crate::papr::{Allocation, ConnectorKind, DrIndicator, DrcState, Isolation};
 
 record! {
     /// One connector (section `connector`, instance = PAPR index).
     pub struct ConnectorState {
         /// PAPR index; must equal the section instance.
         pub index: u32,
-        /// Unified DRC state, LoPAPR wire value 1..=8.
-        pub state: u8,
+        /// Unified DRC state, LoPAPR wire value 1..=8 (0 and 9.. are refused by the codec).
+        pub state: DrcState,
         /// Id of the attached device (never empty in a sent section).
         pub device: String [max = 64],
         /// An unplug request waits for the guest.
@@ -26,11 +23,11 @@ record! {
         /// hardware error (Precise rule 4).
         pub unplug_timed_out: bool,
         /// Isolation (0 isolated, 1 unisolated), a projection of `state`.
-        pub isolation: u8 [since = 2],
+        pub isolation: Isolation [since = 2],
         /// Allocation (0 unusable, 1 usable), a projection of `state` and presence.
-        pub allocation: u8 [since = 2],
+        pub allocation: Allocation [since = 2],
         /// DR indicator (0..=3); logical connectors always 0.
-        pub dr_indicator: u8 [since = 2],
+        pub dr_indicator: DrIndicator [since = 2],
         /// Configure-connector responses already returned by the current walk.
         pub cc_cursor: u8 [since = 2],
         /// Guest-running milliseconds left before a pending unplug times out
@@ -38,6 +35,9 @@ record! {
         pub remaining_ms: u64 [skip, volatile],
         /// Whether `remaining_ms` is known (the subsection arrived, or this is a live state).
         pub remaining_known: bool [skip],
+        /// Whether the v2 fields (isolation, allocation, DR indicator, cursor) are known (a v2
+        /// body arrived, or this is a live state); a v1 stream leaves them at their defaults.
+        pub v2_known: bool [skip],
     }
 }
 
@@ -75,11 +75,12 @@ impl ConnectorState {
         if self.device.is_empty() {
             return false;
         }
-        let v1 = self.state != kind.ready_state().wire()
+        let v1 = self.state != kind.ready_state()
             || self.unplug_requested
             || self.release_pending
             || self.unplug_timed_out;
-        let v2 = self.cc_cursor != 0 || (kind.is_physical() && self.dr_indicator != 1);
+        let v2 =
+            self.cc_cursor != 0 || (kind.is_physical() && self.dr_indicator != DrIndicator::Active);
         v1 || (version >= 2 && v2)
     }
 }
@@ -103,38 +104,26 @@ impl Section for ConnectorState {
         &[&UNPLUG_TIMER]
     }
 
-    fn pre_load(&mut self) {
-        self.isolation = ABSENT;
-        self.allocation = ABSENT;
-        self.dr_indicator = ABSENT;
-        self.cc_cursor = ABSENT;
-        self.remaining_known = false;
-    }
-
     fn post_load(&mut self, version: u32) -> Result<(), String> {
         let Some((kind, _)) = ConnectorKind::from_index(self.index) else {
             return Err(format!("{:#010x} is not a connector index", self.index));
         };
-        if !DrcState::from_wire(self.state).is_some_and(|s| s.valid_for(kind)) {
+        if !self.state.valid_for(kind) {
             return Err(format!(
                 "state {} is not a valid {} connector state",
-                self.state,
+                self.state.wire(),
                 kind.name()
             ));
         }
         if self.device.is_empty() {
             return Err("connector section without an attached device".to_owned());
         }
-        if version >= 2 {
-            if self.isolation > 1 || self.allocation > 1 || self.dr_indicator > 3 {
-                return Err("isolation, allocation or DR indicator out of range".to_owned());
-            }
-            if usize::from(self.cc_cursor) >= kind.configure_script().len() {
-                return Err(format!(
-                    "configure-connector cursor {} out of range",
-                    self.cc_cursor
-                ));
-            }
+        self.v2_known = version >= 2;
+        if self.v2_known && usize::from(self.cc_cursor) >= kind.configure_script().len() {
+            return Err(format!(
+                "configure-connector cursor {} out of range",
+                self.cc_cursor
+            ));
         }
         Ok(())
     }

@@ -11,8 +11,8 @@ record! {
     pub struct GuestEventState {
         /// Connector index.
         pub index: u32,
-        /// 1 hotplug, 2 unplug.
-        pub kind: u8,
+        /// 1 hotplug, 2 unplug (anything else is refused by the codec).
+        pub kind: GuestEventKind,
     }
 }
 
@@ -25,18 +25,16 @@ record! {
 }
 
 impl EventQueueState {
-    /// Decoded events; `Err` on an unknown kind or index type.
+    /// Decoded events; `Err` on an index of no connector type.
     pub fn events(&self) -> Result<Vec<GuestEvent>, String> {
         self.events
             .iter()
             .map(|e| {
-                let kind = GuestEventKind::from_wire(e.kind)
-                    .ok_or_else(|| format!("unknown guest event kind {}", e.kind))?;
                 ConnectorKind::from_index(e.index)
                     .ok_or_else(|| format!("{:#010x} is not a connector index", e.index))?;
                 Ok(GuestEvent {
                     index: e.index,
-                    kind,
+                    kind: e.kind,
                 })
             })
             .collect()

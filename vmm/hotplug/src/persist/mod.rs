@@ -10,8 +10,11 @@
 //!
 //! `connector` v1 body: `index u32, state u8, device str(<=64), unplug_requested bool,
 //! release_pending bool, unplug_timed_out bool`. v2 appends `isolation u8, allocation u8,
-//! dr_indicator u8, cc_cursor u8`. A v1 stream leaves those at [`ABSENT`] and the
-//! destination uses their reset values (indicator ACTIVE for an attached PCI function, cursor
+//! dr_indicator u8, cc_cursor u8`. The enum-valued fields (`state`, `isolation`,
+//! `allocation`, `dr_indicator`, and `kind` of `hotplug-events`) are typed
+//! ([`devstate::WireEnum`]): the codec refuses values they do not have, with the field name
+//! and byte offset. A v1 stream leaves the v2 fields at their defaults with
+//! [`ConnectorState::v2_known`] false, and the destination uses their reset values (indicator ACTIVE for an attached PCI function, cursor
 //! 0: a guest mid-configure-connector restarts its walk). Isolation and allocation are
 //! projections of `state`; v2 carries them so the stream is self-explanatory in `ferry-dump`
 //! and the destination cross-checks them against `state`.
@@ -22,7 +25,7 @@ mod events;
 #[cfg(test)]
 mod tests;
 
-pub use connector::{ABSENT, ConnectorState};
+pub use connector::ConnectorState;
 pub use controller::ControllerState;
 pub use events::{EventQueueState, GuestEventState};
 

@@ -2,9 +2,10 @@
 
 use super::*;
 use crate::events::{EVENT_QUEUE_CAPACITY, GuestEventKind};
-use crate::papr::DrcState;
+use crate::papr::{Allocation, DrIndicator, DrcState, Isolation};
 use devstate::{
-    Catalog, Item, Record, Section, StreamReader, StreamWriter, Tag, encode_section, record,
+    Catalog, DecodeError, Item, Reader, Record, Section, StreamReader, StreamWriter, Tag,
+    encode_section, record,
 };
 use machine_types::MachineType;
 
@@ -35,17 +36,18 @@ fn catalog() -> Catalog {
 fn pending_cpu() -> ConnectorState {
     ConnectorState {
         index: 0x1000_0003,
-        state: DrcState::LogicalConfigured.wire(),
+        state: DrcState::LogicalConfigured,
         device: "cpu3".into(),
         unplug_requested: true,
         release_pending: false,
         unplug_timed_out: false,
-        isolation: 1,
-        allocation: 1,
-        dr_indicator: 0,
+        isolation: Isolation::Unisolated,
+        allocation: Allocation::Usable,
+        dr_indicator: DrIndicator::Inactive,
         cc_cursor: 0,
         remaining_ms: 700,
         remaining_known: true,
+        v2_known: true,
     }
 }
 
@@ -112,20 +114,13 @@ fn per_machine_layout_and_timer_subsection() {
         assert_eq!(got.remaining_known, timer, "{name}");
         assert_eq!(got.remaining_ms, if timer { 700 } else { 0 }, "{name}");
         if version == 1 {
-            assert_eq!(
-                (
-                    got.isolation,
-                    got.allocation,
-                    got.dr_indicator,
-                    got.cc_cursor
-                ),
-                (ABSENT, ABSENT, ABSENT, ABSENT)
-            );
+            // the v2 fields keep their defaults and are marked unknown
             let mut want = pending_cpu();
-            want.isolation = ABSENT;
-            want.allocation = ABSENT;
-            want.dr_indicator = ABSENT;
-            want.cc_cursor = ABSENT;
+            want.isolation = Isolation::default();
+            want.allocation = Allocation::default();
+            want.dr_indicator = DrIndicator::default();
+            want.cc_cursor = 0;
+            want.v2_known = false;
             want.remaining_known = timer;
             want.remaining_ms = if timer { 700 } else { 0 };
             assert_eq!(got, want);
@@ -150,8 +145,8 @@ fn reset_state_connector_is_not_sent_anywhere() {
         // an empty connector is never sent
         let mut e = ConnectorState {
             index: 0x4000_0008,
-            state: DrcState::PhysicalPowerOn.wire(),
-            dr_indicator: 3,
+            state: DrcState::PhysicalPowerOn,
+            dr_indicator: DrIndicator::Action,
             ..Default::default()
         };
         assert!(!e.needed(mt));
@@ -163,11 +158,11 @@ fn reset_state_connector_is_not_sent_anywhere() {
 fn v2_only_differences_are_sent_only_by_v2_types() {
     let mut s = ConnectorState {
         index: 0x4000_0008,
-        state: DrcState::PhysicalConfigured.wire(),
+        state: DrcState::PhysicalConfigured,
         device: "nic0".into(),
-        isolation: 1,
-        allocation: 1,
-        dr_indicator: 2, // identify
+        isolation: Isolation::Unisolated,
+        allocation: Allocation::Usable,
+        dr_indicator: DrIndicator::Identify,
         ..Default::default()
     };
     assert!(!s.needed(m("ferry-1.0")));
@@ -175,14 +170,14 @@ fn v2_only_differences_are_sent_only_by_v2_types() {
     assert!(s.needed(m("ferry-2.0")));
     assert_eq!(
         through_stream(&mut s, m("ferry-2.0")).unwrap().dr_indicator,
-        2
+        DrIndicator::Identify
     );
-    s.dr_indicator = 1;
+    s.dr_indicator = DrIndicator::Active;
     s.cc_cursor = 2;
     assert!(s.needed(m("ferry-2.0")) && !s.needed(m("ferry-1.1")));
     s.cc_cursor = 0;
     s.release_pending = true;
-    s.state = DrcState::PhysicalPowerOn.wire();
+    s.state = DrcState::PhysicalPowerOn;
     assert!(machine_types::all().iter().all(|mt| s.needed(mt)));
 }
 
@@ -191,7 +186,8 @@ fn post_load_rejects_bad_values() {
     let check = |s: &mut ConnectorState, v: u32| s.post_load(v);
     let mut s = pending_cpu();
     assert!(check(&mut s, 2).is_ok());
-    for bad in [0u8, 5, 6, 9, 200] {
+    // Values the enum has but a CPU core may not be in (0, 9.. are the codec's: see below).
+    for bad in [DrcState::PhysicalAvailable, DrcState::PhysicalPowerOn] {
         s.state = bad;
         assert!(
             check(&mut s, 2)
@@ -206,13 +202,76 @@ fn post_load_rejects_bad_values() {
     s.device.clear();
     assert!(check(&mut s, 1).is_err());
     let mut s = pending_cpu();
-    s.dr_indicator = 4;
-    assert!(check(&mut s, 2).is_err());
-    let mut s = pending_cpu();
     s.cc_cursor = 8;
     assert!(check(&mut s, 2).is_err());
-    s.cc_cursor = ABSENT;
     assert!(check(&mut s, 1).is_ok(), "v1 does not carry the cursor");
+    assert!(!s.v2_known);
+}
+
+/// Decode a `connector` v2 body with byte `at` replaced by `v`.
+fn decode_patched(at: usize, v: u8) -> Result<ConnectorState, DecodeError> {
+    let mut body = Vec::new();
+    pending_cpu().encode(2, &mut body);
+    body[at] = v;
+    let mut s = ConnectorState::default();
+    let mut r = Reader::new(&body, 1000, "connector");
+    s.decode_into(2, &mut r).map(|()| s)
+}
+
+#[test]
+fn codec_refuses_enum_values_with_field_and_offset() {
+    // body: index 0..4, state 4, device 5..13, bools 13..16, isolation 16, allocation 17,
+    // dr_indicator 18, cc_cursor 19
+    for (at, field, bad) in [
+        (4, "state", 0u8),
+        (4, "state", 9),
+        (4, "state", 200),
+        (16, "isolation", 2),
+        (17, "allocation", 2),
+        (18, "dr_indicator", 4),
+        (18, "dr_indicator", 0xff),
+    ] {
+        match decode_patched(at, bad) {
+            Err(DecodeError::InvalidValue {
+                section,
+                field: f,
+                value,
+                offset,
+            }) => {
+                assert_eq!(
+                    (section.as_str(), f.as_str(), value, offset),
+                    ("connector", field, u64::from(bad), 1000 + at as u64)
+                );
+            }
+            other => panic!("{field}={bad}: {other:?}"),
+        }
+    }
+    let ok = decode_patched(18, 3).unwrap();
+    assert_eq!(ok.dr_indicator, DrIndicator::Action);
+    assert_eq!(
+        decode_patched(4, 6).unwrap().state,
+        DrcState::PhysicalPowerOn
+    );
+
+    // a guest event kind: 0 (the controller's "no event") and 3 are refused
+    for bad in [0u8, 3] {
+        let mut body = Vec::new();
+        let mut q = EventQueueState::default();
+        q.events.push(GuestEventState {
+            index: 0x8000_0001,
+            kind: GuestEventKind::Unplug,
+        });
+        q.encode(1, &mut body);
+        body[8] = bad; // count 0..4, index 4..8, kind 8
+        let mut r = Reader::new(&body, 0, "hotplug-events");
+        let e = EventQueueState::default()
+            .decode_into(1, &mut r)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("Invalid value {bad} for field 'kind' in section 'hotplug-events' at offset 8")
+        );
+    }
 }
 
 #[test]
@@ -221,12 +280,12 @@ fn event_and_controller_sections() {
     assert!(!q.needed(m("ferry-1.0")));
     q.events.push(GuestEventState {
         index: 0x8000_0001,
-        kind: 1,
+        kind: GuestEventKind::Hotplug,
     });
     assert!(q.needed(m("ferry-1.0")));
     assert_eq!(q.events().unwrap()[0].kind, GuestEventKind::Hotplug);
-    q.events[0].kind = 3;
-    assert!(q.post_load(1).is_err());
+    q.events[0].index = 0x2000_0001;
+    assert!(q.post_load(1).is_err(), "not a connector index");
     assert!(!ControllerState::default().needed(m("ferry-2.0")));
     let c = ControllerState {
         selector: 1,
