@@ -337,6 +337,63 @@ impl<T: Field> Field for Vec<T> {
     }
 }
 
+/// A fieldless enum carried as its explicit discriminant: a field of this type is validated by
+/// the codec, not by hand in `post_load`.
+///
+/// The schema shows the plain integer type of [`Repr`](Self::Repr), so turning an integer field
+/// into an enum changes neither the wire nor the schema. The decoder refuses a value that is not
+/// in [`VALUES`](Self::VALUES) with [`DecodeError::InvalidValue`] (field name and byte offset);
+/// a reserved discriminant (such as 0 for "invalid") is simply left out of `VALUES`.
+///
+/// ```
+/// #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// #[repr(u8)]
+/// enum Light {
+///     #[default]
+///     Off = 1,
+///     On = 2,
+/// }
+/// impl devstate::WireEnum for Light {
+///     type Repr = u8;
+///     const VALUES: &'static [Self] = &[Light::Off, Light::On];
+///     fn to_wire(self) -> u8 {
+///         self as u8
+///     }
+/// }
+/// devstate::record! {
+///     pub struct Lamp {
+///         pub light: Light,
+///     }
+/// }
+/// assert_eq!(<Lamp as devstate::Record>::fields()[0].kind, devstate::FieldKind::U8);
+/// ```
+pub trait WireEnum: Copy + PartialEq + 'static {
+    /// The integer type on the wire.
+    type Repr: Field + Copy + PartialEq + Into<u64>;
+    /// Every value the wire may carry.
+    const VALUES: &'static [Self];
+    /// The discriminant written on the wire.
+    fn to_wire(self) -> Self::Repr;
+    /// The value with discriminant `v`, if the wire may carry it.
+    fn from_wire(v: Self::Repr) -> Option<Self> {
+        Self::VALUES.iter().copied().find(|e| e.to_wire() == v)
+    }
+}
+
+impl<T: WireEnum> Field for T {
+    fn kind(_max: u32) -> FieldKind {
+        T::Repr::kind(0)
+    }
+    fn put(&self, w: &mut Vec<u8>) {
+        self.to_wire().put(w);
+    }
+    fn get(r: &mut Reader<'_>, _max: u32, name: &str) -> Result<Self, DecodeError> {
+        let offset = r.offset();
+        let v = T::Repr::get(r, 0, name)?;
+        T::from_wire(v).ok_or_else(|| r.invalid(name, v.into(), offset))
+    }
+}
+
 /// Append a length as the little-endian `u32` every string and list starts with.
 ///
 /// Descriptions bound every length far below `u32::MAX`; a larger value is a programming error.
@@ -451,4 +508,83 @@ macro_rules! record {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 0 is reserved, 1 and 7 are the only values, carried as a `u32`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    #[repr(u32)]
+    enum Mode {
+        #[default]
+        Slow = 1,
+        Fast = 7,
+    }
+
+    impl WireEnum for Mode {
+        type Repr = u32;
+        const VALUES: &'static [Self] = &[Mode::Slow, Mode::Fast];
+        fn to_wire(self) -> u32 {
+            self as u32
+        }
+    }
+
+    crate::record! {
+        struct Dev {
+            id: u8,
+            mode: Mode,
+            modes: Vec<Mode> [max = 4],
+        }
+    }
+
+    #[test]
+    fn wire_enum_is_its_integer_on_the_wire_and_in_the_schema() {
+        let d = Dev {
+            id: 3,
+            mode: Mode::Fast,
+            modes: vec![Mode::Slow, Mode::Fast],
+        };
+        let mut w = Vec::new();
+        d.encode(1, &mut w);
+        assert_eq!(w, [3, 7, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0]);
+        let f = Dev::fields();
+        assert_eq!(f[1].kind, FieldKind::U32);
+        assert_eq!(
+            f[2].kind,
+            FieldKind::List {
+                max: 4,
+                of: Box::new(FieldKind::U32)
+            }
+        );
+        let mut back = Dev::default();
+        back.decode_into(1, &mut Reader::new(&w, 0, "dev")).unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn wire_enum_refuses_unknown_values_with_field_and_offset() {
+        for (at, v) in [(1usize, 0u8), (1, 2), (13, 0)] {
+            let mut w = Vec::new();
+            Dev {
+                id: 3,
+                mode: Mode::Fast,
+                modes: vec![Mode::Slow, Mode::Fast],
+            }
+            .encode(1, &mut w);
+            w[at] = v;
+            let err = Dev::default()
+                .decode_into(1, &mut Reader::new(&w, 100, "dev"))
+                .unwrap_err();
+            let field = if at == 1 { "mode" } else { "modes" };
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "Invalid value {v} for field '{field}' in section 'dev' at offset {}",
+                    100 + at
+                )
+            );
+        }
+    }
 }

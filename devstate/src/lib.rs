@@ -17,7 +17,7 @@ pub mod sparse;
 pub mod stream;
 
 pub use error::DecodeError;
-pub use field::{Field, FieldKind, FieldOpts, FieldSchema, Reader, Record, put_len};
+pub use field::{Field, FieldKind, FieldOpts, FieldSchema, Reader, Record, WireEnum, put_len};
 pub use schema::{
     Catalog, MachineSchema, SectionSchema, SubsectionSchema, Value, decode_fields, encode_fields,
 };

@@ -15,12 +15,15 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod guest;
-pub mod hotplug;
 pub mod migrate;
-pub mod qmp;
 pub mod runstate;
 pub mod vcpu;
 pub mod vm;
+
+/// Hotplug connectors, re-exported from `ferry-hotplug` so `vmm::hotplug` paths keep working.
+pub use ferry_hotplug as hotplug;
+/// The QMP server, re-exported from `ferry-qmp` so `vmm::qmp` paths keep working.
+pub use ferry_qmp as qmp;
 
 pub use config::{GuestSpec, VmConfig};
 pub use runstate::RunState;

@@ -379,7 +379,7 @@ fn hostile_streams_are_refused_and_nothing_is_written() {
     let conn_section = |index: u32, device: &str| {
         let mut c = ConnectorState {
             index,
-            state: ConnectorKind::MemBlock.ready_state().wire(),
+            state: ConnectorKind::MemBlock.ready_state(),
             device: device.into(),
             unplug_requested: true,
             ..ConnectorState::default()

@@ -60,7 +60,8 @@ fn plug_and_unplug_every_kind_with_events() {
     );
     f.ok(
         "device_add",
-        json!({"driver": "ferry-pci-fn", "id": "fn0", "addr": "01.0", "multifunction": true}),
+        // As QEMU users write it: a string "on" (a JSON boolean works too).
+        json!({"driver": "ferry-pci-fn", "id": "fn0", "addr": "01.0", "multifunction": "on"}),
     );
     for (dev, st) in [
         ("core1", "logical-configured"),

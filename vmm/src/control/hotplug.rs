@@ -120,7 +120,7 @@ impl Controller {
         let core_id = a.optional_u64("core-id")?;
         let slot = a.optional_u64("slot")?;
         let addr = a.optional_str("addr")?;
-        let multifunction = a.optional_bool("multifunction")?;
+        let multifunction = a.optional_qdev_bool("multifunction")?;
         let _bus = a.optional_str("bus")?;
         if let Some(extra) = a.into_rest().keys().next() {
             return Err(QmpError::generic(format!(

@@ -5,18 +5,21 @@
 //! `hotplug-events`), cleared by every reset, and the incoming side replaces its own queue
 //! with the migrated one (seed 002: "nukes the list first").
 
-use super::connector::ConnectorKind;
+use crate::papr::ConnectorKind;
+use devstate::WireEnum;
 use std::collections::VecDeque;
 
 /// Most events the queue holds. A `device_add`/`device_del` that would overflow it fails with
 /// a transient error and changes nothing. (`persist::EventQueueState` repeats the literal.)
 pub const EVENT_QUEUE_CAPACITY: usize = 64;
 
-/// What the guest is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What the guest is asked to do. Wire value 0 is reserved (the controller's "no event"):
+/// the codec refuses it. `Default` only gives a decoded record a starting value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum GuestEventKind {
     /// A device was attached: configure it.
+    #[default]
     Hotplug = 1,
     /// Release the device.
     Unplug = 2,
@@ -28,21 +31,20 @@ impl GuestEventKind {
         self as u8
     }
 
-    /// Parse a wire value.
-    pub const fn from_wire(v: u8) -> Option<GuestEventKind> {
-        match v {
-            1 => Some(GuestEventKind::Hotplug),
-            2 => Some(GuestEventKind::Unplug),
-            _ => None,
-        }
-    }
-
     /// Name used in logs.
     pub const fn name(self) -> &'static str {
         match self {
             GuestEventKind::Hotplug => "hotplug",
             GuestEventKind::Unplug => "unplug",
         }
+    }
+}
+
+impl WireEnum for GuestEventKind {
+    type Repr = u8;
+    const VALUES: &'static [Self] = &[GuestEventKind::Hotplug, GuestEventKind::Unplug];
+    fn to_wire(self) -> u8 {
+        self.wire()
     }
 }
 

@@ -9,14 +9,19 @@
 //! * replies `{"return": ...}` / `{"error": {"class", "desc"}}` echoing `id`;
 //! * events `{"event", "data", "timestamp"}` from an [`EventBus`];
 //! * output one compact ASCII line per message ending in `\r\n`; input a
-//!   streaming JSON splitter ([`framing::JsonStreamer`]).
+//!   streaming JSON splitter with size and nesting limits (`framing`).
 //!
 //! The server itself answers `qmp_capabilities`, `query-version` and
-//! `query-commands`; everything else goes to the VMM's [`QmpBackend`].
+//! `query-commands`; everything else goes to the VMM's [`QmpBackend`], which
+//! takes its arguments through [`Args`] (QEMU's error texts, [`QmpError`]).
+//! [`client::QmpClient`] is a small blocking client for tests and tools.
+//!
+//! Nothing here knows about a VM: the crate depends on tokio, serde and
+//! tracing only, so the protocol is tested without KVM.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # use vmm::qmp::*;
+//! # use ferry_qmp::*;
 //! # use serde_json::{Map, Value};
 //! struct Vm;
 //! impl QmpBackend for Vm {
@@ -41,7 +46,7 @@ mod args;
 pub mod client;
 mod error;
 mod events;
-pub mod framing;
+mod framing;
 mod protocol;
 mod session;
 
@@ -60,6 +65,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 pub use args::Args;
+pub use client::{ClientError, QmpClient};
 pub use error::{ErrorClass, QmpError, QmpServerError};
 pub use events::{DEFAULT_EVENT_CAPACITY, EventBus, QmpEvent, Timestamp};
 pub use protocol::{VersionInfo, VersionTriple};

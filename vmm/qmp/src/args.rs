@@ -7,7 +7,7 @@
 //! effect. `null` counts as present and has the wrong type, as in QEMU.
 //!
 //! ```
-//! # use vmm::qmp::{Args, QmpError};
+//! # use ferry_qmp::{Args, QmpError};
 //! # use serde_json::json;
 //! fn device_del(args: serde_json::Map<String, serde_json::Value>) -> Result<String, QmpError> {
 //!     let mut args = Args::new(args);
@@ -94,6 +94,23 @@ impl Args {
     pub fn required_bool(&mut self, name: &str) -> Result<bool, QmpError> {
         let v = self.optional_bool(name)?;
         self.require(name, v)
+    }
+
+    /// A qdev boolean property (`device_add`): a JSON boolean, or a string
+    /// QEMU's `qapi_bool_parse` takes (`on`/`off`, `yes`/`no`, `true`/`false`),
+    /// which is how QEMU users write `"multifunction": "on"`.
+    pub fn optional_qdev_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
+        let full = self.full_name(name);
+        match self.map.remove(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(Value::String(s)) => match s.as_str() {
+                "on" | "yes" | "true" => Ok(Some(true)),
+                "off" | "no" | "false" => Ok(Some(false)),
+                _ => Err(QmpError::parameter_expects(&full, "'on' or 'off'")),
+            },
+            Some(_) => Err(QmpError::invalid_parameter_type(&full, "boolean")),
+        }
     }
 
     /// A QAPI `int` (int64): "expected: integer" on anything else.
@@ -246,5 +263,39 @@ mod tests {
             a.required_bool("state").unwrap_err().desc,
             "Invalid parameter type for 'caps[0].state', expected: boolean"
         );
+    }
+
+    /// `device_add`'s qdev booleans: QEMU's string spellings and JSON booleans.
+    #[test]
+    fn qdev_bool_takes_qemu_spellings() {
+        let mut a = args(json!({
+            "a": "on", "b": "off", "c": "yes", "d": "no",
+            "e": "true", "f": "false", "g": true, "h": false,
+        }));
+        for (name, want) in [
+            ("a", true),
+            ("b", false),
+            ("c", true),
+            ("d", false),
+            ("e", true),
+            ("f", false),
+            ("g", true),
+            ("h", false),
+        ] {
+            assert_eq!(a.optional_qdev_bool(name).unwrap(), Some(want), "{name}");
+        }
+        assert_eq!(a.optional_qdev_bool("absent").unwrap(), None);
+        a.finish().unwrap();
+        let mut a = args(json!({"m": "On", "n": 1, "o": null}));
+        assert_eq!(
+            a.optional_qdev_bool("m").unwrap_err().desc,
+            "Parameter 'm' expects 'on' or 'off'"
+        );
+        for name in ["n", "o"] {
+            assert_eq!(
+                a.optional_qdev_bool(name).unwrap_err().desc,
+                format!("Invalid parameter type for '{name}', expected: boolean")
+            );
+        }
     }
 }

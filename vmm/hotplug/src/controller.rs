@@ -40,9 +40,10 @@
 //! logical connector: ARG=0 OP=1 (isolate), ARG=0 OP=2 (unusable); of a PCI function:
 //! ARG=0 OP=1 (isolate).
 
-use super::connector::{GuestOp, Outcome, RtasError, token};
-use super::events::GuestEvent;
-use super::persist::ControllerState;
+use crate::connector::Outcome;
+use crate::events::GuestEvent;
+use crate::papr::{GuestOp, RtasError, token};
+use crate::persist::ControllerState;
 
 /// First port of the controller.
 pub const CONTROLLER_BASE: u16 = 0x5a0;
@@ -243,8 +244,9 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hotplug::connector::{Connector, ConnectorKind, EntitySense};
-    use crate::hotplug::events::{EventQueue, GuestEventKind};
+    use crate::connector::Connector;
+    use crate::events::{EventQueue, GuestEventKind};
+    use crate::papr::{ConnectorKind, EntitySense};
 
     /// One CPU connector and a queue, without the manager.
     struct Mock {
@@ -283,7 +285,7 @@ mod tests {
 
     fn mock() -> Mock {
         let mut conn = Connector::new(ConnectorKind::CpuCore, 2);
-        conn.attach(crate::hotplug::connector::AttachedDevice {
+        conn.attach(crate::connector::AttachedDevice {
             id: "cpu2".into(),
             multifunction: false,
         });

@@ -92,7 +92,8 @@ impl JsonStreamer {
         }
     }
 
-    /// True when no partial message is buffered.
+    /// True when no partial message is buffered (the tests' check that a split is clean).
+    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.state == Lex::Start && self.braces == 0 && self.brackets == 0 && !self.discard
     }
