@@ -412,7 +412,7 @@ fn unknown_section_version_shows_raw_hex_and_a_note() {
 /// off by one and a required section is missing).
 fn corrupted() -> Vec<u8> {
     let orig = read_data(SOURCE);
-    let sc = tools::scan::scan(&orig);
+    let sc = devstate::scan::scan(&orig);
     assert!(sc.problems.is_empty());
     let data = sc.ram.iter().find(|r| r.data.is_some()).unwrap().offset;
     let sec = |n: &str| sc.sections.iter().find(|s| s.name == n).unwrap();
