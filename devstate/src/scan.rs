@@ -2,9 +2,10 @@
 //!
 //! [`crate::StreamReader`] is what a destination runs: it stops at the first problem. An
 //! inspection tool has to keep going, so this pass frames every record it can, checks every
-//! CRC and ordering rule, and records each problem with its byte offset. It stops only where
-//! framing itself is lost (truncation, an unknown tag, a RAM record whose length cannot be
-//! known). Nothing is allocated from lengths read: bodies are borrowed from the input. A
+//! CRC and ordering rule, and records each problem with its byte offset; both share
+//! [`crate::wire`]'s framing. It stops only where framing itself is lost (truncation, an
+//! unknown tag, a RAM record whose length cannot be known, an intact header of another format
+//! version). The header CRC is reported before what the header says. Nothing is allocated from lengths read: bodies are borrowed from the input. A
 //! SPARSE RAM body is checked by expanding it into one reused scratch buffer (at most 1 MiB)
 //! and kept encoded; [`RamRec::expand`] expands it again for whoever needs the pages, one
 //! record at a time, so a small stream cannot make a scan hold far more than its own size.
