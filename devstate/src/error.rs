@@ -9,12 +9,16 @@ pub enum DecodeError {
     #[error("Not a Ferry state stream (bad magic at offset 0)")]
     BadMagic,
     /// The stream's format version is not one this build reads.
-    #[error("Unsupported stream format version {found} (this build reads {supported})")]
+    #[error(
+        "Unsupported stream format version {found} at offset {offset} (this build reads {supported})"
+    )]
     UnsupportedFormat {
         /// Version found in the header.
         found: u16,
         /// Version this build reads.
         supported: u16,
+        /// Offset of the format version.
+        offset: u64,
     },
     /// The header's checksum does not match its bytes.
     #[error("Header CRC mismatch at offset {offset}")]
@@ -212,8 +216,9 @@ impl DecodeError {
     pub fn offset(&self) -> Option<u64> {
         use DecodeError::*;
         match self {
-            BadMagic | UnsupportedFormat { .. } => Some(0),
+            BadMagic => Some(0),
             HeaderCrc { offset }
+            | UnsupportedFormat { offset, .. }
             | Truncated { offset, .. }
             | UnknownSection { offset, .. }
             | UnknownSubsection { offset, .. }

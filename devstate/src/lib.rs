@@ -6,15 +6,21 @@
 //!   `pre_save` / `pre_load` / `post_load` hooks.
 //! - [`StreamWriter`] / [`StreamReader`] write and validate the checksummed stream (layout in
 //!   [`stream`]); every decoding failure is a typed [`DecodeError`] with a byte offset.
+//! - [`scan`] frames a whole stream leniently, reporting every problem with its offset;
+//!   it shares [`wire`]'s framing with the strict [`StreamReader`].
+//! - [`diff`] compares two sets of sections field by field, volatile fields apart.
 //! - [`Catalog`] lists the section types a build knows and exports a [`MachineSchema`] per
 //!   machine type, from which [`decode_fields`] decodes any section without its Rust type.
 
+pub mod diff;
 mod error;
 mod field;
+pub mod scan;
 pub mod schema;
 mod section;
 pub mod sparse;
 pub mod stream;
+pub mod wire;
 
 pub use error::DecodeError;
 pub use field::{Field, FieldKind, FieldOpts, FieldSchema, Reader, Record, WireEnum, put_len};

@@ -11,7 +11,7 @@
 //! A block whose bit is clear is zero. The decoder refuses a body that ends inside a page or
 //! has bytes left over, so every byte is accounted for.
 
-use crate::stream::PAGE_SIZE;
+use crate::wire::PAGE_SIZE;
 
 /// Bytes per block.
 pub const BLOCK: usize = 64;
@@ -22,6 +22,17 @@ pub const BLOCKS_PER_PAGE: usize = PAGE_SIZE / BLOCK;
 pub const MAX_SPARSE_BLOCKS: u32 = 48;
 /// Largest encoded size of one page.
 pub const MAX_PAGE_ENCODED: usize = 8 + PAGE_SIZE;
+
+/// Refuse a SPARSE body of `len` bytes longer than `pages` pages can encode to.
+pub fn check_len(len: u64, pages: u32) -> Result<(), String> {
+    let max = u64::from(pages) * MAX_PAGE_ENCODED as u64;
+    if len > max {
+        return Err(format!(
+            "sparse body of {len} bytes exceeds {max} for {pages} pages"
+        ));
+    }
+    Ok(())
+}
 
 /// Mask of the non-zero 64-byte blocks of `page` (4096 bytes).
 pub fn block_mask(page: &[u8]) -> u64 {

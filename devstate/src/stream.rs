@@ -20,54 +20,18 @@
 
 use crate::schema::Catalog;
 use crate::section::SectionInfo;
-use crate::{DecodeError, Reader, Section, put_len};
+use crate::wire::{
+    self, Crc, HEADER_PREFIX, RAM_HEAD, RamHead, SECTION_FIXED, SectionFixed, frame_section,
+};
+use crate::{DecodeError, Reader, Section};
 use machine_types::MachineType;
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
-/// First bytes of every stream.
-pub const MAGIC: [u8; 8] = *b"FERRYSTM";
-/// Stream format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
-/// Guest page size assumed by RAM records.
-pub const PAGE_SIZE: usize = 4096;
-/// Most pages one DATA record carries (1 MiB).
-pub const MAX_DATA_PAGES: u32 = 256;
-/// Most pages one ZERO record covers (4 GiB).
-pub const MAX_ZERO_PAGES: u32 = 1 << 20;
-/// Largest section accepted when the catalog does not bound it (lenient readers only).
-pub const MAX_UNKNOWN_SECTION: u64 = 16 << 20;
-
-/// Record tags. 0 is reserved as invalid so a zeroed buffer never parses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Tag {
-    /// The configuration record.
-    Config = 1,
-    /// A run of guest pages.
-    Ram = 2,
-    /// A device-state section.
-    Section = 3,
-    /// The end marker.
-    End = 4,
-    /// The source abandoned the stream (reason follows); only ever the last record.
-    Abort = 5,
-}
-
-/// Longest reason an abort record carries.
-pub const MAX_ABORT_REASON: u32 = 4096;
-
-/// Kind of a RAM record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum RamKind {
-    /// Pages that are all zero; no data follows.
-    Zero = 1,
-    /// Page contents follow.
-    Data = 2,
-    /// Pages encoded as non-zero 64-byte blocks ([`crate::sparse`]).
-    Sparse = 3,
-}
+pub use crate::wire::{
+    FORMAT_VERSION, MAGIC, MAX_ABORT_REASON, MAX_DATA_PAGES, MAX_UNKNOWN_SECTION, MAX_ZERO_PAGES,
+    PAGE_SIZE, RamKind, Tag, encode_header,
+};
 
 /// The stream header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,42 +126,6 @@ impl RawSection {
     }
 }
 
-fn put_name(w: &mut Vec<u8>, name: &str) {
-    let n = u8::try_from(name.len()).expect("section names are at most 255 bytes");
-    w.push(n);
-    w.extend_from_slice(name.as_bytes());
-}
-
-fn frame_section(
-    tag: Tag,
-    name: &str,
-    instance: u32,
-    version: u32,
-    body: &[u8],
-    subs: &[(&str, u32, &[u8])],
-) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(body.len() + 8);
-    put_len(&mut payload, body.len());
-    payload.extend_from_slice(body);
-    payload.push(u8::try_from(subs.len()).expect("at most 255 subsections"));
-    for (n, v, b) in subs {
-        put_name(&mut payload, n);
-        payload.extend_from_slice(&v.to_le_bytes());
-        put_len(&mut payload, b.len());
-        payload.extend_from_slice(b);
-    }
-    let mut out = Vec::with_capacity(payload.len() + name.len() + 18);
-    out.push(tag as u8);
-    put_name(&mut out, name);
-    out.extend_from_slice(&instance.to_le_bytes());
-    out.extend_from_slice(&version.to_le_bytes());
-    put_len(&mut out, payload.len());
-    out.extend_from_slice(&payload);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
-}
-
 /// Encode `s` as a full section record for machine type `m`, or `None` when not needed.
 pub fn encode_section<S: Section>(
     s: &mut S,
@@ -228,18 +156,6 @@ pub fn encode_section<S: Section>(
     Some(frame_section(tag, S::NAME, instance, version, &body, &subs))
 }
 
-/// Encode the header for machine type `machine`.
-pub fn encode_header(machine: &str, producer: &str) -> Vec<u8> {
-    let mut h = Vec::with_capacity(64);
-    h.extend_from_slice(&MAGIC);
-    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    put_name(&mut h, machine);
-    put_name(&mut h, producer);
-    let crc = crc32fast::hash(&h);
-    h.extend_from_slice(&crc.to_le_bytes());
-    h
-}
-
 /// Encode a RAM record header and CRC around `data` (empty for ZERO).
 fn ram_record(
     gpa: u64,
@@ -248,18 +164,19 @@ fn ram_record(
     data: &[u8],
     w: &mut impl Write,
 ) -> io::Result<u64> {
-    let mut head = [0u8; 14];
-    head[0] = Tag::Ram as u8;
-    head[1..9].copy_from_slice(&gpa.to_le_bytes());
-    head[9..13].copy_from_slice(&pages.to_le_bytes());
-    head[13] = kind as u8;
+    let head = RamHead {
+        gpa,
+        pages,
+        kind: kind as u8,
+    }
+    .encode();
     let mut h = crc32fast::Hasher::new();
     h.update(&head);
     h.update(data);
     w.write_all(&head)?;
     w.write_all(data)?;
     w.write_all(&h.finalize().to_le_bytes())?;
-    Ok(14 + data.len() as u64 + 4)
+    Ok((RAM_HEAD + data.len() + 4) as u64)
 }
 
 /// Refuse a RAM record the reader would refuse.
@@ -387,27 +304,13 @@ impl<W: Write> StreamWriter<W> {
     /// [`MAX_ABORT_REASON`] bytes) and flush, so the reader learns why instead of seeing a
     /// truncated stream.
     pub fn abort(&mut self, reason: &str) -> io::Result<()> {
-        let mut end = reason.len().min(MAX_ABORT_REASON as usize);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut rec = vec![Tag::Abort as u8];
-        put_len(&mut rec, end);
-        rec.extend_from_slice(&reason.as_bytes()[..end]);
-        let crc = crc32fast::hash(&rec);
-        rec.extend_from_slice(&crc.to_le_bytes());
-        self.w.write_all(&rec)?;
+        self.w.write_all(&wire::encode_abort(reason))?;
         self.w.flush()
     }
 
     /// Write the end marker and hand back the writer.
     pub fn finish(mut self) -> io::Result<W> {
-        let mut end = Vec::with_capacity(13);
-        end.push(Tag::End as u8);
-        end.extend_from_slice(&self.records.to_le_bytes());
-        let crc = crc32fast::hash(&end);
-        end.extend_from_slice(&crc.to_le_bytes());
-        self.w.write_all(&end)?;
+        self.w.write_all(&wire::encode_end(self.records))?;
         self.w.flush()?;
         Ok(self.w)
     }
@@ -468,31 +371,25 @@ pub struct StreamReader<'c, R: Read> {
     buf: Vec<u8>,
     sparse: Vec<u8>,
     keep_sparse: bool,
+    refuse_sparse: bool,
 }
 
 impl<'c, R: Read> StreamReader<'c, R> {
     /// Read and check the header.
     pub fn new(mut r: R, catalog: Option<&'c Catalog>) -> Result<Self, DecodeError> {
         let mut head = Vec::with_capacity(64);
-        let mut fixed = [0u8; 10];
+        let mut fixed = [0u8; HEADER_PREFIX];
         read_exact(&mut r, &mut fixed, 0, "header")?;
-        if fixed[..8] != MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let format_version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if format_version != FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedFormat {
-                found: format_version,
-                supported: FORMAT_VERSION,
-            });
-        }
+        wire::check_magic(&fixed)?;
+        let format_version = wire::format_version(&fixed);
+        wire::check_format_version(format_version)?;
         head.extend_from_slice(&fixed);
         let machine = read_name(&mut r, &mut head, "header")?;
         let producer = read_name(&mut r, &mut head, "header")?;
         let crc_at = head.len() as u64;
         let mut crc = [0u8; 4];
         read_exact(&mut r, &mut crc, crc_at, "header")?;
-        if u32::from_le_bytes(crc) != crc32fast::hash(&head) {
+        if !Crc::of(&head, crc).ok() {
             return Err(DecodeError::HeaderCrc { offset: crc_at });
         }
         let expected = catalog
@@ -519,6 +416,7 @@ impl<'c, R: Read> StreamReader<'c, R> {
             buf: Vec::new(),
             sparse: Vec::new(),
             keep_sparse: false,
+            refuse_sparse: false,
         })
     }
 
@@ -543,6 +441,12 @@ impl<'c, R: Read> StreamReader<'c, R> {
         self.keep_sparse = on;
     }
 
+    /// Refuse SPARSE records: a connection whose handshake did not negotiate them. Files
+    /// carry no handshake and accept them (a `--dump-stream` capture may hold them).
+    pub fn refuse_sparse(&mut self, on: bool) {
+        self.refuse_sparse = on;
+    }
+
     /// Require section `name` instance `instance` before the end marker.
     pub fn expect(&mut self, name: &str, instance: u32) {
         self.expected.insert((name.to_owned(), instance));
@@ -564,65 +468,69 @@ impl<'c, R: Read> StreamReader<'c, R> {
             why,
             offset: at,
         };
-        match (tag[0], self.phase) {
+        let Some(t) = wire::Tag::from_u8(tag[0]) else {
+            return Err(unexpected("unknown tag"));
+        };
+        match (t, self.phase) {
             (_, Phase::Done) => Err(unexpected("record after the end marker")),
-            (1, Phase::Config) => {
+            (Tag::Config, Phase::Config) => {
                 let s = self.section(Tag::Config, at)?;
                 self.phase = Phase::Ram;
                 Ok(Item::Config(s))
             }
             (_, Phase::Config) => Err(unexpected("the configuration record must come first")),
-            (1, _) => Err(unexpected("second configuration record")),
-            (2, Phase::Ram) => self.ram(at),
-            (2, _) => Err(unexpected("RAM record after device state")),
-            (3, _) => {
+            (Tag::Config, _) => Err(unexpected("second configuration record")),
+            (Tag::Ram, Phase::Ram) => self.ram(at),
+            (Tag::Ram, _) => Err(unexpected("RAM record after device state")),
+            (Tag::Section, _) => {
                 self.phase = Phase::Sections;
                 Ok(Item::Section(self.section(Tag::Section, at)?))
             }
-            (4, _) => {
+            (Tag::End, _) => {
                 self.end(at)?;
                 self.phase = Phase::Done;
                 Ok(Item::End)
             }
-            (5, _) => Err(self.aborted(at)),
-            (_, _) => Err(unexpected("unknown tag")),
+            (Tag::Abort, _) => Err(self.aborted(at)),
         }
     }
 
     fn ram(&mut self, at: u64) -> Result<Item<'_>, DecodeError> {
-        let mut head = [0u8; 14];
-        head[0] = Tag::Ram as u8;
-        self.read(&mut head[1..], "RAM record")?;
-        let gpa = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
-        let pages = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes"));
+        let mut raw = [0u8; RAM_HEAD];
+        raw[0] = Tag::Ram as u8;
+        self.read(&mut raw[1..], "RAM record")?;
+        let head = RamHead::parse(&raw);
         let bad = |why: String| DecodeError::BadRam { offset: at, why };
-        let kind = head[13];
+        let kind = head.kind().map_err(bad)?;
+        if kind == RamKind::Sparse && self.refuse_sparse {
+            return Err(bad(
+                "SPARSE record, but the handshake did not negotiate sparse pages".to_owned(),
+            ));
+        }
+        if !head.pages_in_range(kind) {
+            return Err(bad(wire::pages_out_of_range(head.pages)));
+        }
+        let pages = head.pages;
         let data_len = match kind {
-            1 if (1..=MAX_ZERO_PAGES).contains(&pages) => 0,
-            2 if (1..=MAX_DATA_PAGES).contains(&pages) => pages as usize * PAGE_SIZE,
-            3 if (1..=MAX_DATA_PAGES).contains(&pages) => {
+            RamKind::Zero => 0,
+            RamKind::Data => pages as usize * PAGE_SIZE,
+            RamKind::Sparse => {
                 let mut len = [0u8; 4];
                 self.read(&mut len, "RAM record")?;
-                let len = u32::from_le_bytes(len) as usize;
-                let max = pages as usize * crate::sparse::MAX_PAGE_ENCODED;
-                if len > max {
-                    return Err(bad(format!(
-                        "sparse body of {len} bytes exceeds {max} for {pages} pages"
-                    )));
-                }
-                4 + len
+                let len = u32::from_le_bytes(len);
+                crate::sparse::check_len(u64::from(len), pages).map_err(bad)?;
+                4 + len as usize
             }
-            1..=3 => return Err(bad(format!("page count {pages} out of range"))),
-            k => return Err(bad(format!("unknown kind {k}"))),
         };
+        let sparse = kind == RamKind::Sparse;
         // DATA lands in `buf`; a SPARSE body (with its length) in `sparse`, expanded below.
-        let mut data = std::mem::take(if kind == 3 {
+        let mut data = std::mem::take(if sparse {
             &mut self.sparse
         } else {
             &mut self.buf
         });
         data.resize(data_len, 0);
-        if kind == 3 {
+        if sparse {
             data[..4].copy_from_slice(&((data_len - 4) as u32).to_le_bytes());
             let res = self.read(&mut data[4..], "RAM record");
             self.sparse = data;
@@ -632,42 +540,29 @@ impl<'c, R: Read> StreamReader<'c, R> {
             self.buf = data;
             res?;
         }
-        let mut crc = [0u8; 4];
-        self.read(&mut crc, "RAM record")?;
+        let mut stored = [0u8; 4];
+        self.read(&mut stored, "RAM record")?;
         let mut h = crc32fast::Hasher::new();
-        h.update(&head);
-        h.update(if kind == 3 { &self.sparse } else { &self.buf });
-        let computed = h.finalize();
-        let stored = u32::from_le_bytes(crc);
-        if stored != computed {
-            return Err(DecodeError::CrcMismatch {
-                section: "RAM record".to_owned(),
-                offset: at,
-                stored,
-                computed,
-            });
-        }
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(bad(format!("address {gpa:#x} is not page aligned")));
-        }
-        if gpa
-            .checked_add(u64::from(pages) * PAGE_SIZE as u64)
-            .is_none()
-        {
-            return Err(bad(format!("range at {gpa:#x} overflows")));
-        }
-        let keep = kind == 3 && self.keep_sparse;
+        h.update(&raw);
+        h.update(if sparse { &self.sparse } else { &self.buf });
+        let crc = Crc {
+            stored: u32::from_le_bytes(stored),
+            computed: h.finalize(),
+        };
+        crc.check("RAM record", at)?;
+        head.check_range().map_err(bad)?;
+        let keep = sparse && self.keep_sparse;
         if keep {
             crate::sparse::validate(&self.sparse[4..], pages).map_err(bad)?;
-        } else if kind == 3 {
+        } else if sparse {
             self.buf.resize(pages as usize * PAGE_SIZE, 0);
             crate::sparse::decode(&self.sparse[4..], &mut self.buf).map_err(bad)?;
         }
         self.records += 1;
         Ok(Item::Ram(RamRecord {
-            gpa,
+            gpa: head.gpa,
             pages,
-            data: (kind != RamKind::Zero as u8 && !keep).then_some(self.buf.as_slice()),
+            data: (kind != RamKind::Zero && !keep).then_some(self.buf.as_slice()),
             sparse: keep.then(|| &self.sparse[4..]),
             offset: at,
         }))
@@ -679,14 +574,15 @@ impl<'c, R: Read> StreamReader<'c, R> {
             .map_err(|e| shift(e, self.offset))?;
         self.offset = at + rec.len() as u64;
         let ctx = format!("section '{name}'");
-        let mut fixed = [0u8; 12];
+        let mut fixed = [0u8; SECTION_FIXED];
         self.read(&mut fixed, &ctx)?;
         rec.extend_from_slice(&fixed);
-        let instance = u32::from_le_bytes(fixed[0..4].try_into().expect("4 bytes"));
-        let version = u32::from_le_bytes(fixed[4..8].try_into().expect("4 bytes"));
-        let len = u64::from(u32::from_le_bytes(
-            fixed[8..12].try_into().expect("4 bytes"),
-        ));
+        let SectionFixed {
+            instance,
+            version,
+            payload_len,
+        } = SectionFixed::parse(&fixed);
+        let len = u64::from(payload_len);
         let info: Option<&'c SectionInfo> = self.catalog.and_then(|c| c.info(&name));
         let bound = info.as_ref().map_or(MAX_UNKNOWN_SECTION, |i| i.max_len);
         if len > bound {
@@ -710,18 +606,10 @@ impl<'c, R: Read> StreamReader<'c, R> {
         rec.resize(start + len as usize, 0);
         read_exact(&mut self.r, &mut rec[start..], payload_at, &ctx)?;
         self.offset += len;
-        let mut crc = [0u8; 4];
-        self.read(&mut crc, &ctx)?;
-        let stored = u32::from_le_bytes(crc);
-        let computed = crc32fast::hash(&rec);
-        if stored != computed {
-            return Err(DecodeError::CrcMismatch {
-                section: name,
-                offset: at,
-                stored,
-                computed,
-            });
-        }
+        let mut stored = [0u8; 4];
+        self.read(&mut stored, &ctx)?;
+        let crc = Crc::of(&rec, stored);
+        crc.check(&name, at)?;
         if self.catalog.is_some() && info.is_none() {
             return Err(DecodeError::UnknownSection {
                 name,
@@ -730,33 +618,33 @@ impl<'c, R: Read> StreamReader<'c, R> {
             });
         }
         if let Some(i) = info {
-            if version > i.version {
-                return Err(DecodeError::VersionTooNew {
-                    section: name,
-                    version,
-                    max: i.version,
-                    offset: at,
-                });
-            }
-            if version < i.min_version {
-                return Err(DecodeError::VersionTooOld {
-                    section: name,
-                    version,
-                    min: i.min_version,
-                    offset: at,
-                });
+            check_version(i, &name, version, at)?;
+        }
+        let payload = wire::split_payload(&rec[start..], payload_at, &name)?;
+        if let Some(i) = info {
+            for sub in &payload.subs {
+                check_subsection(i, &name, sub)?;
             }
         }
-        let raw = parse_payload(
-            &rec[start..],
-            payload_at,
-            name,
+        let raw = RawSection {
             instance,
             version,
-            at,
-            stored,
-            info,
-        )?;
+            offset: at,
+            body_offset: payload.body_offset,
+            body: payload.body.to_vec(),
+            subsections: payload
+                .subs
+                .into_iter()
+                .map(|s| RawSubsection {
+                    name: s.name,
+                    version: s.version,
+                    body_offset: s.body_offset,
+                    body: s.body.to_vec(),
+                })
+                .collect(),
+            crc: crc.stored,
+            name,
+        };
         if tag == Tag::Section {
             let key = (raw.name.clone(), instance);
             if !self.seen.insert(key) {
@@ -778,59 +666,37 @@ impl<'c, R: Read> StreamReader<'c, R> {
             return e;
         }
         let n = u32::from_le_bytes(len);
-        if n > MAX_ABORT_REASON {
-            return DecodeError::LengthOverBound {
-                section: "abort record".to_owned(),
-                what: "reason".to_owned(),
-                len: u64::from(n),
-                bound: u64::from(MAX_ABORT_REASON),
-                offset: at + 1,
-            };
+        if let Err(e) = wire::check_abort_len(n, at + 1) {
+            return e;
         }
-        let mut text = vec![0u8; n as usize];
-        let mut crc = [0u8; 4];
+        let mut rec = vec![Tag::Abort as u8];
+        rec.extend_from_slice(&len);
+        rec.resize(5 + n as usize, 0);
+        let mut stored = [0u8; 4];
         if let Err(e) = self
-            .read(&mut text, "abort record")
-            .and_then(|()| self.read(&mut crc, "abort record"))
+            .read(&mut rec[5..], "abort record")
+            .and_then(|()| self.read(&mut stored, "abort record"))
         {
             return e;
         }
-        let mut h = crc32fast::Hasher::new();
-        h.update(&[Tag::Abort as u8]);
-        h.update(&len);
-        h.update(&text);
-        let (stored, computed) = (u32::from_le_bytes(crc), h.finalize());
-        if stored != computed {
-            return DecodeError::CrcMismatch {
-                section: "abort record".to_owned(),
-                offset: at,
-                stored,
-                computed,
-            };
+        if let Err(e) = Crc::of(&rec, stored).check("abort record", at) {
+            return e;
         }
         self.phase = Phase::Done;
         DecodeError::SourceAborted {
-            reason: String::from_utf8_lossy(&text).into_owned(),
+            reason: String::from_utf8_lossy(&rec[5..]).into_owned(),
             offset: at,
         }
     }
 
     fn end(&mut self, at: u64) -> Result<(), DecodeError> {
-        let mut rest = [0u8; 12];
-        self.read(&mut rest, "end marker")?;
-        let mut rec = vec![Tag::End as u8];
-        rec.extend_from_slice(&rest[..8]);
-        let stored = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
-        let computed = crc32fast::hash(&rec);
-        if stored != computed {
-            return Err(DecodeError::CrcMismatch {
-                section: "end marker".to_owned(),
-                offset: at,
-                stored,
-                computed,
-            });
-        }
-        let stated = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let mut rec = [0u8; 9];
+        rec[0] = Tag::End as u8;
+        self.read(&mut rec[1..], "end marker")?;
+        let mut stored = [0u8; 4];
+        self.read(&mut stored, "end marker")?;
+        Crc::of(&rec, stored).check("end marker", at)?;
+        let stated = u64::from_le_bytes(rec[1..].try_into().expect("8 bytes"));
         if stated != self.records {
             return Err(DecodeError::CountMismatch {
                 offset: at,
@@ -848,6 +714,52 @@ impl<'c, R: Read> StreamReader<'c, R> {
     }
 }
 
+/// Refuse a section version outside what the catalog describes.
+fn check_version(i: &SectionInfo, name: &str, version: u32, at: u64) -> Result<(), DecodeError> {
+    if version > i.version {
+        return Err(DecodeError::VersionTooNew {
+            section: name.to_owned(),
+            version,
+            max: i.version,
+            offset: at,
+        });
+    }
+    if version < i.min_version {
+        return Err(DecodeError::VersionTooOld {
+            section: name.to_owned(),
+            version,
+            min: i.min_version,
+            offset: at,
+        });
+    }
+    Ok(())
+}
+
+/// Refuse a subsection the catalog does not describe, or at a version it does not read.
+fn check_subsection(
+    i: &SectionInfo,
+    name: &str,
+    sub: &wire::SubFrame<'_>,
+) -> Result<(), DecodeError> {
+    let max = *i
+        .subsections
+        .get(&sub.name)
+        .ok_or_else(|| DecodeError::UnknownSubsection {
+            section: name.to_owned(),
+            name: sub.name.clone(),
+            offset: sub.offset,
+        })?;
+    if sub.version > max || sub.version == 0 {
+        return Err(DecodeError::VersionTooNew {
+            section: format!("{name}/{}", sub.name),
+            version: sub.version,
+            max,
+            offset: sub.offset,
+        });
+    }
+    Ok(())
+}
+
 /// Re-base an error from a sub-read whose offsets started at 0.
 fn shift(e: DecodeError, base: u64) -> DecodeError {
     match e {
@@ -861,70 +773,6 @@ fn shift(e: DecodeError, base: u64) -> DecodeError {
         },
         e => e,
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn parse_payload(
-    payload: &[u8],
-    payload_at: u64,
-    name: String,
-    instance: u32,
-    version: u32,
-    at: u64,
-    crc: u32,
-    info: Option<&SectionInfo>,
-) -> Result<RawSection, DecodeError> {
-    let mut r = Reader::new(payload, payload_at, &name);
-    let body_len = r.count(u32::try_from(payload.len()).unwrap_or(u32::MAX), "body")?;
-    let body_offset = r.offset();
-    let body = r.take(body_len)?.to_vec();
-    let nsub = r.array::<1>()?[0];
-    let mut subsections = Vec::with_capacity(usize::from(nsub));
-    for _ in 0..nsub {
-        let sub_at = r.offset();
-        let n = r.array::<1>()?[0];
-        let sname = String::from_utf8_lossy(r.take(usize::from(n))?).into_owned();
-        let sversion = u32::from_le_bytes(r.array()?);
-        let remaining = u32::try_from(r.remaining()).unwrap_or(u32::MAX);
-        let slen = r.count(remaining, &sname)?;
-        let sbody_offset = r.offset();
-        let sbody = r.take(slen)?.to_vec();
-        if let Some(i) = info {
-            let max = *i
-                .subsections
-                .get(&sname)
-                .ok_or_else(|| DecodeError::UnknownSubsection {
-                    section: name.clone(),
-                    name: sname.clone(),
-                    offset: sub_at,
-                })?;
-            if sversion > max || sversion == 0 {
-                return Err(DecodeError::VersionTooNew {
-                    section: format!("{name}/{sname}"),
-                    version: sversion,
-                    max,
-                    offset: sub_at,
-                });
-            }
-        }
-        subsections.push(RawSubsection {
-            name: sname,
-            version: sversion,
-            body_offset: sbody_offset,
-            body: sbody,
-        });
-    }
-    r.finish()?;
-    Ok(RawSection {
-        name,
-        instance,
-        version,
-        offset: at,
-        body_offset,
-        body,
-        subsections,
-        crc,
-    })
 }
 
 fn read_exact(

@@ -350,7 +350,8 @@ fn header_errors() {
         decode(&bytes),
         Err(DecodeError::UnsupportedFormat {
             found: 9,
-            supported: 1
+            supported: 1,
+            offset: 8
         })
     ));
     let mut bytes = stream(m("ferry"), 0);

@@ -3,8 +3,8 @@
 use crate::config::{ConfigRecord, SwitchoverRecord};
 use crate::progress::{Progress, Status};
 use crate::protocol::{
-    ACCEPTED_PROTOCOLS, FEATURE_PROGRESS, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
-    SUPPORTED_FEATURES,
+    ACCEPTED_PROTOCOLS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES,
+    PROTOCOL_VERSION, SUPPORTED_FEATURES,
 };
 use crate::transport::TeeReader;
 use crate::vm::DestinationVm;
@@ -95,6 +95,9 @@ fn run<V: DestinationVm>(
         None => None,
     };
     let mut report_progress = false;
+    // SPARSE records only where the handshake negotiated them; a file has no handshake (a
+    // `--dump-stream` capture of a connection that negotiated them holds them legitimately).
+    let mut sparse_ok = true;
     let reader: Box<dyn Read + Send> = match incoming {
         Incoming::Tcp(mut s) => {
             let hello = Hello::read(&mut s).map_err(io_err("handshake"))?;
@@ -110,6 +113,7 @@ fn run<V: DestinationVm>(
             if let Some(r) = ret.as_mut() {
                 let accepted = hello.features & SUPPORTED_FEATURES;
                 report_progress = accepted & FEATURE_PROGRESS != 0;
+                sparse_ok = accepted & FEATURE_SPARSE_PAGES != 0;
                 let value = u64::from(PROTOCOL_VERSION) | u64::from(accepted) << 32;
                 Msg::new(Kind::HelloAck, value)
                     .write(r)
@@ -137,6 +141,7 @@ fn run<V: DestinationVm>(
         ));
     }
     stream.keep_sparse(true);
+    stream.refuse_sparse(!sparse_ok);
     for (name, instance) in vm.expected_sections() {
         stream.expect(&name, instance);
     }

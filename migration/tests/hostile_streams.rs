@@ -54,6 +54,36 @@ fn honest_stream_loads_over_file_and_tcp() {
 }
 
 #[test]
+fn sparse_records_load_only_from_files_and_where_the_handshake_negotiated_them() {
+    // One page whose first 64-byte block is 0x33: mask 1, then that block.
+    let mut body = 1u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&[0x33; 64]);
+    let mut data = (body.len() as u32).to_le_bytes().to_vec();
+    data.extend_from_slice(&body);
+    let at = valid_prefix().len();
+    let bytes = with(&[ram(0, 1, 3, &data), counter(0, 7), switchover(true), end(4)]);
+    let sparse = migration::protocol::FEATURE_SPARSE_PAGES;
+    for (how, (vm, res)) in [
+        ("file", receive_file(&bytes)),
+        ("tcp, negotiated", receive_tcp_offering(&bytes, sparse)),
+    ] {
+        res.unwrap_or_else(|e| panic!("{how}: {}", migration::chain(&e)));
+        assert!(vm.mem[0][..64].iter().all(|&b| b == 0x33), "{how}");
+        assert!(vm.mem[0][64..PAGE].iter().all(|&b| b == 0), "{how}");
+    }
+    let (vm, res) = receive_tcp(&bytes);
+    let text = migration::chain(&res.expect_err("SPARSE without negotiation"));
+    assert!(
+        text.contains(&format!(
+            "Invalid RAM record at offset {at}: SPARSE record, but the handshake did not negotiate sparse pages"
+        )),
+        "{text}"
+    );
+    assert_eq!(vm.writes, 0);
+    assert!(vm.mem.iter().all(|m| m.iter().all(|&b| b == 0)));
+}
+
+#[test]
 fn pages_outside_the_layout_are_refused_and_nothing_is_written() {
     let p = vec![0xA5u8; PAGE];
     let p2 = vec![0xA5u8; 2 * PAGE];

@@ -1,10 +1,11 @@
 //! Decoding a stream by schema alone into a printable tree, verifying it, and diffing two
 //! streams.
 
-use crate::scan::{self, Problem, RamRec, Scan, SecRec};
+use devstate::diff::{self, Body, Decoded, DecodedSub, Diff, entries, hex, scalar, uint};
+use devstate::scan::{self, Problem, RamRec, Scan, SecRec};
 use devstate::{
-    DecodeError, FieldKind, FieldSchema, MachineSchema, PAGE_SIZE, Reader, SectionSchema, Value,
-    decode_fields,
+    DecodeError, FieldKind, FieldSchema, MAGIC, MachineSchema, PAGE_SIZE, Reader, SectionSchema,
+    Value, decode_fields,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -208,10 +209,6 @@ fn unknown_machine_note(machine: &str) -> String {
         "Machine type '{machine}' is unknown to this build (known: {}): framing and CRCs are checked, bodies are shown as raw hex; give its schema with --schema FILE to decode them",
         crate::known_machines().join(", ")
     )
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Fields present in a record at `version`.
@@ -570,43 +567,6 @@ fn plural(n: u64, what: &str) -> String {
     }
 }
 
-fn entries(n: usize) -> String {
-    if n == 1 {
-        "1 entry".to_owned()
-    } else {
-        format!("{n} entries")
-    }
-}
-
-fn uint(x: u64) -> String {
-    if x < 4096 {
-        x.to_string()
-    } else {
-        format!("{x:#x}")
-    }
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::Uint(x) => uint(*x),
-        Value::Int(x) => x.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Str(s) => format!("{s:?}"),
-        Value::List(items) => format!(
-            "[{}]",
-            items.iter().map(scalar).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Record(fields) => format!(
-            "{{{}}}",
-            fields
-                .iter()
-                .map(|(k, v)| format!("{k}: {}", scalar(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
 fn is_scalar_kind(k: &FieldKind) -> bool {
     !matches!(k, FieldKind::List { .. } | FieldKind::Record { .. })
 }
@@ -916,17 +876,22 @@ pub fn render(v: &StreamView, filter: Option<&str>) -> String {
 /// destination of this build checks against the schema (unknown sections and subsections,
 /// versions, bounds, bodies, duplicates, missing sections, one `cpu` per configured vCPU).
 ///
-/// Fails when `bytes` has no readable header (not a Ferry stream at all).
+/// Problems in the header come first, the header CRC before what the header says. Fails only
+/// when `bytes` does not start with the magic (not a Ferry stream at all).
 pub fn verify(bytes: &[u8], schema: Option<MachineSchema>) -> Result<Vec<Problem>, Unreadable> {
     let sc = scan::scan(bytes);
     let mut problems = sc.problems.clone();
     let Some(h) = &sc.header else {
+        if bytes.starts_with(&MAGIC) {
+            return Ok(problems);
+        }
         return Err(Unreadable(
             problems
                 .first()
                 .map_or_else(|| "no header".to_owned(), |p| p.message.clone()),
         ));
     };
+    let in_header = |p: &Problem| p.offset < h.len;
     let build = if schema.is_some() {
         None
     } else {
@@ -935,7 +900,7 @@ pub fn verify(bytes: &[u8], schema: Option<MachineSchema>) -> Result<Vec<Problem
     let (schema, _) = pick_schema(&h.machine, schema);
     let Some(schema) = schema else {
         problems.insert(
-            0,
+            problems.iter().take_while(|p| in_header(p)).count(),
             Problem {
                 offset: 0,
                 message: unknown_machine_note(&h.machine),
@@ -1107,136 +1072,41 @@ pub fn verify(bytes: &[u8], schema: Option<MachineSchema>) -> Result<Vec<Problem
             });
         }
     }
-    problems.sort_by_key(|p| p.offset);
+    problems.sort_by_key(|p| if in_header(p) { 0 } else { p.offset });
     Ok(problems)
 }
 
 // ---------------------------------------------------------------------------------------
 // Diff.
 
-/// Field-by-field differences between two streams; volatile fields are reported apart.
-#[derive(Debug, Default, Serialize)]
-pub struct Diff {
-    /// Differences that matter.
-    pub differences: Vec<String>,
-    /// Differences in fields the schema marks volatile (clocks, timers).
-    pub volatile: Vec<String>,
-}
-
-/// Flatten a decoded record into `path -> (value, volatile)`.
-fn flatten(
-    prefix: &str,
-    fields: &[FieldSchema],
-    vals: &[(String, Value)],
-    vol: bool,
-    out: &mut BTreeMap<String, (Value, bool)>,
-) {
-    for (f, (k, v)) in fields.iter().zip(vals) {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        let vol = vol || f.volatile;
-        match (&f.kind, v) {
-            (FieldKind::Record { fields, .. }, Value::Record(inner)) => {
-                flatten(&path, fields, inner, vol, out);
-            }
-            (FieldKind::List { of, .. }, Value::List(items)) => {
-                if let FieldKind::Record { fields, .. } = of.as_ref() {
-                    out.insert(
-                        format!("{path}.len"),
-                        (Value::Uint(items.len() as u64), vol),
-                    );
-                    for (i, it) in items.iter().enumerate() {
-                        if let Value::Record(inner) = it {
-                            flatten(&format!("{path}[{i}]"), fields, inner, vol, out);
-                        }
-                    }
-                } else {
-                    out.insert(path, (v.clone(), vol));
-                }
-            }
-            _ => {
-                out.insert(path, (v.clone(), vol));
-            }
-        }
+/// A shown section as the diff compares it.
+fn decoded(s: &SectionView) -> Decoded {
+    let body = |fields: &Option<Value>, schema: &[FieldSchema], raw: &Option<String>| match fields {
+        Some(Value::Record(values)) => Body::Fields {
+            schema: schema.to_vec(),
+            values: values.clone(),
+        },
+        _ => Body::Raw(raw.clone().unwrap_or_default()),
+    };
+    Decoded {
+        config: s.record == "config",
+        name: s.name.clone(),
+        instance: s.instance,
+        version: s.version,
+        body: body(&s.fields, &s.schema, &s.raw),
+        subsections: s
+            .subsections
+            .iter()
+            .map(|ss| DecodedSub {
+                name: ss.name.clone(),
+                body: body(&ss.fields, &ss.schema, &ss.raw),
+            })
+            .collect(),
     }
 }
 
-fn flat_view(s: &SectionView) -> BTreeMap<String, (Value, bool)> {
-    let mut out = BTreeMap::new();
-    match &s.fields {
-        Some(Value::Record(vals)) => flatten("", &s.schema, vals, false, &mut out),
-        _ => {
-            out.insert(
-                "(raw body)".to_owned(),
-                (Value::Str(s.raw.clone().unwrap_or_default()), false),
-            );
-        }
-    }
-    for ss in &s.subsections {
-        match &ss.fields {
-            Some(Value::Record(vals)) => {
-                flatten(&format!("{}/", ss.name), &ss.schema, vals, false, &mut out);
-            }
-            _ => {
-                out.insert(
-                    format!("{}/(raw body)", ss.name),
-                    (Value::Str(ss.raw.clone().unwrap_or_default()), false),
-                );
-            }
-        }
-    }
-    out
-}
-
-fn shown(v: Option<&Value>) -> String {
-    match v {
-        None => "absent".to_owned(),
-        Some(Value::List(items)) if items.len() > 8 => {
-            let b: Vec<u8> = items
-                .iter()
-                .flat_map(|v| match v {
-                    Value::Uint(x) => x.to_le_bytes().to_vec(),
-                    Value::Int(x) => x.to_le_bytes().to_vec(),
-                    _ => vec![],
-                })
-                .collect();
-            format!(
-                "[{} entries, crc32 {:#010x}]",
-                items.len(),
-                crc32fast::hash(&b)
-            )
-        }
-        Some(Value::Str(s)) if s.len() > 64 => format!(
-            "[{} hex digits, crc32 {:#010x}]",
-            s.len(),
-            crc32fast::hash(s.as_bytes())
-        ),
-        Some(v) => scalar(v),
-    }
-}
-
-/// Where two lists of scalars first differ, for a readable diff line.
-fn list_detail(a: Option<&Value>, b: Option<&Value>) -> String {
-    if let (Some(Value::List(x)), Some(Value::List(y))) = (a, b)
-        && (x.len() > 8 || y.len() > 8)
-    {
-        let n = x.iter().zip(y).filter(|(p, q)| p != q).count() + x.len().abs_diff(y.len());
-        if let Some(i) = (0..x.len().max(y.len())).find(|&i| x.get(i) != y.get(i)) {
-            return format!(
-                " ({} differ, first [{i}]: {} vs {})",
-                entries(n),
-                x.get(i).map_or("absent".into(), scalar),
-                y.get(i).map_or("absent".into(), scalar)
-            );
-        }
-    }
-    String::new()
-}
-
-/// Compare two decoded streams, section by section and field by field.
+/// Compare two decoded streams: machine type, damage, every section field by field (vCPU
+/// state as the guest sees it: host-defined XSAVE fields are reported apart), and RAM.
 pub fn diff(a: &StreamView, b: &StreamView) -> Diff {
     let mut d = Diff::default();
     if a.machine != b.machine {
@@ -1248,78 +1118,13 @@ pub fn diff(a: &StreamView, b: &StreamView) -> Diff {
             d.differences.push(format!("{which} is damaged: {p}"));
         }
     }
-    let key = |s: &SectionView| (s.record != "config", s.name.clone(), s.instance);
-    let am: BTreeMap<_, _> = a.sections.iter().map(|s| (key(s), s)).collect();
-    let bm: BTreeMap<_, _> = b.sections.iter().map(|s| (key(s), s)).collect();
-    let keys: BTreeSet<_> = am.keys().chain(bm.keys()).collect();
-    for k in keys {
-        let name = if k.0 {
-            format!("{} instance {}", k.1, uint(u64::from(k.2)))
-        } else {
-            "config".to_owned()
-        };
-        match (am.get(k), bm.get(k)) {
-            (Some(_), None) => d.differences.push(format!("{name}: only in A")),
-            (None, Some(_)) => d.differences.push(format!("{name}: only in B")),
-            (Some(x), Some(y)) => {
-                if x.version != y.version {
-                    d.differences
-                        .push(format!("{name}: version {} vs {}", x.version, y.version));
-                }
-                let xs: Vec<_> = x.subsections.iter().map(|s| s.name.as_str()).collect();
-                let ys: Vec<_> = y.subsections.iter().map(|s| s.name.as_str()).collect();
-                if xs != ys {
-                    d.differences.push(format!(
-                        "{name}: subsections [{}] vs [{}]",
-                        xs.join(", "),
-                        ys.join(", ")
-                    ));
-                }
-                // vCPU state compares as the guest sees it: host-defined XSAVE fields
-                // (MXCSR_MASK, ...) differ between CPU vendors and are reported apart.
-                let (mut x, mut y) = ((*x).clone(), (*y).clone());
-                if let (Some(Value::Record(fx)), Some(Value::Record(fy))) =
-                    (&mut x.fields, &mut y.fields)
-                {
-                    let (hx, hy) = (
-                        vmm::migrate::normalise_host_fields(fx),
-                        vmm::migrate::normalise_host_fields(fy),
-                    );
-                    for ((at, ra), (_, rb)) in hx.iter().zip(&hy) {
-                        let f = machine_types::cpu::xsave::host_field_differences(ra, rb);
-                        if !f.is_empty() {
-                            d.volatile.push(format!(
-                                "{name} {}: host-defined fields differ ({})",
-                                at.trim_start_matches('.'),
-                                f.join(", ")
-                            ));
-                        }
-                    }
-                }
-                let (fa, fb) = (flat_view(&x), flat_view(&y));
-                let paths: BTreeSet<_> = fa.keys().chain(fb.keys()).collect();
-                for p in paths {
-                    let (va, vb) = (fa.get(p), fb.get(p));
-                    if va.map(|v| &v.0) == vb.map(|v| &v.0) {
-                        continue;
-                    }
-                    let vol = va.or(vb).is_some_and(|v| v.1);
-                    let line = format!(
-                        "{name} {p}: {} vs {}{}",
-                        shown(va.map(|v| &v.0)),
-                        shown(vb.map(|v| &v.0)),
-                        list_detail(va.map(|v| &v.0), vb.map(|v| &v.0))
-                    );
-                    if vol {
-                        d.volatile.push(line);
-                    } else {
-                        d.differences.push(line);
-                    }
-                }
-            }
-            (None, None) => {}
-        }
-    }
+    let (sa, sb): (Vec<_>, Vec<_>) = (
+        a.sections.iter().map(decoded).collect(),
+        b.sections.iter().map(decoded).collect(),
+    );
+    let s = diff::sections(&sa, &sb, &vmm::migrate::host_fields);
+    d.differences.extend(s.differences);
+    d.volatile.extend(s.volatile);
     let (pa, pb) = (&a.ram.pages, &b.ram.pages);
     if !pa.is_empty() || !pb.is_empty() {
         // A page one side never sent is zero there (fresh destination memory is zero).

@@ -3,7 +3,6 @@
 
 pub mod compat;
 pub mod dump;
-pub mod scan;
 
 use devstate::MachineSchema;
 

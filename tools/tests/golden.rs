@@ -412,7 +412,7 @@ fn unknown_section_version_shows_raw_hex_and_a_note() {
 /// off by one and a required section is missing).
 fn corrupted() -> Vec<u8> {
     let orig = read_data(SOURCE);
-    let sc = tools::scan::scan(&orig);
+    let sc = devstate::scan::scan(&orig);
     assert!(sc.problems.is_empty());
     let data = sc.ram.iter().find(|r| r.data.is_some()).unwrap().offset;
     let sec = |n: &str| sc.sections.iter().find(|s| s.name == n).unwrap();
@@ -463,7 +463,77 @@ fn verify_truncated_stream() {
     assert_eq!(o.code, 1);
     assert_eq!(
         o.stdout,
-        "cut.stream: Truncated stream in section 'guest-progress' at offset 59567\ncut.stream: 1 problem(s)\n"
+        "cut.stream: Truncated stream in section 'guest-progress' at offset 59563\ncut.stream: 1 problem(s)\n"
+    );
+    // The strict reader stops at the same offset: the section's fixed fields.
+    let mut r = devstate::StreamReader::new(&b[..b.len() - 80], None).unwrap();
+    let e = loop {
+        if let Err(e) = r.next_item() {
+            break e;
+        }
+    };
+    assert_eq!(e.offset(), Some(59563), "{e}");
+}
+
+/// The header's length up to its CRC, and the CRC recomputed over the (edited) header.
+fn reseal_header(b: &mut [u8]) -> usize {
+    let n = 11 + usize::from(b[10]);
+    let n = n + 1 + usize::from(b[n]);
+    let crc = crc32fast::hash(&b[..n]);
+    b[n..n + 4].copy_from_slice(&crc.to_le_bytes());
+    n
+}
+
+#[test]
+fn a_damaged_format_version_is_corruption_at_offset_8() {
+    let dir = scratch("verify_version");
+    let mut b = read_data(SOURCE);
+    b[8] = 5;
+    std::fs::write(dir.join("damaged.stream"), &b).unwrap();
+    let crc_at = reseal_header(&mut b.clone());
+    let o = ferry_dump(&dir, &["verify", "--all", "damaged.stream"]);
+    assert_eq!(
+        o.code, 1,
+        "the magic is intact: damage, not a foreign file: {o:?}"
+    );
+    assert_eq!(
+        o.stdout,
+        format!(
+            "damaged.stream: Header CRC mismatch at offset {crc_at}\n\
+             damaged.stream: Unsupported stream format version 5 at offset 8 (this build reads 1)\n\
+             damaged.stream: 2 problem(s)\n"
+        )
+    );
+    // An intact header of a version this build does not read: said where, exit 1 too.
+    reseal_header(&mut b);
+    std::fs::write(dir.join("v5.stream"), &b).unwrap();
+    let o = ferry_dump(&dir, &["verify", "v5.stream"]);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert_eq!(
+        o.stdout,
+        "v5.stream: Unsupported stream format version 5 at offset 8 (this build reads 1)\n"
+    );
+}
+
+#[test]
+fn a_damaged_machine_name_reports_the_header_crc_first() {
+    let dir = scratch("verify_machine_name");
+    let mut b = read_data(SOURCE);
+    let crc_at = reseal_header(&mut b.clone());
+    b[12] ^= 0x20; // "ferry-1.1" -> "fErry-1.1"
+    std::fs::write(dir.join("name.stream"), &b).unwrap();
+    let o = ferry_dump(&dir, &["verify", "name.stream"]);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert_eq!(
+        o.stdout,
+        format!("name.stream: Header CRC mismatch at offset {crc_at}\n")
+    );
+    let o = ferry_dump(&dir, &["verify", "--all", "name.stream"]);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert!(
+        lines[1].starts_with("name.stream: Machine type 'fErry-1.1' is unknown to this build"),
+        "{}",
+        o.stdout
     );
 }
 

@@ -301,7 +301,7 @@ fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
     );
     // A stream cut in its device state is refused by verify with the section and offset.
     let bytes = std::fs::read(dir.join("received-live.stream")).unwrap();
-    let sc = tools::scan::scan(&bytes);
+    let sc = devstate::scan::scan(&bytes);
     let cpu1 = sc
         .sections
         .iter()

@@ -3,10 +3,10 @@
 mod common;
 
 use common::{Out, ferry_dump, scratch};
+use devstate::scan::{RamData, scan};
 use devstate::sparse::block_mask;
 use devstate::{PAGE_SIZE, StreamWriter};
 use machine_types::MachineType;
-use tools::scan::{RamData, scan};
 
 const GPA: u64 = 0x2000;
 const PAGES: usize = 3;

@@ -22,13 +22,9 @@
 //! the source was not running) on COMMIT; a failed incoming migration leaves it `inmigrate`
 //! with its vCPUs parked.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 
-use devstate::{
-    DecodeError, FieldKind, FieldSchema, Item, MachineSchema, RawSection, Reader, StreamReader,
-    Value,
-};
+use devstate::{DecodeError, Item, MachineSchema, RawSection, StreamReader, Value};
 use machine_types::{CpuModel, MachineType};
 use migration::{ConfigRecord, DestinationVm, DeviceDesc, DirtyRegion, RegionDesc, SourceVm};
 use vm_memory::Bytes;
@@ -507,83 +503,8 @@ pub fn parse_sections(
     Ok(out)
 }
 
-/// Differences between two sets of sections, field by field.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SectionDiff {
-    /// Differences in fields that must be equal (or sections on one side only).
-    pub differences: Vec<String>,
-    /// Differences in fields the schema marks volatile (clocks, timers).
-    pub volatile: Vec<String>,
-}
-
-impl SectionDiff {
-    /// Whether everything but volatile fields is equal.
-    pub fn is_equal(&self) -> bool {
-        self.differences.is_empty()
-    }
-}
-
-fn show(v: &Value) -> String {
-    match v {
-        Value::Uint(x) => format!("{x:#x}"),
-        Value::Int(x) => x.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Str(s) => format!("{s:?}"),
-        Value::List(l) => format!("[{} items]", l.len()),
-        Value::Record(_) => "{..}".to_owned(),
-    }
-}
-
-fn diff_value(
-    kind: &FieldKind,
-    volatile: bool,
-    path: &str,
-    a: &Value,
-    b: &Value,
-    out: &mut SectionDiff,
-) {
-    if a == b {
-        return;
-    }
-    match (kind, a, b) {
-        (FieldKind::Record { fields, .. }, Value::Record(x), Value::Record(y)) => {
-            diff_fields(fields, volatile, path, x, y, out);
-        }
-        (FieldKind::List { of, .. }, Value::List(x), Value::List(y)) if x.len() == y.len() => {
-            for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                diff_value(of, volatile, &format!("{path}[{i}]"), p, q, out);
-            }
-        }
-        _ => {
-            let line = format!("{path}: {} != {}", show(a), show(b));
-            if volatile {
-                out.volatile.push(line);
-            } else {
-                out.differences.push(line);
-            }
-        }
-    }
-}
-
-fn diff_fields(
-    fields: &[FieldSchema],
-    volatile: bool,
-    path: &str,
-    a: &[(String, Value)],
-    b: &[(String, Value)],
-    out: &mut SectionDiff,
-) {
-    for (f, ((_, x), (_, y))) in fields.iter().zip(a.iter().zip(b)) {
-        diff_value(
-            &f.kind,
-            volatile || f.volatile,
-            &format!("{path}.{}", f.name),
-            x,
-            y,
-            out,
-        );
-    }
-}
+/// Differences between two sets of sections, field by field ([`devstate::diff`]).
+pub use devstate::diff::Diff as SectionDiff;
 
 /// Replaces every XSAVE area in decoded vCPU state (a record with `cpu_model` and `xsave`,
 /// at any depth) by its guest view ([`machine_types::cpu::xsave::normalise`]): MXCSR_MASK,
@@ -626,69 +547,42 @@ fn normalise_at(path: &str, fields: &mut [(String, Value)], out: &mut Vec<(Strin
     }
 }
 
-/// Compares two sets of sections by `(name, instance)`, decoding every body by `schema`
-/// alone; volatile fields (at any depth) are reported apart. Subsections are compared as
-/// bytes.
+/// The [`devstate::diff::Normalise`] hook for vCPU state: both sides' XSAVE areas as the
+/// guest sees them ([`normalise_host_fields`]), with each area's host-defined differences.
+pub fn host_fields(a: &mut [(String, Value)], b: &mut [(String, Value)]) -> Vec<(String, String)> {
+    let (ha, hb) = (normalise_host_fields(a), normalise_host_fields(b));
+    ha.iter()
+        .zip(&hb)
+        .filter_map(|((at, x), (_, y))| {
+            let f = machine_types::cpu::xsave::host_field_differences(x, y);
+            (!f.is_empty()).then(|| {
+                (
+                    at.trim_start_matches('.').to_owned(),
+                    format!("host-defined fields differ ({})", f.join(", ")),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Compares two sets of sections by `(name, instance)`, decoding every body and subsection by
+/// `schema` alone; volatile fields (at any depth) and host-defined XSAVE fields are reported
+/// apart.
 pub fn diff_sections(
     schema: &MachineSchema,
     a: &[RawSection],
     b: &[RawSection],
 ) -> Result<SectionDiff, DecodeError> {
-    let key = |s: &RawSection| (s.name.clone(), s.instance);
-    let left: BTreeMap<_, _> = a.iter().map(|s| (key(s), s)).collect();
-    let right: BTreeMap<_, _> = b.iter().map(|s| (key(s), s)).collect();
-    let mut out = SectionDiff::default();
-    for (k, x) in &left {
-        let path = format!("{}[{}]", k.0, k.1);
-        let Some(y) = right.get(k) else {
-            out.differences.push(format!("{path}: only on the left"));
-            continue;
-        };
-        if x.version != y.version {
-            out.differences
-                .push(format!("{path}: version {} != {}", x.version, y.version));
-            continue;
-        }
-        let Some(s) = schema.section(&k.0) else {
-            if x.body != y.body {
-                out.differences.push(format!("{path}: bodies differ"));
-            }
-            continue;
-        };
-        let fields = devstate::fields_at(s.fields.clone(), x.version);
-        let mut dx =
-            devstate::decode_fields(&fields, &mut Reader::new(&x.body, x.body_offset, &k.0))?;
-        let mut dy =
-            devstate::decode_fields(&fields, &mut Reader::new(&y.body, y.body_offset, &k.0))?;
-        let (hx, hy) = (
-            normalise_host_fields(&mut dx),
-            normalise_host_fields(&mut dy),
-        );
-        for ((at, a), (_, b)) in hx.iter().zip(&hy) {
-            let fields = machine_types::cpu::xsave::host_field_differences(a, b);
-            if !fields.is_empty() {
-                out.volatile.push(format!(
-                    "{path}{at}: host-defined fields differ ({})",
-                    fields.join(", ")
-                ));
-            }
-        }
-        diff_fields(&fields, false, &path, &dx, &dy, &mut out);
-        let subs = |s: &RawSection| {
-            s.subsections
-                .iter()
-                .map(|u| (u.name.clone(), u.version, u.body.clone()))
-                .collect::<Vec<_>>()
-        };
-        if subs(x) != subs(y) {
-            out.differences.push(format!("{path}: subsections differ"));
-        }
-    }
-    for k in right.keys().filter(|k| !left.contains_key(*k)) {
-        out.differences
-            .push(format!("{}[{}]: only on the right", k.0, k.1));
-    }
-    Ok(out)
+    let decode = |s: &[RawSection]| {
+        s.iter()
+            .map(|r| devstate::diff::Decoded::from_raw(schema, r))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(devstate::diff::sections(
+        &decode(a)?,
+        &decode(b)?,
+        &host_fields,
+    ))
 }
 
 /// A RAM error in words; a range outside boot RAM and every block names the blocks too, so the

@@ -16,7 +16,7 @@ use devstate::{Item, RawSection, StreamReader, StreamWriter, Tag};
 use ferry_common::*;
 use machine_types::MachineType;
 use migration::ConfigRecord;
-use migration::protocol::{Hello, Kind, Msg, PROTOCOL_VERSION};
+use migration::protocol::{FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROTOCOL_VERSION};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::TcpStream;
@@ -180,7 +180,8 @@ fn send(port: &str, bytes: &[u8]) -> Msg {
     s.set_write_timeout(Some(TIMEOUT)).unwrap();
     Hello {
         protocol: PROTOCOL_VERSION,
-        features: 0, // as a source that predates features
+        // SPARSE offered, so that hostile SPARSE bodies reach the checks of their contents.
+        features: FEATURE_SPARSE_PAGES,
     }
     .write(&mut s)
     .unwrap();

@@ -486,6 +486,11 @@ pub fn receive_file(bytes: &[u8]) -> (StrictVm, Result<(), MigrationError>) {
 /// COMMIT a source sends after LOADED is queued right behind the stream, then the write side
 /// is shut, so an incomplete stream ends in EOF rather than a wait for the I/O timeout.
 pub fn receive_tcp(bytes: &[u8]) -> (StrictVm, Result<(), MigrationError>) {
+    receive_tcp_offering(bytes, 0) // as a source that predates features
+}
+
+/// [`receive_tcp`] from a source whose hello offers `features`.
+pub fn receive_tcp_offering(bytes: &[u8], features: u32) -> (StrictVm, Result<(), MigrationError>) {
     use migration::protocol::{Hello, Kind, Msg, PROTOCOL_VERSION};
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -499,7 +504,7 @@ pub fn receive_tcp(bytes: &[u8]) -> (StrictVm, Result<(), MigrationError>) {
             let mut all = Vec::with_capacity(bytes.len() + 32);
             Hello {
                 protocol: PROTOCOL_VERSION,
-                features: 0, // as a source that predates features
+                features,
             }
             .write(&mut all)
             .unwrap();

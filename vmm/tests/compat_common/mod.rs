@@ -492,7 +492,7 @@ pub fn diff_streams(
         .unwrap_or_else(|e| panic!("{} vs {}: {e}", a.display(), b.display()));
     if ignore_run_state {
         d.differences
-            .retain(|x| !x.starts_with("migration[0].source_running"));
+            .retain(|x| !x.starts_with("migration instance 0 source_running"));
     }
     d
 }

@@ -1,50 +1,24 @@
 //! A lenient framing pass over a whole stream held in memory.
 //!
-//! `devstate::StreamReader` is what a destination runs: it stops at the first problem. An
+//! [`crate::StreamReader`] is what a destination runs: it stops at the first problem. An
 //! inspection tool has to keep going, so this pass frames every record it can, checks every
-//! CRC and ordering rule, and records each problem with its byte offset. It stops only where
-//! framing itself is lost (truncation, an unknown tag, a RAM record whose length cannot be
-//! known). Nothing is allocated from lengths read: bodies are borrowed from the input. A
+//! CRC and ordering rule, and records each problem with its byte offset; both share
+//! [`crate::wire`]'s framing. It stops only where framing itself is lost (truncation, an
+//! unknown tag, a RAM record whose length cannot be known, an intact header of another format
+//! version). The header CRC is reported before what the header says. Nothing is allocated from lengths read: bodies are borrowed from the input. A
 //! SPARSE RAM body is checked by expanding it into one reused scratch buffer (at most 1 MiB)
 //! and kept encoded; [`RamRec::expand`] expands it again for whoever needs the pages, one
 //! record at a time, so a small stream cannot make a scan hold far more than its own size.
 
-use devstate::{DecodeError, FORMAT_VERSION, MAGIC, PAGE_SIZE};
+use crate::DecodeError;
+use crate::wire::{
+    self, HEADER_PREFIX, MAX_DATA_PAGES, PAGE_SIZE, RAM_HEAD, RamHead, RamKind, SECTION_FIXED,
+    SectionFixed, SubFrame, Tag,
+};
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
-/// Largest page count of a DATA or SPARSE record.
-const MAX_DATA_PAGES: u32 = 256;
-/// Largest page count of a ZERO record.
-const MAX_ZERO_PAGES: u32 = 1 << 20;
-
-/// A stored CRC and the CRC of the bytes read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Crc {
-    /// CRC stored in the stream.
-    pub stored: u32,
-    /// CRC computed over the bytes it covers.
-    pub computed: u32,
-}
-
-impl Crc {
-    /// Whether they agree.
-    pub fn ok(&self) -> bool {
-        self.stored == self.computed
-    }
-
-    /// `ok`, or the two values.
-    pub fn describe(&self) -> String {
-        if self.ok() {
-            "ok".to_owned()
-        } else {
-            format!(
-                "MISMATCH (stored {:#010x}, computed {:#010x})",
-                self.stored, self.computed
-            )
-        }
-    }
-}
+pub use crate::wire::Crc;
 
 /// The stream header.
 #[derive(Clone, Debug)]
@@ -62,19 +36,7 @@ pub struct Header {
 }
 
 /// A framed subsection.
-#[derive(Clone, Debug)]
-pub struct SubRec<'a> {
-    /// Name.
-    pub name: String,
-    /// Version.
-    pub version: u32,
-    /// Offset of the subsection's framing (its name length byte).
-    pub offset: u64,
-    /// Offset of its body.
-    pub body_offset: u64,
-    /// Body.
-    pub body: &'a [u8],
-}
+pub type SubRec<'a> = SubFrame<'a>;
 
 /// A framed config record or section.
 #[derive(Clone, Debug)]
@@ -114,7 +76,7 @@ pub struct SecRec<'a> {
 pub enum RamData<'a> {
     /// DATA: the pages themselves, `pages * 4096` bytes.
     Pages(&'a [u8]),
-    /// SPARSE: the encoded body after its `u32` length (see `devstate::sparse`).
+    /// SPARSE: the encoded body after its `u32` length (see [`crate::sparse`]).
     Sparse(&'a [u8]),
 }
 
@@ -139,10 +101,11 @@ impl<'a> RamRec<'a> {
     /// `zero`, `data` or `sparse`.
     pub fn kind(&self) -> &'static str {
         match self.data {
-            None => "zero",
-            Some(RamData::Pages(_)) => "data",
-            Some(RamData::Sparse(_)) => "sparse",
+            None => RamKind::Zero,
+            Some(RamData::Pages(_)) => RamKind::Data,
+            Some(RamData::Sparse(_)) => RamKind::Sparse,
         }
+        .name()
     }
 
     /// The page contents (`pages * 4096` bytes), `None` for a ZERO record: a DATA record's
@@ -167,7 +130,7 @@ fn expand_sparse(body: &[u8], pages: u32, out: &mut Vec<u8>) -> Result<(), Strin
     }
     out.clear();
     out.resize(pages as usize * PAGE_SIZE, 0);
-    devstate::sparse::decode(body, out)
+    crate::sparse::decode(body, out)
 }
 
 /// The end marker.
@@ -238,18 +201,14 @@ impl<'a> Cur<'a> {
         self.pos += n;
         Ok(s)
     }
+    fn array<const N: usize>(&mut self, ctx: &str) -> Result<[u8; N], DecodeError> {
+        Ok(self.take(N, ctx)?.try_into().expect("N bytes"))
+    }
     fn u8(&mut self, ctx: &str) -> Result<u8, DecodeError> {
         Ok(self.take(1, ctx)?[0])
     }
     fn u32(&mut self, ctx: &str) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(
-            self.take(4, ctx)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self, ctx: &str) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(
-            self.take(8, ctx)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.array(ctx)?))
     }
     fn name(&mut self, ctx: &str) -> Result<String, DecodeError> {
         let n = self.u8(ctx)?;
@@ -278,11 +237,21 @@ pub fn scan(bytes: &[u8]) -> Scan<'_> {
     let mut c = Cur { b: bytes, pos: 0 };
     match header(&mut c) {
         Ok(h) => {
+            // The CRC first: when it fails, whatever else the header says is suspect.
             if !h.crc.ok() {
                 s.problems.push(Problem::decode(
                     &DecodeError::HeaderCrc { offset: h.len - 4 },
                     0,
                 ));
+            }
+            if let Err(e) = wire::check_format_version(h.format_version) {
+                s.problems.push(Problem::decode(&e, 0));
+                // An intact header of another version: its records' layout is unknown. A
+                // damaged one is most likely this version's, so framing goes on.
+                if h.crc.ok() {
+                    s.lost_at = e.offset();
+                    return s;
+                }
             }
             s.header = Some(h);
         }
@@ -300,28 +269,24 @@ pub fn scan(bytes: &[u8]) -> Scan<'_> {
     s
 }
 
+/// Frame the header (this format version's layout); the caller checks CRC and version.
 fn header(c: &mut Cur<'_>) -> Result<Header, DecodeError> {
-    let fixed = c.take(10, "header")?;
-    if fixed[..8] != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let format_version = u16::from_le_bytes([fixed[8], fixed[9]]);
-    if format_version != FORMAT_VERSION {
-        return Err(DecodeError::UnsupportedFormat {
-            found: format_version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    let fixed: &[u8; HEADER_PREFIX] = c
+        .take(HEADER_PREFIX, "header")?
+        .try_into()
+        .expect("prefix length");
+    wire::check_magic(fixed)?;
+    let format_version = wire::format_version(fixed);
     let machine = c.name("header")?;
     let producer = c.name("header")?;
-    let computed = crc32fast::hash(&c.b[..c.pos]);
-    let stored = c.u32("header")?;
+    let covered = &c.b[..c.pos];
+    let stored = c.array("header")?;
     Ok(Header {
         format_version,
         machine,
         producer,
         len: c.pos as u64,
-        crc: Crc { stored, computed },
+        crc: Crc::of(covered, stored),
     })
 }
 
@@ -338,9 +303,16 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
     loop {
         let at = c.pos as u64;
         let tag = c.u8("record tag")?;
-        match tag {
-            1 | 3 => {
-                let config = tag == 1;
+        let Some(t) = Tag::from_u8(tag) else {
+            return Err(DecodeError::UnexpectedRecord {
+                tag,
+                why: "unknown tag",
+                offset: at,
+            });
+        };
+        match t {
+            Tag::Config | Tag::Section => {
+                let config = t == Tag::Config;
                 match (config, phase) {
                     (true, Phase::Config) => {}
                     (true, _) => {
@@ -355,16 +327,8 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                     (false, _) => {}
                 }
                 let rec = section(c, config, at)?;
-                if !rec.crc.ok() {
-                    s.problems.push(Problem::decode(
-                        &DecodeError::CrcMismatch {
-                            section: rec.name.clone(),
-                            offset: at,
-                            stored: rec.crc.stored,
-                            computed: rec.crc.computed,
-                        },
-                        at,
-                    ));
+                if let Err(e) = rec.crc.check(&rec.name, at) {
+                    s.problems.push(Problem::decode(&e, at));
                 }
                 // With a bad CRC a broken payload is a consequence, not a second problem.
                 if let (true, Some(e)) = (rec.crc.ok(), &rec.payload_error) {
@@ -392,7 +356,7 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                 };
                 s.sections.push(rec);
             }
-            2 => {
+            Tag::Ram => {
                 if phase == Phase::Config {
                     s.problems.push(unexpected(
                         tag,
@@ -406,21 +370,13 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                 let rec = ram(c, at, &mut s.problems, &mut scratch)?;
                 s.ram.push(rec);
             }
-            4 => {
-                let records = c.u64("end marker")?;
-                let computed = crc32fast::hash(&c.b[at as usize..c.pos]);
-                let stored = c.u32("end marker")?;
-                let crc = Crc { stored, computed };
-                if !crc.ok() {
-                    s.problems.push(Problem::decode(
-                        &DecodeError::CrcMismatch {
-                            section: "end marker".to_owned(),
-                            offset: at,
-                            stored,
-                            computed,
-                        },
-                        at,
-                    ));
+            Tag::End => {
+                let rec = c.take(8, "end marker")?;
+                let records = u64::from_le_bytes(rec.try_into().expect("8 bytes"));
+                let covered = &c.b[at as usize..c.pos];
+                let crc = Crc::of(covered, c.array("end marker")?);
+                if let Err(e) = crc.check("end marker", at) {
+                    s.problems.push(Problem::decode(&e, at));
                 } else if records != count {
                     s.problems.push(Problem::decode(
                         &DecodeError::CountMismatch {
@@ -449,38 +405,22 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
                 }
                 return Ok(());
             }
-            5 => {
+            Tag::Abort => {
                 // The source abandoned the stream: report its reason as the problem.
-                let n = c.u32("abort record")? as usize;
-                if n > devstate::stream::MAX_ABORT_REASON as usize || c.b.len() - c.pos < n + 4 {
-                    return Err(DecodeError::Truncated {
-                        context: "abort record".to_owned(),
-                        offset: c.pos as u64,
-                    });
-                }
-                let reason = String::from_utf8_lossy(&c.b[c.pos..c.pos + n]).into_owned();
-                c.pos += n;
-                let computed = crc32fast::hash(&c.b[at as usize..c.pos]);
-                let stored = c.u32("abort record")?;
-                let e = if stored == computed {
-                    DecodeError::SourceAborted { reason, offset: at }
-                } else {
-                    DecodeError::CrcMismatch {
-                        section: "abort record".to_owned(),
+                let n = c.u32("abort record")?;
+                wire::check_abort_len(n, at + 1)?;
+                let reason = String::from_utf8_lossy(c.take(n as usize, "abort record")?);
+                let covered = &c.b[at as usize..c.pos];
+                let crc = Crc::of(covered, c.array("abort record")?);
+                let e = match crc.check("abort record", at) {
+                    Ok(()) => DecodeError::SourceAborted {
+                        reason: reason.into_owned(),
                         offset: at,
-                        stored,
-                        computed,
-                    }
+                    },
+                    Err(e) => e,
                 };
                 s.problems.push(Problem::decode(&e, at));
                 return Ok(());
-            }
-            _ => {
-                return Err(DecodeError::UnexpectedRecord {
-                    tag,
-                    why: "unknown tag",
-                    offset: at,
-                });
             }
         }
         count += 1;
@@ -490,79 +430,41 @@ fn records<'a>(c: &mut Cur<'a>, s: &mut Scan<'a>) -> Result<(), DecodeError> {
 fn section<'a>(c: &mut Cur<'a>, config: bool, at: u64) -> Result<SecRec<'a>, DecodeError> {
     let name = c.name("section header")?;
     let ctx = format!("section '{name}'");
-    let instance = c.u32(&ctx)?;
-    let version = c.u32(&ctx)?;
-    let payload_len = c.u32(&ctx)?;
+    let fixed = SectionFixed::parse(&c.array::<SECTION_FIXED>(&ctx)?);
     let payload_offset = c.pos as u64;
-    let payload = c.take(payload_len as usize, &ctx)?;
-    let computed = crc32fast::hash(&c.b[at as usize..c.pos]);
-    let stored = c.u32(&ctx)?;
+    let payload = c.take(fixed.payload_len as usize, &ctx)?;
+    let covered = &c.b[at as usize..c.pos];
+    let crc = Crc::of(covered, c.array(&ctx)?);
     let mut rec = SecRec {
         config,
         name,
-        instance,
-        version,
+        instance: fixed.instance,
+        version: fixed.version,
         offset: at,
         len: c.pos as u64 - at,
-        payload_len: u64::from(payload_len),
+        payload_len: u64::from(fixed.payload_len),
         payload_offset,
         payload,
         body_offset: payload_offset + 4,
         body: None,
         subs: Vec::new(),
         payload_error: None,
-        crc: Crc { stored, computed },
+        crc,
     };
-    if let Err(e) = split_payload(&mut rec) {
-        rec.payload_error = Some(format!(
-            "Section '{}' at offset {at}: payload does not split into body and subsections ({e})",
-            rec.name
-        ));
-        rec.subs.clear();
+    match wire::split_payload(payload, payload_offset, &rec.name) {
+        Ok(p) => {
+            rec.body_offset = p.body_offset;
+            rec.body = Some(p.body);
+            rec.subs = p.subs;
+        }
+        Err(e) => {
+            rec.payload_error = Some(format!(
+                "Section '{}' at offset {at}: payload does not split into body and subsections ({e})",
+                rec.name
+            ));
+        }
     }
     Ok(rec)
-}
-
-fn split_payload<'a>(rec: &mut SecRec<'a>) -> Result<(), DecodeError> {
-    let base = rec.payload_offset;
-    let ctx = format!("section '{}'", rec.name);
-    let shift = |e: DecodeError| match e {
-        DecodeError::Truncated { context, offset } => DecodeError::Truncated {
-            context,
-            offset: offset + base,
-        },
-        e => e,
-    };
-    let mut c = Cur {
-        b: rec.payload,
-        pos: 0,
-    };
-    let body_len = c.u32(&ctx).map_err(shift)?;
-    rec.body = Some(c.take(body_len as usize, &ctx).map_err(shift)?);
-    let nsub = c.u8(&ctx).map_err(shift)?;
-    for _ in 0..nsub {
-        let offset = base + c.pos as u64;
-        let name = c.name(&ctx).map_err(shift)?;
-        let version = c.u32(&ctx).map_err(shift)?;
-        let len = c.u32(&ctx).map_err(shift)?;
-        let body_offset = base + c.pos as u64;
-        let body = c.take(len as usize, &ctx).map_err(shift)?;
-        rec.subs.push(SubRec {
-            name,
-            version,
-            offset,
-            body_offset,
-            body,
-        });
-    }
-    if c.pos != rec.payload.len() {
-        return Err(DecodeError::TrailingBytes {
-            section: rec.name.clone(),
-            extra: (rec.payload.len() - c.pos) as u64,
-            offset: base + c.pos as u64,
-        });
-    }
-    Ok(())
 }
 
 fn ram<'a>(
@@ -571,61 +473,51 @@ fn ram<'a>(
     problems: &mut Vec<Problem>,
     scratch: &mut Vec<u8>,
 ) -> Result<RamRec<'a>, DecodeError> {
-    let gpa = c.u64("RAM record")?;
-    let pages = c.u32("RAM record")?;
-    let kind = c.u8("RAM record")?;
+    let mut raw = [0u8; RAM_HEAD];
+    raw[0] = Tag::Ram as u8;
+    raw[1..].copy_from_slice(c.take(RAM_HEAD - 1, "RAM record")?);
+    let head = RamHead::parse(&raw);
+    let (gpa, pages) = (head.gpa, head.pages);
     let bad = |why: String| DecodeError::BadRam { offset: at, why };
+    let kind = head.kind().map_err(bad)?;
     // Body length (for SPARSE, after its own u32 length).
     let body_len = match kind {
-        1 => 0,
-        2 => u64::from(pages) * PAGE_SIZE as u64,
-        3 => u64::from(c.u32("RAM record")?),
-        k => return Err(bad(format!("unknown kind {k}"))),
-    };
-    let max = if kind == 1 {
-        MAX_ZERO_PAGES
-    } else {
-        MAX_DATA_PAGES
+        RamKind::Zero => 0,
+        RamKind::Data => u64::from(pages) * PAGE_SIZE as u64,
+        RamKind::Sparse => u64::from(c.u32("RAM record")?),
     };
     // A length the rest of the stream cannot hold is garbage framing; one it can hold is a
     // problem with this record only, and the next record is framed after it. A SPARSE page
     // takes at least its 8-byte mask, so a page count is believed only as far as the rest
     // of the stream could carry it (as for DATA), which bounds the pages a summary walks.
     let rest = u64::try_from(c.b.len() - c.pos).unwrap_or(u64::MAX);
-    let in_range = (1..=max).contains(&pages);
+    let in_range = head.pages_in_range(kind);
     if !in_range {
-        let least = if kind == 3 {
+        let least = if kind == RamKind::Sparse {
             body_len.max(u64::from(pages) * 8)
         } else {
             body_len
         };
+        let e = bad(wire::pages_out_of_range(pages));
         if rest < least {
-            return Err(bad(format!("page count {pages} out of range")));
+            return Err(e);
         }
-        problems.push(Problem::decode(
-            &bad(format!("page count {pages} out of range")),
-            at,
-        ));
-    } else if kind == 3 {
-        let bound = u64::from(pages) * devstate::sparse::MAX_PAGE_ENCODED as u64;
-        if body_len > bound {
-            let e = bad(format!(
-                "sparse body of {body_len} bytes exceeds {bound} for {pages} pages"
-            ));
-            if rest < body_len {
-                return Err(e);
-            }
-            problems.push(Problem::decode(&e, at));
+        problems.push(Problem::decode(&e, at));
+    } else if kind == RamKind::Sparse
+        && let Err(why) = crate::sparse::check_len(body_len, pages)
+    {
+        if rest < body_len {
+            return Err(bad(why));
         }
+        problems.push(Problem::decode(&bad(why), at));
     }
     let body = c.take(body_len as usize, "RAM record")?;
-    let computed = crc32fast::hash(&c.b[at as usize..c.pos]);
-    let stored = c.u32("RAM record")?;
-    let crc = Crc { stored, computed };
+    let covered = &c.b[at as usize..c.pos];
+    let crc = Crc::of(covered, c.array("RAM record")?);
     let data = match kind {
-        2 => Some(RamData::Pages(body)),
-        3 => Some(RamData::Sparse(body)),
-        _ => None,
+        RamKind::Data => Some(RamData::Pages(body)),
+        RamKind::Sparse => Some(RamData::Sparse(body)),
+        RamKind::Zero => None,
     };
     let rec = RamRec {
         offset: at,
@@ -639,30 +531,21 @@ fn ram<'a>(
         problems.push(Problem {
             offset: at,
             message: format!(
-                "CRC mismatch in RAM record at offset {at} ({gpa:#x} + {pages} page(s) {}) (stored {stored:#010x}, computed {computed:#010x})",
-                rec.kind()
+                "CRC mismatch in RAM record at offset {at} ({gpa:#x} + {pages} page(s) {}) (stored {:#010x}, computed {:#010x})",
+                rec.kind(),
+                crc.stored,
+                crc.computed
             ),
         });
-    } else if kind == 3
+    } else if kind == RamKind::Sparse
         && in_range
         && let Err(why) = expand_sparse(body, pages, scratch)
     {
         // With a bad CRC a body that does not expand is a consequence, not a second problem.
         problems.push(Problem::decode(&bad(why), at));
     }
-    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-        problems.push(Problem::decode(
-            &bad(format!("address {gpa:#x} is not page aligned")),
-            at,
-        ));
-    } else if gpa
-        .checked_add(u64::from(pages) * PAGE_SIZE as u64)
-        .is_none()
-    {
-        problems.push(Problem::decode(
-            &bad(format!("range at {gpa:#x} overflows")),
-            at,
-        ));
+    if let Err(why) = head.check_range() {
+        problems.push(Problem::decode(&bad(why), at));
     }
     Ok(rec)
 }
