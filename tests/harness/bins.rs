@@ -87,17 +87,29 @@ fn locate(var: &str, rel: &Path, build_args: &[&str]) -> PathBuf {
     bin
 }
 
-/// Why `bin` must be built: missing, or a source file of the workspace is newer.
+/// Why `bin` must be built: missing, or a source file of the workspace is newer than both
+/// the binary and the last `cargo build` that found it fresh (see [`stamp`]).
 fn stale(bin: &Path) -> Option<String> {
-    let built = match std::fs::metadata(bin).and_then(|m| m.modified()) {
-        Ok(t) => t,
-        Err(_) => return Some("missing".into()),
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = mtime(bin) else {
+        return Some("missing".into());
     };
-    let root = crate::repo_root();
-    let newest = newest_source(&root);
-    newest
-        .filter(|(t, _)| *t > built)
+    let checked = mtime(&stamp(bin)).map_or(built, |t| t.max(built));
+    newest_source(&crate::repo_root())
+        .filter(|(t, _)| *t > checked)
         .map(|(_, p)| format!("{} is newer", p.display()))
+}
+
+/// A file touched after each successful build of `bin`: cargo leaves a binary it found fresh
+/// untouched, so without it every test process would run cargo again.
+fn stamp(bin: &Path) -> PathBuf {
+    let name = bin
+        .file_name()
+        .expect("a binary has a name")
+        .to_string_lossy();
+    profile_dir()
+        .join(".ferry-tests")
+        .join(format!("{name}.fresh"))
 }
 
 /// The newest `*.rs`, `Cargo.toml` or `Cargo.lock` of the crates a binary is built from
@@ -163,4 +175,8 @@ fn build(args: &[&str], bin: &Path, why: &str) {
         "building {} failed ({status}): {cmd:?}; its errors are above",
         bin.display()
     );
+    let stamp = stamp(bin);
+    std::fs::create_dir_all(stamp.parent().expect("the stamp has a folder"))
+        .and_then(|()| std::fs::write(&stamp, b""))
+        .unwrap_or_else(|e| panic!("{}: {e}", stamp.display()));
 }
