@@ -2,6 +2,6 @@
 //! by the guest, refusals and timeouts, and hot-plugged guests that are snapshotted or
 //! migrated mid-operation. Needs KVM; nothing skips.
 
-mod migration;
+mod migrate;
 mod plug;
 mod snapshot;
