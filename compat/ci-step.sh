@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compatibility step for .ci/run (issue 8). Call it after `bash scripts/test.sh`, which already
-# runs the live matrix, the golden streams and the schema equality test (vmm/tests/compat_*.rs).
+# runs the live matrix, the golden streams and the schema equality test (tests/compat/).
 # This step adds:
 #   1. `ferry-dump check-compat` of every committed schema against this build's schema, so a
 #      break is reported by kind (new subsection, changed written version, raised minimum, ...);

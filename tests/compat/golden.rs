@@ -12,15 +12,13 @@
 //!    fields excepted;
 //! 3. a second process restores the golden and runs it: the guest makes progress.
 //!
-//! `FERRY_BLESS_GOLDEN=new cargo test -p vmm --test compat_golden` writes the goldens that are
+//! `FERRY_BLESS_GOLDEN=new cargo test -p ferry-tests --test compat -- golden::` writes the goldens that are
 //! missing (a new machine type, a new scenario) and never touches an existing file: a golden
 //! records what a build once emitted, so regenerating it would erase the evidence it exists
 //! for. See `compat/README.md`.
 
-#[path = "compat_common/mod.rs"]
-mod compat_common;
-
-use compat_common::*;
+use crate::streams::*;
+use ferry_tests::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -278,8 +276,7 @@ fn check_one(stream: &Path, sidecar: &Path) -> Result<String, String> {
     }
 }
 
-#[test]
-fn every_golden_stream_loads_and_reaches_the_same_state() {
+pub fn every_golden_stream_loads_and_reaches_the_same_state() {
     require_kvm();
     bless_missing();
     // Every machine type this build offers has its goldens.
@@ -289,7 +286,7 @@ fn every_golden_stream_loads_and_reaches_the_same_state() {
             assert!(
                 f.exists(),
                 "{} is missing: a machine type adds its goldens once, with \
-                 `FERRY_BLESS_GOLDEN=new cargo test -p vmm --test compat_golden`, and commits them \
+                 `FERRY_BLESS_GOLDEN=new cargo test -p ferry-tests --test compat -- golden::`, and commits them \
                  (see compat/README.md)",
                 f.display()
             );
@@ -374,8 +371,7 @@ fn as_other_vendor(golden: &Path, out: &Path) {
 /// The host-defined XSAVE fields of each legacy golden are swapped to the other vendor's;
 /// the copy must differ from the golden only in those (reported apart, as volatile), load,
 /// and re-serialise to the same guest state on this host, whatever its vendor.
-#[test]
-fn goldens_saved_on_the_other_cpu_vendor_load_to_the_same_state() {
+pub fn goldens_saved_on_the_other_cpu_vendor_load_to_the_same_state() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut failed = Vec::new();

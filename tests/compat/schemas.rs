@@ -5,11 +5,9 @@
 //! type). `compat/ci-step.sh` runs `ferry-dump check-compat` on the same pair, which names
 //! each break by kind. No KVM needed.
 
-#[path = "compat_common/mod.rs"]
-mod compat_common;
-
-use compat_common::*;
+use crate::streams::*;
 use devstate::{MachineSchema, SectionSchema};
+use ferry_tests::*;
 
 fn describe(old: &MachineSchema, new: &MachineSchema) -> Vec<String> {
     let mut out = Vec::new();
@@ -103,8 +101,7 @@ fn section(o: &SectionSchema, n: &SectionSchema, out: &mut Vec<String>) {
     }
 }
 
-#[test]
-fn every_machine_type_emits_exactly_its_committed_schema() {
+pub fn every_machine_type_emits_exactly_its_committed_schema() {
     let catalog = vmm::migrate::full_catalog();
     let mut breaks = Vec::new();
     for m in machine_types::all() {
@@ -139,8 +136,7 @@ fn every_machine_type_emits_exactly_its_committed_schema() {
     );
 }
 
-#[test]
-fn committed_schemas_are_exactly_the_machine_types() {
+pub fn committed_schemas_are_exactly_the_machine_types() {
     let dir = repo_root().join("compat/schemas");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()

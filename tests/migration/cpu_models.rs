@@ -4,10 +4,7 @@
 //! restore, with nothing loaded and the source running on. `--x-hide-host-features` stands in
 //! for the weaker host, so this runs on any x86-64 KVM host.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
 use serde_json::json;
 use std::process::Command;
 
@@ -70,7 +67,7 @@ fn each_named_model_migrates_live_and_the_guest_keeps_its_cpu() {
 #[test]
 fn a_source_host_lacking_a_feature_refuses_to_start_the_model() {
     require_kvm();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let out = Command::new(ferry_tests::bins::ferry())
         .args(["run", "--machine", "ferry-2.1", "--cpu", "ferry-v3"])
         .args(["--memory", "64M", "--x-hide-host-features", "avx2"])
         .output()
@@ -82,7 +79,7 @@ fn a_source_host_lacking_a_feature_refuses_to_start_the_model() {
         "{err}"
     );
     // A model of another machine type is refused with the valid ones.
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let out = Command::new(ferry_tests::bins::ferry())
         .args(["run", "--machine", "ferry-2.0", "--cpu", "ferry-v3"])
         .output()
         .unwrap();

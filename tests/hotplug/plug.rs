@@ -1,10 +1,7 @@
 //! Hotplug through QMP on a real `ferry` process: the guest serves the connectors on its
 //! vCPU, and the QMP events follow.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
 use serde_json::{Value, json};
 
 fn connector<'a>(list: &'a Value, device: &str) -> &'a Value {

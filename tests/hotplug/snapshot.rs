@@ -1,10 +1,7 @@
 //! Save a guest to a file in the middle of each hotplug transition, for every machine type,
 //! restore it in a new `ferry` process, and see the restored guest complete the operation.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
 use serde_json::json;
 
 const MACHINES: [&str; 3] = ["ferry-1.0", "ferry-1.1", "ferry-2.0"];

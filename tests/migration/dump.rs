@@ -2,137 +2,15 @@
 //! loopback TCP (two vCPUs, a hot-plugged PCI function with an unplug pending), both keeping
 //! a `--dump-stream` capture, and on a snapshot the destination takes of itself afterwards.
 //!
-//! Needs KVM: fails, never skips, without /dev/kvm. The `ferry` binary is not a target of this
-//! crate, so it is taken from the same target directory as `ferry-dump` and built there with
-//! `cargo build -p vmm --bin ferry` when missing.
+//! Needs KVM: fails, never skips, without /dev/kvm.
 
-mod common;
-
-use common::{ferry_dump, scratch};
+use ferry_tests::*;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use vmm::qmp::client::QmpClient;
+use std::path::Path;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const MACHINE: &str = "ferry-1.1";
 const VCPUS: u32 = 2;
-
-/// `target/<profile>/ferry`, next to `ferry-dump`; built if missing.
-fn ferry_binary() -> PathBuf {
-    let dump = Path::new(env!("CARGO_BIN_EXE_ferry-dump"));
-    let profile_dir = dump.parent().expect("ferry-dump lives in target/<profile>");
-    let ferry = profile_dir.join("ferry");
-    if !ferry.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "vmm", "--bin", "ferry", "--manifest-path"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
-            .arg("--target-dir")
-            .arg(profile_dir.parent().expect("target dir"));
-        if profile_dir.file_name() == Some("release".as_ref()) {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p vmm --bin ferry");
-        assert!(status.success(), "building the ferry binary failed");
-    }
-    assert!(ferry.exists(), "{} missing after build", ferry.display());
-    ferry
-}
-
-struct Ferry {
-    child: Child,
-    qmp: QmpClient,
-    log: PathBuf,
-}
-
-impl Drop for Ferry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Ferry {
-    fn spawn(dir: &Path, name: &str, args: &[&str]) -> Ferry {
-        assert!(
-            Path::new("/dev/kvm").exists(),
-            "/dev/kvm is missing: this test needs KVM (it does not skip)"
-        );
-        let socket = dir.join(format!("{name}.qmp"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(ferry_binary())
-            .arg("run")
-            .args(args)
-            .arg("--qmp")
-            .arg(format!("unix:{}", socket.display()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start ferry");
-        let qmp = QmpClient::connect(&socket, Duration::from_secs(20)).unwrap_or_else(|e| {
-            panic!(
-                "{name} did not open its QMP socket: {e}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Ferry { child, qmp, log }
-    }
-
-    fn ok(&mut self, cmd: &str, args: Value) -> Value {
-        self.qmp.execute(cmd, args).unwrap_or_else(|e| {
-            panic!(
-                "{cmd} failed: {e}\nlog:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            )
-        })
-    }
-
-    fn wait_migration(&mut self, done: &str) -> Value {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let info = self.ok("query-migrate", json!({}));
-            if info["status"] == done {
-                return info;
-            }
-            assert!(
-                info["status"] != "failed" && Instant::now() < deadline,
-                "migration did not reach {done}: {info}\nlog:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Poll the hotplug connector holding `device` until `pred` holds.
-    fn wait_connector(&mut self, device: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let l = self.ok("__org.ferry_query-connectors", json!({}));
-            if let Some(c) = l.as_array().unwrap().iter().find(|c| c["device"] == device)
-                && pred(c)
-            {
-                return c.clone();
-            }
-            assert!(Instant::now() < deadline, "{device}: connector stuck: {l}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn wait_pass(&mut self, target: u64) {
-        let deadline = Instant::now() + TIMEOUT;
-        while self.ok("__org.ferry_query-guest", json!({}))["pass"]
-            .as_u64()
-            .unwrap_or(0)
-            < target
-        {
-            assert!(Instant::now() < deadline, "guest stuck below pass {target}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 /// The sections the machine type's schema says a stream must carry, and those it may.
 fn expected_by_schema(vcpus: u32) -> (BTreeSet<(String, u32)>, BTreeSet<String>) {
@@ -215,7 +93,8 @@ fn check_sections(dir: &Path, file: &str) -> Value {
 
 #[test]
 fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
-    let dir = scratch("real_migration");
+    let tmp = tempdir();
+    let dir = tmp.path().to_path_buf();
     let vcpus = VCPUS.to_string();
     // The unplug below stays pending through the migration: its timer (15 s by default) must
     // not fire first on a slow host.
@@ -237,10 +116,7 @@ fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
     let mut dst_args = common.to_vec();
     dst_args.extend(["--incoming", "tcp:127.0.0.1:0", "--dump-stream", &received]);
     let mut dst = Ferry::spawn(&dir, "destination", &dst_args);
-    let port = dst.ok("query-migrate", json!({}))["socket-address"][0]["port"]
-        .as_str()
-        .expect("listening port")
-        .to_owned();
+    let port = dst.incoming_port();
     let nic = json!({"driver": "ferry-pci-fn", "id": "nic0", "addr": "01.0"});
     dst.ok("device_add", nic.clone());
     let mut src_args = common.to_vec();
@@ -248,27 +124,23 @@ fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
     let mut src = Ferry::spawn(&dir, "source", &src_args);
     // Not a convergence test: on a loaded host a debug build can keep the default 300 ms out
     // of reach for all 30 default passes. Switch over once 3 s fits, after 10 at the latest.
-    src.ok(
-        "migrate-set-parameters",
-        json!({
-            "downtime-limit": 3000,
-            "__org.ferry_max-iterations": 10,
-            "__org.ferry_switchover-policy": "force",
-        }),
-    );
+    src.ok("migrate-set-parameters", completes_under_load());
     src.wait_pass(3);
     // A hot-plugged PCI function with an unplug the guest has not answered yet: its
     // connector is in a transitional state, so it travels, with the unplug timer.
     src.ok("device_add", nic);
-    src.wait_connector("nic0", |c| {
-        c["state"].as_str().unwrap_or("").ends_with("configured")
-    });
+    src.wait_connector(
+        "nic0",
+        |c| c["state"].as_str().unwrap_or("").ends_with("configured"),
+        "configured",
+    );
     src.ok("__org.ferry_guest-hotplug", json!({"mode": "slow"}));
     src.ok("device_del", json!({"id": "nic0"}));
-    src.wait_connector("nic0", |c| c["unplug-pending"] == true);
+    src.wait_connector("nic0", |c| c["unplug-pending"] == true, "unplug pending");
     src.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    src.wait_migration("completed");
-    dst.wait_migration("completed");
+    let info = src.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "{info}");
+    dst.wait_migration(&["completed"]);
     assert_eq!(dst.ok("query-status", json!({}))["status"], "running");
     // --dump-stream keeps every stream the process handles at the same path: keep this one
     // before the destination saves itself below.
@@ -277,8 +149,7 @@ fn dumps_of_a_real_live_migration_have_every_section_and_agree() {
     // clocks and guest progress move on; the diff below only compares the two captures).
     dst.ok("stop", json!({}));
     let saved = dir.join("destination-after.stream").display().to_string();
-    dst.ok("migrate", json!({"uri": format!("file:{saved}")}));
-    dst.wait_migration("completed");
+    dst.save(Path::new(&saved));
     drop(src);
     drop(dst);
 

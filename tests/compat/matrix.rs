@@ -3,8 +3,8 @@
 //! refusals that are part of the promise.
 //!
 //! Custom harness (`libtest-mimic`, `harness = false`): every cell is a test of its own,
-//! named `MACHINE::SCENARIO` (e.g. `ferry-2.0::unplug-timer`, `ferry-1.0::machine-mismatch`),
-//! so `cargo nextest run -p vmm --test compat_matrix` runs each in its own process (in the
+//! named `matrix::MACHINE::SCENARIO` (e.g. `matrix::ferry-2.0::unplug-timer`), so
+//! `cargo nextest run -p ferry-tests --test compat` runs each in its own process (in the
 //! `kvm-serial` group) and the usual filters select cells: `-- ferry-1.0::` or
 //! `-- ::unplug-timer`. Without nextest the harness runs the cells one at a time unless
 //! `--test-threads` says otherwise.
@@ -48,7 +48,7 @@
 //!   restart in full, by the type's rule.
 //! - A live migration's switchover is forced after a few pre-copy passes, so whether it
 //!   converges under the downtime limit on a slow or loaded machine does not matter.
-//! - Every wait is bounded (`compat_common::TIMEOUT`) and ends on what it waits for: an event,
+//! - Every wait is bounded (`ferry_tests::TIMEOUT`) and ends on what it waits for: an event,
 //!   a state or the guest's progress (polled, with short sleeps only between the polls), and
 //!   fails saying what did not happen.
 //!
@@ -56,15 +56,13 @@
 //! `__org.ferry_io-timeout` (10 s) runs out while a very slow source is still in its first
 //! pass fails the cell with that error.
 //!
-//! Run as one process with more than one cell (`cargo test -p vmm --test compat_matrix`, or
+//! Run as one process with more than one cell (`cargo test -p ferry-tests --test compat -- matrix::`, or
 //! the test binary itself), the harness also prints the table (machine type × scenario -> ok /
 //! refused-as-expected / FAILED) and writes it to `target/compat-matrix.md`.
 
-#[path = "compat_common/mod.rs"]
-mod compat_common;
-
-use compat_common::*;
-use libtest_mimic::{Arguments, Failed, Trial};
+use crate::streams::*;
+use ferry_tests::*;
+use libtest_mimic::{Failed, Trial};
 use machine_types::MachineType;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -804,31 +802,28 @@ fn table(results: &[(&'static str, Scenario, Outcome, u128)], total_s: f64) -> S
     md
 }
 
-fn main() -> std::process::ExitCode {
-    let mut args = Arguments::from_args();
-    // Real KVM guests on a 2-core machine: one cell at a time unless told otherwise (nextest
-    // runs each cell in its own process, one at a time in the kvm-serial group).
-    if args.test_threads.is_none() {
-        args.test_threads = Some(1);
-    }
-    let trials: Vec<Trial> = machines()
+/// One trial per cell, named `matrix::MACHINE::SCENARIO`.
+pub fn trials() -> Vec<Trial> {
+    machines()
         .into_iter()
         .flat_map(|m| {
             SCENARIOS.map(|sc| {
-                Trial::test(format!("{}::{}", m.name(), sc.key()), move || {
+                Trial::test(format!("matrix::{}::{}", m.name(), sc.key()), move || {
                     run_cell(m, sc)
                 })
             })
         })
-        .collect();
-    let started = Instant::now();
-    let conclusion = libtest_mimic::run(&args, trials);
+        .collect()
+}
+
+/// When this process ran more than one cell: prints the table and writes it to
+/// `target/compat-matrix.md`.
+pub fn write_table(started: Instant) {
     let results = std::mem::take(&mut *RESULTS.lock().unwrap_or_else(|p| p.into_inner()));
     if results.len() > 1 {
         let md = table(&results, started.elapsed().as_secs_f64());
-        let out = target_dir().join("compat-matrix.md");
+        let out = bins::target_dir().join("compat-matrix.md");
         std::fs::write(&out, &md).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
         println!("\n{md}\n(written to {})", out.display());
     }
-    conclusion.exit_code()
 }

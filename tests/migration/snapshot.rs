@@ -3,10 +3,7 @@
 //! intact, and the state loaded equals the state saved. A file for another VM shape is refused
 //! with the difference named.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
 use serde_json::json;
 
 const SHAPE: [&str; 6] = [

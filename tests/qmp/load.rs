@@ -3,10 +3,8 @@
 //! invalid commands while a live migration runs. The migration completes, and every client
 //! gets exactly one answer to every request it sent.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
+use ferry_tests::{ClientError, QmpClient};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -15,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
-use vmm::qmp::client::{ClientError, QmpClient};
 
 const SHAPE: [&str; 6] = [
     "--machine",

@@ -4,10 +4,7 @@
 //! completes on the destination, hotplug refused on both sides while the stream flows, and
 //! the incoming connector reset shown to matter.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
 use serde_json::{Value, json};
 
 fn devices() -> Vec<Value> {

@@ -9,18 +9,14 @@
 //!
 //! Also the access rules: the incoming listener binds only the address it was given.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
 use devstate::{Item, RawSection, StreamReader, StreamWriter, Tag};
-use ferry_common::*;
+use ferry_tests::*;
 use machine_types::MachineType;
 use migration::ConfigRecord;
 use migration::protocol::{FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROTOCOL_VERSION};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
 use vmm::hotplug::{ConnectorKind, ConnectorState};
 
 const SHAPE: [&str; 6] = [
@@ -39,29 +35,16 @@ fn mem_block() -> Value {
     json!({"driver": "ferry-mem-block", "id": "mem0", "slot": 0})
 }
 
-fn connectors(f: &mut Ferry) -> Vec<Value> {
-    f.ok("__org.ferry_query-connectors", json!({}))
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 fn wait_configured(f: &mut Ferry, dev: &str) -> Value {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(c) = connectors(f).into_iter().find(|c| c["device"] == dev)
-            && c["state"]
+    f.wait_connector(
+        dev,
+        |c| {
+            c["state"]
                 .as_str()
                 .is_some_and(|s| s.ends_with("configured"))
-        {
-            return c;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{dev} never configured"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        },
+        "configured",
+    )
 }
 
 /// A real stream, split into its records.

@@ -3,15 +3,9 @@
 //! the test), `migrate_cancel`, and a killed destination. Each time the source guest keeps
 //! running with its memory intact, and a second attempt succeeds.
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
-use migration::protocol::Kind;
+use ferry_tests::relay::{self, Cut};
+use ferry_tests::*;
 use serde_json::json;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::thread;
 
 const SHAPE: [&str; 6] = [
     "--machine",
@@ -21,77 +15,6 @@ const SHAPE: [&str; 6] = [
     "--guest",
     "dirty:8",
 ];
-
-/// Where the relay cuts the source -> destination direction.
-#[derive(Clone, Copy)]
-enum Cut {
-    /// After this many bytes.
-    After(usize),
-    /// Just before the first device-state section (the `cpu` section record).
-    AtDeviceState,
-}
-
-/// A one-connection relay on loopback: `forward(source, destination)` and
-/// `back(destination, source)` run on their own threads and decide what passes.
-fn relay_with(
-    to: String,
-    forward: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
-    back: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
-) -> (String, thread::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let h = thread::spawn(move || {
-        let (a, _) = l.accept().unwrap();
-        let b = TcpStream::connect(&to).unwrap();
-        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let back = thread::spawn(move || back(b2, a2));
-        forward(a, b);
-        let _ = back.join();
-    });
-    (addr, h)
-}
-
-/// Forwards both directions and cuts the link (both ways) as `cut` says.
-fn relay(to: String, cut: Cut) -> (String, thread::JoinHandle<()>) {
-    let forward = move |mut a: TcpStream, mut b: TcpStream| {
-        let mut buf = vec![0u8; 64 << 10];
-        let mut seen = 0usize;
-        let mut tail: Vec<u8> = Vec::new();
-        let marker = b"\x03\x03cpu";
-        loop {
-            let n = match a.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let mut keep = n;
-            match cut {
-                Cut::After(limit) if seen + n >= limit => keep = limit - seen,
-                Cut::AtDeviceState => {
-                    tail.extend_from_slice(&buf[..n]);
-                    if let Some(p) = tail.windows(marker.len()).position(|w| w == marker) {
-                        keep = n.saturating_sub(tail.len() - p);
-                    }
-                    let drop_to = tail.len().saturating_sub(marker.len());
-                    tail.drain(..drop_to);
-                }
-                _ => {}
-            }
-            if b.write_all(&buf[..keep]).is_err() {
-                break;
-            }
-            seen += keep;
-            if keep < n {
-                break;
-            }
-        }
-        // Cut both directions.
-        let _ = a.shutdown(Shutdown::Both);
-        let _ = b.shutdown(Shutdown::Both);
-    };
-    relay_with(to, forward, |mut b, mut a| {
-        let _ = std::io::copy(&mut b, &mut a);
-    })
-}
 
 /// A source running the guest, with parameters that let its migrations finish on a loaded
 /// host (what these tests break is the link, not convergence).
@@ -150,7 +73,7 @@ fn cut_case(cut: Cut, label: &str) {
     let port = d.incoming_port();
     let mut s = src(dir.path());
     s.wait_pass(2);
-    let (addr, h) = relay(format!("127.0.0.1:{port}"), cut);
+    let (addr, h) = relay::cutting(format!("127.0.0.1:{port}"), cut);
     s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
     let info = s.wait_migration(&["failed", "completed"]);
     h.join().unwrap();
@@ -230,41 +153,6 @@ fn killed_destination_leaves_the_source_running() {
     d2.wait_migration(&["completed"]);
 }
 
-/// A relay that forwards the source's stream (COMMIT included) but passes only the first
-/// `keep` replies of the destination (progress reports pass too and do not count), then hangs
-/// up on the source.
-fn relay_losing_replies(to: String, keep: usize) -> (String, thread::JoinHandle<()>) {
-    let forward = |mut a: TcpStream, mut b: TcpStream| {
-        let _ = std::io::copy(&mut a, &mut b);
-        let _ = b.shutdown(Shutdown::Write);
-    };
-    let back = move |mut b: TcpStream, mut a: TcpStream| {
-        let mut left = keep;
-        while left > 0 {
-            // A control message: 16 bytes (u16 kind, u16, u32 text length, u64) + text.
-            let mut head = [0u8; 16];
-            if b.read_exact(&mut head).is_err() {
-                break;
-            }
-            let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
-            let mut text = vec![0u8; len];
-            if b.read_exact(&mut text).is_err()
-                || a.write_all(&head).is_err()
-                || a.write_all(&text).is_err()
-            {
-                break;
-            }
-            if u16::from_le_bytes([head[0], head[1]]) != Kind::Received as u16 {
-                left -= 1;
-            }
-        }
-        // The destination's later replies (Committed) are lost: the source hears EOF.
-        let _ = a.shutdown(Shutdown::Write);
-        let _ = std::io::copy(&mut b, &mut std::io::sink());
-    };
-    relay_with(to, forward, back)
-}
-
 #[test]
 fn link_cut_right_after_commit_never_runs_the_guest_twice() {
     let dir = tempdir();
@@ -273,7 +161,7 @@ fn link_cut_right_after_commit_never_runs_the_guest_twice() {
     let mut s = src(dir.path());
     s.wait_pass(2);
     // HelloAck, Accept and Loaded reach the source; Committed does not.
-    let (addr, h) = relay_losing_replies(format!("127.0.0.1:{port}"), 3);
+    let (addr, h) = relay::losing_replies(format!("127.0.0.1:{port}"), 3);
     s.ok("migrate", json!({"uri": format!("tcp:{addr}")}));
     let info = s.wait_migration(&["failed", "completed"]);
     h.join().unwrap();
@@ -313,26 +201,6 @@ fn a_completed_source_refuses_cont() {
     assert!(e.contains("running it here too would run it twice"), "{e}");
 }
 
-/// A relay that delays every chunk in both directions by `delay` (a slow, long link).
-fn delaying_relay(to: String, delay: std::time::Duration) -> (String, thread::JoinHandle<()>) {
-    let pump = move |mut from: TcpStream, mut to: TcpStream| {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            // Simulated propagation delay (this is the network, not test synchronisation).
-            thread::sleep(delay);
-            if to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Write);
-    };
-    relay_with(to, pump, pump)
-}
-
 #[test]
 fn migration_converges_over_a_delaying_link() {
     let dir = tempdir();
@@ -343,9 +211,9 @@ fn migration_converges_over_a_delaying_link() {
     // Every chunk waits 2 ms each way: a slow link. What is tested is that the protocol
     // (handshake, progress reports, COMMIT) survives it; whether a pass fits the downtime
     // limit depends on how fast a loaded host runs the guest, so the switchover is forced
-    // (the convergence decision has its own tests in migration/tests/engine.rs, e2e_netns).
+    // (the convergence decision has its own tests in migration/tests/engine.rs, netns.rs).
     s.ok("migrate-set-parameters", completes_under_load());
-    let (addr, h) = delaying_relay(
+    let (addr, h) = relay::delaying(
         format!("127.0.0.1:{port}"),
         std::time::Duration::from_millis(2),
     );

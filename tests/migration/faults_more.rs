@@ -8,18 +8,11 @@
 //! succeeds (for faults that lose the source, a new source's migration into the same
 //! destination succeeds).
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::relay::{Fault, FaultRelay};
+use ferry_tests::*;
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 const SHAPE: [&str; 6] = [
     "--machine",
@@ -44,20 +37,15 @@ fn connectors(f: &mut Ferry) -> Value {
 }
 
 fn wait_configured(f: &mut Ferry, dev: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let l = connectors(f);
-        if l.as_array().unwrap().iter().any(|c| {
-            c["device"] == dev
-                && c["state"]
-                    .as_str()
-                    .is_some_and(|s| s.ends_with("configured"))
-        }) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{dev} never configured: {l}");
-        thread::sleep(Duration::from_millis(5));
-    }
+    f.wait_connector(
+        dev,
+        |c| {
+            c["state"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("configured"))
+        },
+        "configured",
+    );
 }
 
 /// A running source with core1 plugged and configured; returns it and its connectors.
@@ -129,134 +117,6 @@ fn set_io_timeout(f: &mut Ferry, ms: u64) {
     assert_eq!(p["__org.ferry_io-timeout"], ms);
 }
 
-/// How the relay misbehaves once `after` bytes went from source to destination.
-#[derive(Clone, Copy)]
-enum Fault {
-    /// Stop forwarding in both directions, keep both connections open until released.
-    Stall,
-    /// Reset both connections (RST, SO_LINGER 0).
-    Reset,
-}
-
-/// A one-connection relay on loopback: forwards both ways, then misbehaves.
-struct Relay {
-    addr: String,
-    release: Arc<(Mutex<bool>, Condvar)>,
-    stalled: Arc<AtomicBool>,
-    /// When the relay stopped forwarding.
-    stalled_at: Arc<Mutex<Option<Instant>>>,
-    threads: Vec<thread::JoinHandle<()>>,
-}
-
-fn wait_release(release: &(Mutex<bool>, Condvar)) {
-    let deadline = Instant::now() + TIMEOUT * 2;
-    let mut g = release.0.lock().unwrap();
-    while !*g {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "the test never released the stalled relay");
-        g = release.1.wait_timeout(g, left).unwrap().0;
-    }
-}
-
-fn reset(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket fd and a correctly sized `linger` for SO_LINGER.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
-impl Relay {
-    fn start(to: String, after: usize, fault: Fault) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let release = Arc::new((Mutex::new(false), Condvar::new()));
-        let stalled = Arc::new(AtomicBool::new(false));
-        let stalled_at = Arc::new(Mutex::new(None));
-        let (rel, st, st_at) = (release.clone(), stalled.clone(), stalled_at.clone());
-        let main = thread::spawn(move || {
-            let (mut a, _) = l.accept().unwrap();
-            let mut b = TcpStream::connect(&to).unwrap();
-            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-            let (rel2, st2) = (rel.clone(), st.clone());
-            // Destination -> source: forwarded until the fault, then held.
-            let back = thread::spawn(move || {
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    let n = match b2.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if st2.load(Ordering::SeqCst) || a2.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                if st2.load(Ordering::SeqCst) {
-                    wait_release(&rel2);
-                }
-            });
-            let mut buf = vec![0u8; 64 << 10];
-            let mut seen = 0usize;
-            loop {
-                let n = match a.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let keep = n.min(after - seen);
-                if b.write_all(&buf[..keep]).is_err() {
-                    break;
-                }
-                seen += keep;
-                if seen == after {
-                    match fault {
-                        Fault::Stall => {
-                            *st_at.lock().unwrap() = Some(Instant::now());
-                            st.store(true, Ordering::SeqCst);
-                            // Read nothing more, close nothing: a peer that went silent.
-                            wait_release(&rel);
-                        }
-                        Fault::Reset => {
-                            reset(&a);
-                            reset(&b);
-                        }
-                    }
-                    break;
-                }
-            }
-            // Wake the backward thread (its read returns 0) so that it drops its clones:
-            // only the last close of a socket with SO_LINGER 0 sends the RST.
-            let _ = b.shutdown(Shutdown::Read);
-            let _ = back.join();
-            drop(a);
-            drop(b);
-        });
-        Relay {
-            addr,
-            release,
-            stalled,
-            stalled_at,
-            threads: vec![main],
-        }
-    }
-
-    fn release(self) {
-        *self.release.0.lock().unwrap() = true;
-        self.release.1.notify_all();
-        for t in self.threads {
-            t.join().unwrap();
-        }
-    }
-}
-
 #[test]
 fn stalled_peer_times_out_on_both_sides() {
     let dir = tempdir();
@@ -264,7 +124,7 @@ fn stalled_peer_times_out_on_both_sides() {
     let (mut s, conns) = source(dir.path(), "src");
     set_io_timeout(&mut s, 1000);
     set_io_timeout(&mut d, 1000);
-    let relay = Relay::start(format!("127.0.0.1:{port}"), 64 << 10, Fault::Stall);
+    let relay = FaultRelay::start(format!("127.0.0.1:{port}"), 64 << 10, Fault::Stall);
     s.ok("migrate", json!({"uri": format!("tcp:{}", relay.addr)}));
     let info = s.wait_migration(&["failed", "completed"]);
     let seen = Instant::now();
@@ -306,7 +166,7 @@ fn connection_reset_mid_ram_leaves_the_source_running() {
     let dir = tempdir();
     let (mut d, port) = destination(dir.path(), "dst");
     let (mut s, conns) = source(dir.path(), "src");
-    let relay = Relay::start(format!("127.0.0.1:{port}"), 96 << 10, Fault::Reset);
+    let relay = FaultRelay::start(format!("127.0.0.1:{port}"), 96 << 10, Fault::Reset);
     s.ok("migrate", json!({"uri": format!("tcp:{}", relay.addr)}));
     let info = s.wait_migration(&["failed", "completed"]);
     assert_eq!(info["status"], "failed", "{info}");
@@ -337,15 +197,11 @@ fn killed_source_fails_the_destination_which_accepts_a_later_migration() {
     );
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     // Kill it once RAM pages have reached the destination.
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let i = d.ok("query-migrate", json!({}));
-        if i["ram"]["normal"].as_u64() > Some(0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no RAM arrived: {i}");
-        thread::sleep(Duration::from_millis(5));
-    }
+    d.poll(
+        TIMEOUT,
+        &|d| format!("no RAM arrived: {}", d.ok("query-migrate", json!({}))),
+        |d| (d.ok("query-migrate", json!({}))["ram"]["normal"].as_u64() > Some(0)).then_some(()),
+    );
     s.child.kill().unwrap();
     s.wait_exit();
     let info = d.wait_migration(&["failed", "completed"]);

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn ferry(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let out = Command::new(ferry_tests::bins::ferry())
         .args(args)
         .env("RUST_LOG", "error")
         .output()

@@ -2,7 +2,7 @@
 //! source and the destination run in two network namespaces joined by a veth pair, and a
 //! `tbf` qdisc caps the source's egress at 40 Mbit/s (`netem` is not in this kernel, so there
 //! is no delay or loss qdisc; stalls and resets are covered by the relays of
-//! `e2e_faults_more.rs`).
+//! `faults_more.rs`).
 //!
 //! Under a dirty rate above what the link carries within the downtime limit, the migration
 //! reports that it cannot converge (switchover-policy `cancel`, few iterations) and the source
@@ -13,13 +13,9 @@
 //! skips: where the namespaces, the veth pair or the qdisc cannot be created, it fails naming
 //! what could not be created and why (CI runs as root, where all of them work).
 
-#[path = "ferry_common/mod.rs"]
-mod ferry_common;
-
-use ferry_common::*;
+use ferry_tests::*;
 use serde_json::json;
-use std::process::{Command, Stdio};
-use vmm::qmp::client::QmpClient;
+use std::process::Command;
 
 /// The link: 40 Mbit/s = 5 MB/s.
 const RATE_BYTES: f64 = 5e6;
@@ -115,26 +111,12 @@ impl Link {
 
     /// `ferry run ARGS` inside namespace `ns` (`ip netns exec` execs it: same pid).
     fn spawn(&self, ns: &str, dir: &std::path::Path, name: &str, args: &[&str]) -> Ferry {
-        require_kvm();
-        let socket = dir.join(format!("{name}.qmp"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry"), "run"])
-            .args(args)
-            .arg("--qmp")
-            .arg(format!("unix:{}", socket.display()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("cannot start ferry in a namespace");
-        let qmp = QmpClient::connect(&socket, TIMEOUT)
-            .unwrap_or_else(|e| panic!("{name} did not open its QMP socket: {e}\n{}", read(&log)));
-        Ferry {
-            child,
-            qmp,
-            socket,
-            log,
-        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(ferry_tests::bins::ferry())
+            .arg("run")
+            .args(args);
+        Ferry::spawn_command(cmd, dir, name)
     }
 }
 
