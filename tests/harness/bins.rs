@@ -34,7 +34,7 @@ pub fn ferry_dump() -> PathBuf {
     .clone()
 }
 
-/// The `qmp_demo` example of vmm, a QMP server without a VM (`FERRY_QMP_DEMO_BIN`, else
+/// The `qmp_demo` example of ferry-qmp, a QMP server without a VM (`FERRY_QMP_DEMO_BIN`, else
 /// `target/<profile>/examples/qmp_demo`).
 pub fn qmp_demo() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -42,7 +42,7 @@ pub fn qmp_demo() -> PathBuf {
         locate(
             "FERRY_QMP_DEMO_BIN",
             Path::new("examples/qmp_demo"),
-            &["-p", "vmm", "--example", "qmp_demo"],
+            &["-p", "ferry-qmp", "--example", "qmp_demo"],
         )
     })
     .clone()

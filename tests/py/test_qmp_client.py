@@ -2,7 +2,7 @@
 
 Usage: test_qmp_client.py SOCKET_PATH
 
-The server must serve the demo backend (examples/qmp_demo.rs). The script
+The server must serve the demo backend (vmm/qmp/examples/qmp_demo.rs). The script
 ends by sending `quit`, which stops the server. Prints OK and exits 0 on
 success; any failure raises.
 """

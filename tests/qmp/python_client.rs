@@ -1,4 +1,4 @@
-//! The real `qemu.qmp` Python client against vmm's `examples/qmp_demo.rs` (a QMP server
+//! The real `qemu.qmp` Python client against ferry-qmp's `examples/qmp_demo.rs` (a QMP server
 //! without a VM).
 //!
 //! Needs a Python with `qemu.qmp` installed: `$FERRY_PYTHON`, by default `.venv/bin/python`

@@ -1,14 +1,13 @@
 //! The QMP server over real Unix sockets, driven by a raw client.
 
-mod qmp_common;
-use qmp_common as common;
+mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{Client, TIMEOUT, error, generic, start, start_with};
+use ferry_qmp::{EventBus, QmpConfig, QmpServer, QmpServerError};
 use serde_json::{Value, json};
-use vmm::qmp::{EventBus, QmpConfig, QmpServer, QmpServerError};
 
 const NEGOTIATE_FIRST: &str = "Expecting capabilities negotiation with 'qmp_capabilities'";
 

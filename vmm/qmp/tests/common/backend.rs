@@ -4,8 +4,8 @@
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+use ferry_qmp::{Args, EventBus, QmpBackend, QmpError, ShutdownHandle};
 use serde_json::{Map, Value, json};
-use vmm::qmp::{Args, EventBus, QmpBackend, QmpError, ShutdownHandle};
 
 /// How long `x-block` waits for `x-release` before giving up.
 const BLOCK_LIMIT: Duration = Duration::from_secs(10);

@@ -2,14 +2,14 @@
 //! state, and a save/load through a devstate stream at any step reproduces the source
 //! (minus what the machine type's section version does not carry).
 
-#[path = "hotplug_common/mod.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use common::*;
-use proptest::prelude::*;
-use vmm::hotplug::{
+use ferry_hotplug::{
     Connector, ConnectorKind, DeviceProps, DrIndicator, DrcState, GuestOp, HotplugManager, RunPhase,
 };
+use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Act {
@@ -164,7 +164,7 @@ fn apply(m: &mut HotplugManager, a: &Act, now: &mut u64) {
                 if !c.has_device() {
                     break;
                 }
-                use vmm::hotplug::DrcState::*;
+                use ferry_hotplug::DrcState::*;
                 let op = match (c.state(), c.unplug_requested()) {
                     (LogicalUnusable, _) => GuestOp::SET_USABLE,
                     (LogicalAvailable, true) => GuestOp::SET_UNUSABLE,
@@ -301,7 +301,7 @@ fn coverage_probe() {
         for a in &acts {
             apply(&mut m, a, &mut now);
             for c in m.connectors() {
-                use vmm::hotplug::DrcState::*;
+                use ferry_hotplug::DrcState::*;
                 seen[0] |= c.unplug_requested();
                 seen[1] |= c.release_pending();
                 seen[2] |= c.unplug_timed_out();

@@ -3,11 +3,11 @@
 #![allow(dead_code)]
 
 use devstate::{Catalog, Item, Section, StreamReader, StreamWriter, record};
-use machine_types::MachineType;
-use vmm::hotplug::{
+use ferry_hotplug::{
     ConnectorKind, DeviceSpec, GuestOp, HotplugConfig, HotplugManager, Outcome, RunPhase,
     register_sections,
 };
+use machine_types::MachineType;
 
 record! {
     /// Stand-in for the VMM's configuration record.

@@ -2,13 +2,13 @@
 //! Prints `READY` on stdout once the socket accepts connections; `quit`
 //! stops it.
 
-#[path = "../tests/qmp_common/backend.rs"]
+#[path = "../tests/common/backend.rs"]
 mod backend;
 
 use std::io::Write;
 use std::sync::Arc;
 
-use vmm::qmp::{EventBus, QmpConfig, QmpServer, VersionInfo};
+use ferry_qmp::{EventBus, QmpConfig, QmpServer, VersionInfo};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,11 +2,11 @@
 //! transitions, saved through devstate streams for every machine type and loaded by a
 //! destination built as the VMM builds it (pre-start device_add, reset, load).
 
-#[path = "hotplug_common/mod.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use common::*;
-use vmm::hotplug::{
+use ferry_hotplug::{
     Connector, DeviceProps, DrIndicator, DrcState, Effect, Event, GuestEventKind, GuestOp,
     HotplugManager, Outcome, RtasError, RunPhase,
 };

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_qmp::{EventBus, QmpConfig, QmpServer, QmpServerError, ShutdownHandle, VersionInfo};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinHandle;
-use vmm::qmp::{EventBus, QmpConfig, QmpServer, QmpServerError, ShutdownHandle, VersionInfo};
 
 use backend::DemoVm;
 
