@@ -62,3 +62,53 @@ pub fn host_fields(a: &mut [(String, Value)], b: &mut [(String, Value)]) -> Vec<
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use machine_types::cpu::xsave;
+
+    use super::*;
+
+    /// A decoded `hot-vcpu`-like record: the vCPU state nested one level down.
+    fn record(mxcsr_mask: u32, xmm0: u32) -> Vec<(String, Value)> {
+        let mut w = vec![0u32; xsave::WORDS];
+        w[xsave::MXCSR] = 0x1f80;
+        w[xsave::MXCSR_MASK] = mxcsr_mask;
+        w[xsave::XMM.start] = xmm0;
+        let cpu = vec![
+            ("cpu_model".to_owned(), Value::Str("ferry-v3".into())),
+            (
+                "xsave".to_owned(),
+                Value::List(w.iter().map(|&x| Value::Uint(x.into())).collect()),
+            ),
+        ];
+        vec![
+            ("core".to_owned(), Value::Uint(1)),
+            ("cpu".to_owned(), Value::Record(cpu)),
+        ]
+    }
+
+    #[test]
+    fn host_defined_differences_are_named_with_their_path_and_normalised_away() {
+        let (mut a, mut b) = (record(0x2ffff, 0), record(0xffff, 0));
+        assert_eq!(
+            host_fields(&mut a, &mut b),
+            [(
+                "cpu.xsave".to_owned(),
+                "host-defined fields differ (MXCSR_MASK)".to_owned()
+            )]
+        );
+        assert_eq!(a, b, "both sides hold the guest view");
+        // An XMM register with SSE not in use (XSTATE_BV clear) is filler too, and reported.
+        let (mut a, mut b) = (record(0xffff, 0), record(0xffff, 7));
+        let h = host_fields(&mut a, &mut b);
+        assert_eq!(
+            h[0].1,
+            "host-defined fields differ (components in their init state)"
+        );
+        assert_eq!(a, b);
+        // Identical areas report nothing.
+        let (mut a, mut b) = (record(0xffff, 0), record(0xffff, 0));
+        assert!(host_fields(&mut a, &mut b).is_empty());
+    }
+}

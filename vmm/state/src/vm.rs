@@ -527,4 +527,25 @@ mod tests {
             "Section 'irqchip' at offset 78 rejected by post_load: IOAPIC has 3 redirection entries, expected 24"
         );
     }
+
+    #[test]
+    fn hot_vcpu_run_states_map_to_their_wire_values_and_others_are_refused() {
+        for (run, wire) in [
+            (HotCoreState::Created, 1),
+            (HotCoreState::Running, 2),
+            (HotCoreState::Parked, 3),
+        ] {
+            let s = HotVcpuState::new(4, run, VcpuState::default());
+            assert_eq!((s.run, s.run_state()), (wire, run));
+        }
+        let mut s = HotVcpuState {
+            core: 4,
+            run: 0,
+            cpu: VcpuState::default(),
+        };
+        assert_eq!(
+            s.post_load(1).unwrap_err(),
+            "run state 0 of core 4 is not 1..=3"
+        );
+    }
 }
