@@ -15,7 +15,7 @@
 //!
 //! A function is present from [`PciFunctions::enable`] (the `EnablePciFunction` effect,
 //! at `device_add`) until [`PciFunctions::disable`] (the `TearDown` effect). Its migrated
-//! state is section [`PciFnState::NAME`] (`ferry-pci-fn`, instance = devfn).
+//! state is section `ferry-pci-fn` ([`PciFnState`], instance = devfn).
 
 use std::collections::BTreeMap;
 
