@@ -1122,7 +1122,7 @@ pub fn diff(a: &StreamView, b: &StreamView) -> Diff {
         a.sections.iter().map(decoded).collect(),
         b.sections.iter().map(decoded).collect(),
     );
-    let s = diff::sections(&sa, &sb, &vmm::migrate::host_fields);
+    let s = diff::sections(&sa, &sb, &ferry_state::host_fields);
     d.differences.extend(s.differences);
     d.volatile.extend(s.volatile);
     let (pa, pb) = (&a.ram.pages, &b.ram.pages);

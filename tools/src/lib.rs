@@ -37,5 +37,5 @@ pub fn known_machines() -> Vec<&'static str> {
 
 /// The schema this build emits for `machine`.
 pub fn current_schema(machine: &machine_types::MachineType) -> MachineSchema {
-    vmm::vm::persist::full_catalog().schema(machine)
+    ferry_state::full_catalog().schema(machine)
 }

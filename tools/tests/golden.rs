@@ -95,7 +95,7 @@ fn machine(name: &str) -> &'static MachineType {
 }
 
 fn widget_schema(m: &str) -> MachineSchema {
-    let mut c: Catalog = vmm::vm::persist::full_catalog();
+    let mut c: Catalog = ferry_state::full_catalog();
     c.register::<Widget>();
     c.schema(machine(m))
 }

@@ -24,7 +24,7 @@
 
 use std::io::Read;
 
-use devstate::{DecodeError, Item, MachineSchema, RawSection, StreamReader, Value};
+use devstate::{DecodeError, Item, MachineSchema, RawSection, StreamReader};
 use machine_types::{CpuModel, MachineType};
 use migration::{ConfigRecord, DestinationVm, DeviceDesc, DirtyRegion, RegionDesc, SourceVm};
 use vm_memory::Bytes;
@@ -506,64 +506,8 @@ pub fn parse_sections(
 /// Differences between two sets of sections, field by field ([`devstate::diff`]).
 pub use devstate::diff::Diff as SectionDiff;
 
-/// Replaces every XSAVE area in decoded vCPU state (a record with `cpu_model` and `xsave`,
-/// at any depth) by its guest view ([`machine_types::cpu::xsave::normalise`]): MXCSR_MASK,
-/// the kernel's software-reserved words and components in their init state are filled in by
-/// the host, differ between CPU vendors, and are not guest state. Returns each area as it
-/// was, with its path, so a diff can report host-defined differences apart.
-pub fn normalise_host_fields(fields: &mut [(String, Value)]) -> Vec<(String, Vec<u32>)> {
-    let mut out = Vec::new();
-    normalise_at("", fields, &mut out);
-    out
-}
-
-fn normalise_at(path: &str, fields: &mut [(String, Value)], out: &mut Vec<(String, Vec<u32>)>) {
-    let xcr0 = fields.iter().find_map(|(n, v)| match (n.as_str(), v) {
-        ("cpu_model", Value::Str(m)) => Some(
-            machine_types::CpuModel::by_name(m)
-                .map_or(crate::vcpu::cpuid::XCR0_ALLOWED.into(), |m| m.xcr0_mask()),
-        ),
-        _ => None,
-    });
-    for (name, v) in fields.iter_mut() {
-        match (name.as_str(), v, xcr0) {
-            ("xsave", Value::List(words), Some(xcr0)) => {
-                let raw: Vec<u32> = words
-                    .iter()
-                    .map(|w| match w {
-                        Value::Uint(x) => *x as u32,
-                        _ => 0,
-                    })
-                    .collect();
-                let guest = machine_types::cpu::xsave::normalise(&raw, xcr0);
-                *words = guest.iter().map(|&w| Value::Uint(w.into())).collect();
-                out.push((format!("{path}.xsave"), raw));
-            }
-            (_, Value::Record(inner), _) => {
-                normalise_at(&format!("{path}.{name}"), inner, out);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// The [`devstate::diff::Normalise`] hook for vCPU state: both sides' XSAVE areas as the
-/// guest sees them ([`normalise_host_fields`]), with each area's host-defined differences.
-pub fn host_fields(a: &mut [(String, Value)], b: &mut [(String, Value)]) -> Vec<(String, String)> {
-    let (ha, hb) = (normalise_host_fields(a), normalise_host_fields(b));
-    ha.iter()
-        .zip(&hb)
-        .filter_map(|((at, x), (_, y))| {
-            let f = machine_types::cpu::xsave::host_field_differences(x, y);
-            (!f.is_empty()).then(|| {
-                (
-                    at.trim_start_matches('.').to_owned(),
-                    format!("host-defined fields differ ({})", f.join(", ")),
-                )
-            })
-        })
-        .collect()
-}
+/// Host-defined XSAVE fields, normalised away before a diff (`ferry-state`'s).
+pub use ferry_state::{host_fields, normalise_host_fields};
 
 /// Compares two sets of sections by `(name, instance)`, decoding every body and subsection by
 /// `schema` alone; volatile fields (at any depth) and host-defined XSAVE fields are reported

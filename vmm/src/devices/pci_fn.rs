@@ -15,14 +15,15 @@
 //!
 //! A function is present from [`PciFunctions::enable`] (the `EnablePciFunction` effect,
 //! at `device_add`) until [`PciFunctions::disable`] (the `TearDown` effect). Its migrated
-//! state is section [`PciFnState::NAME`] (`ferry-pci-fn`, instance = devfn).
+//! state is section `ferry-pci-fn` ([`PciFnState`], instance = devfn).
 
 use std::collections::BTreeMap;
 
-use devstate::Section;
-
 use super::bus::BusDevice;
 use crate::guest::{PCI_FN_STRIDE, PCI_IO_BASE};
+
+/// The migrated state of one function (`ferry-state`'s).
+pub use ferry_state::PciFnState;
 
 /// Vendor id (Red Hat, Inc., as QEMU's test devices).
 pub const VENDOR_ID: u16 = 0x1b36;
@@ -41,28 +42,6 @@ pub mod reg {
     pub const SCRATCH: u64 = 0x8;
     /// Scratch-write counter.
     pub const COUNTER: u64 = 0xc;
-}
-
-devstate::record! {
-    /// State of one hot-plugged PCI function (present functions only).
-    pub struct PciFnState {
-        /// `slot << 3 | function`.
-        pub devfn: u8,
-        /// Added with `multifunction=on`.
-        pub multifunction: bool,
-        /// Command register.
-        pub command: u16,
-        /// Scratch register.
-        pub scratch: u32,
-        /// Writes to SCRATCH since the function was enabled.
-        pub counter: u32,
-    }
-}
-
-impl Section for PciFnState {
-    const NAME: &'static str = "ferry-pci-fn";
-    const VERSION: u32 = 1;
-    const MIN_VERSION: u32 = 1;
 }
 
 /// First port of function `devfn`'s window.

@@ -56,7 +56,7 @@ impl Uart {
 
     /// Captures the register state.
     pub fn save(&self) -> UartState {
-        UartState::from_superio(&self.serial.state())
+        super::persist::uart_from_superio(&self.serial.state())
     }
 
     /// Replaces the register state, keeping the irq and the output.
@@ -64,7 +64,7 @@ impl Uart {
         let irq = self.serial.interrupt_evt().0.try_clone()?;
         let out = std::mem::replace(self.serial.writer_mut(), Box::new(io::sink()));
         self.serial = Serial::from_state(
-            &state.to_superio(),
+            &super::persist::uart_to_superio(state),
             IrqTrigger(irq),
             vm_superio::serial::NoEvents,
             out,

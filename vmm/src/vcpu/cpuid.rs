@@ -40,8 +40,8 @@ pub const LEAF1_EDX_KEEP: u32 = machine_types::cpu::LEAF1_EDX_BASE;
 pub const EXT1_ECX_KEEP: u32 = (1 << 0) | (1 << 5) | (1 << 8);
 /// Leaf 0x8000_0001 EDX bits kept: SYSCALL, NX, RDTSCP, LM.
 pub const EXT1_EDX_KEEP: u32 = (1 << 11) | (1 << 20) | (1 << 27) | (1 << 29);
-/// XCR0 bits any model may enable: x87, SSE, AVX.
-pub const XCR0_ALLOWED: u32 = 0b111;
+/// XCR0 bits any model may enable (`ferry-state`'s, which normalises XSAVE areas by it).
+pub use ferry_state::vcpu::XCR0_ALLOWED;
 /// Leaf 1 ECX: AVX.
 pub const LEAF1_ECX_AVX: u32 = 1 << 28;
 

@@ -159,16 +159,8 @@ impl BusDevice for ParkDev {
     }
 }
 
-/// Run state of a hot-added vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HotCoreState {
-    /// Created (at `device_add`), never started, or reset for a re-add.
-    Created,
-    /// Started (the guest configured the core); runs whenever the VM runs.
-    Running,
-    /// Stopped by the guest (park port) or torn down; outside `KVM_RUN` until configured again.
-    Parked,
-}
+/// Run state of a hot-added vCPU (`ferry-state`'s, beside the section that carries it).
+pub use ferry_state::HotCoreState;
 
 #[derive(Debug)]
 struct HotCore {
