@@ -51,7 +51,7 @@ struct RunArgs {
     /// Number of boot vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Guest workload: dirty[:MiB[,rate]] (rate = delay loops per page, 0 = full speed), idle,
+    /// Guest workload: `dirty[:MiB[,rate]]` (rate = delay loops per page, 0 = full speed), idle,
     /// or bootsector:FILE (a 512-byte image entered in real mode at 0x7c00).
     #[arg(long, default_value = "dirty")]
     guest: GuestSpec,

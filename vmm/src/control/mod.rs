@@ -5,7 +5,7 @@
 //! migration, so every command first consults state that lives outside it (the run-state
 //! mirror, the migration progress) and never blocks on the VM while a migration runs.
 //!
-//! Layout: this file holds the controller and its run-state lifecycle; [`commands`] the one
+//! Layout: this file holds the controller and its run-state lifecycle; `commands` the one
 //! table of QMP commands; `migration`, `hotplug` and `query` the handlers by concern.
 
 mod commands;

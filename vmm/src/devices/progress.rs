@@ -1,6 +1,6 @@
 //! The guest-progress device: the test guest reports each completed pass on
-//! [`PROGRESS_PORT`](crate::guest::PROGRESS_PORT) and unexpected exceptions on
-//! [`PANIC_PORT`](crate::guest::PANIC_PORT). Tests and the VMM wait on it.
+//! [`PROGRESS_PORT`] and unexpected exceptions on
+//! [`PANIC_PORT`]. Tests and the VMM wait on it.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

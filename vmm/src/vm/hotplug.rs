@@ -3,10 +3,10 @@
 //! The [`Vm`] owns a [`HotplugManager`] behind an `Arc<Mutex<_>>`, registered on the port-I/O
 //! bus at [`CONTROLLER_BASE`] (the guest's register file), plus:
 //!
-//! - the hotplug interrupt: an irqfd on GSI [`HOTPLUG_IRQ`](crate::guest::HOTPLUG_IRQ),
+//! - the hotplug interrupt: an irqfd on GSI [`HOTPLUG_IRQ`],
 //!   signalled (an edge) whenever the manager asks for an interrupt — after a guest access
 //!   and after `device_add` / `device_del`;
-//! - the park port [`HOTPLUG_PARK_PORT`](crate::guest::HOTPLUG_PARK_PORT), where a hot-added
+//! - the park port [`HOTPLUG_PARK_PORT`], where a hot-added
 //!   core reports that it stopped;
 //! - the PCI function window ([`PciFunctions`]);
 //! - hot-added vCPUs (one per CPU-core connector that ever had a device; KVM cannot destroy a

@@ -34,7 +34,7 @@ use crate::papr::{
     allocation_of, isolation_of,
 };
 
-/// One hotplug connector (runtime structure; its migrated form is [`ConnectorState`]).
+/// One hotplug connector (runtime structure; its migrated form is [`ConnectorState`](crate::ConnectorState)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connector {
     kind: ConnectorKind,
