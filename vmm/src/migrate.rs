@@ -196,7 +196,7 @@ fn hot_vcpu_sections(vm: &Vm, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError> 
         .into_iter()
         .filter_map(|(core, run, cpu)| {
             devstate::encode_section(
-                &mut HotVcpuState::new(core, run, cpu),
+                &mut HotVcpuState { core, run, cpu },
                 core,
                 m,
                 devstate::Tag::Section,
@@ -415,7 +415,7 @@ impl DestinationVm for VmMigration<'_> {
             if raw.name == <HotVcpuState as devstate::Section>::NAME {
                 let h: HotVcpuState = raw.load().map_err(|e| migration::chain(&e))?;
                 self.vm
-                    .restore_hot_vcpu(h.core, h.run_state(), &h.cpu)
+                    .restore_hot_vcpu(h.core, h.run, &h.cpu)
                     .map_err(words)?;
             } else if self.vm.load_hotplug_device_section(raw).map_err(words)? {
                 // A PCI function's registers.

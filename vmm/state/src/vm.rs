@@ -338,15 +338,29 @@ impl Section for ClockState {
     const REQUIRED: bool = true;
 }
 
-/// Run state of a hot-added vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Run state of a hot-added vCPU; the discriminants are the `hot-vcpu` section's wire values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum HotCoreState {
     /// Created (at `device_add`), never started, or reset for a re-add.
-    Created,
+    #[default]
+    Created = 1,
     /// Started (the guest configured the core); runs whenever the VM runs.
-    Running,
+    Running = 2,
     /// Stopped by the guest (park port) or torn down; outside `KVM_RUN` until configured again.
-    Parked,
+    Parked = 3,
+}
+
+impl devstate::WireEnum for HotCoreState {
+    type Repr = u8;
+    const VALUES: &'static [Self] = &[
+        HotCoreState::Created,
+        HotCoreState::Running,
+        HotCoreState::Parked,
+    ];
+    fn to_wire(self) -> u8 {
+        self as u8
+    }
 }
 
 devstate::record! {
@@ -354,31 +368,10 @@ devstate::record! {
     pub struct HotVcpuState {
         /// Core id (`ferry-cpu-core` `core-id`).
         pub core: u32,
-        /// 1 created, 2 running, 3 parked (0 is invalid).
-        pub run: u8,
+        /// 1 created, 2 running, 3 parked (0 and others are refused by the codec).
+        pub run: HotCoreState,
         /// Registers, MSRs, LAPIC, ... as for a boot vCPU.
         pub cpu: VcpuState,
-    }
-}
-
-impl HotVcpuState {
-    /// The section of hot-added core `core` in run state `run`.
-    pub fn new(core: u32, run: HotCoreState, cpu: VcpuState) -> Self {
-        let run = match run {
-            HotCoreState::Created => 1,
-            HotCoreState::Running => 2,
-            HotCoreState::Parked => 3,
-        };
-        HotVcpuState { core, run, cpu }
-    }
-
-    /// The run state (`post_load` has checked `run` is 1..=3).
-    pub fn run_state(&self) -> HotCoreState {
-        match self.run {
-            1 => HotCoreState::Created,
-            2 => HotCoreState::Running,
-            _ => HotCoreState::Parked,
-        }
     }
 }
 
@@ -386,16 +379,6 @@ impl devstate::Section for HotVcpuState {
     const NAME: &'static str = "hot-vcpu";
     const VERSION: u32 = 1;
     const MIN_VERSION: u32 = 1;
-
-    fn post_load(&mut self, _version: u32) -> Result<(), String> {
-        if !(1..=3).contains(&self.run) {
-            return Err(format!(
-                "run state {} of core {} is not 1..=3",
-                self.run, self.core
-            ));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -529,23 +512,45 @@ mod tests {
     }
 
     #[test]
-    fn hot_vcpu_run_states_map_to_their_wire_values_and_others_are_refused() {
+    fn hot_vcpu_run_states_travel_as_their_wire_values_and_others_are_refused() {
+        use devstate::{DecodeError, Reader, Record};
+        let decode = |body: &[u8]| {
+            let mut h = HotVcpuState::default();
+            let mut r = Reader::new(body, 100, "hot-vcpu");
+            h.decode_into(1, &mut r).map(|()| h)
+        };
+        // body: core 0..4, run 4
         for (run, wire) in [
-            (HotCoreState::Created, 1),
+            (HotCoreState::Created, 1u8),
             (HotCoreState::Running, 2),
             (HotCoreState::Parked, 3),
         ] {
-            let s = HotVcpuState::new(4, run, VcpuState::default());
-            assert_eq!((s.run, s.run_state()), (wire, run));
+            let mut body = Vec::new();
+            HotVcpuState {
+                core: 4,
+                run,
+                cpu: VcpuState::default(),
+            }
+            .encode(1, &mut body);
+            assert_eq!(body[4], wire);
+            assert_eq!(decode(&body).unwrap().run, run);
+            for bad in [0u8, 4, 0xff] {
+                body[4] = bad;
+                match decode(&body) {
+                    Err(DecodeError::InvalidValue {
+                        field,
+                        value,
+                        offset,
+                        ..
+                    }) => {
+                        assert_eq!(
+                            (field.as_str(), value, offset),
+                            ("run", u64::from(bad), 104)
+                        );
+                    }
+                    other => panic!("run={bad}: {other:?}"),
+                }
+            }
         }
-        let mut s = HotVcpuState {
-            core: 4,
-            run: 0,
-            cpu: VcpuState::default(),
-        };
-        assert_eq!(
-            s.post_load(1).unwrap_err(),
-            "run state 0 of core 4 is not 1..=3"
-        );
     }
 }
