@@ -1,6 +1,7 @@
 //! The engine over real loopback TCP sockets and real files, against a small in-memory VM
-//! whose "guest" thread keeps dirtying pages while it runs. The KVM end-to-end tests live in
-//! `vmm/tests/`; these pin the protocol's rules without KVM.
+//! whose "guest" thread keeps dirtying pages while it runs. Migrations of real KVM guests are in
+//! `vmm/tests/` (in-process) and `tests/` (between `ferry` processes); these pin the
+//! protocol's rules without KVM.
 
 use devstate::{Catalog, RawSection, Section, record};
 use machine_types::MachineType;
