@@ -19,33 +19,36 @@
 //! effects (start / park a vCPU, map / unmap a block, enable / disable a PCI function) and
 //! returns the management events (DEVICE_DELETED, DEVICE_UNPLUG_GUEST_ERROR).
 //!
+//! Hot-added vCPUs are in `cores`, hot-plugged memory blocks in `blocks`.
+//!
 //! Resources a guest might touch are created *before* it can learn about them:
 //! [`Vm::hotplug_add`] checks the request, creates the vCPU / maps the block / enables the
 //! function, and only then attaches the device and queues the guest event, all under the
 //! manager lock.
 
+mod blocks;
+mod cores;
+
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use devstate::{RawSection, Section};
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use machine_types::MachineType;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, MmapRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{DirtyBitmap, GuestMem, GuestRam, MemoryError, Vm, VmError, kvm_op};
+use super::{GuestMem, GuestRam, Vm, VmError, kvm_op};
 use crate::config::VmConfig;
 use crate::devices::pci_fn::PCI_IO_LEN;
 use crate::devices::{Bus, BusDevice, PciFnState, PciFunctions};
 use crate::guest::mailbox::{Mailbox, hp};
 use crate::guest::{
-    self, GuestHotplugMode, HOTPLUG_IRQ, HOTPLUG_PARK_PORT, HotplugMailbox, PAGE_SIZE, PCI_IO_BASE,
-    layout,
+    self, GuestHotplugMode, HOTPLUG_IRQ, HOTPLUG_PARK_PORT, HotplugMailbox, PCI_IO_BASE, layout,
 };
 use crate::hotplug::manager::{DEFAULT_UNPLUG_TIMEOUT_MS, MEM_BLOCK_SIZE, PCI_FUNCTIONS};
 use crate::hotplug::{
@@ -53,8 +56,8 @@ use crate::hotplug::{
     HotplugError, HotplugManager, Resource, RunPhase,
 };
 use crate::runstate::RunState;
-use crate::vcpu::persist::VcpuState;
-use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, longmode};
+use crate::vcpu::{Vcpu, VcpuError, longmode};
+use blocks::unregister_block;
 
 /// KVM memory slot of hot-plugged memory block 0 (block `s` uses `HOTPLUG_KVM_SLOT_BASE + s`).
 pub const HOTPLUG_KVM_SLOT_BASE: u32 = 16;
@@ -238,31 +241,6 @@ impl Drop for VmHotplug {
             }
         }
     }
-}
-
-fn set_block_region(fd: &VmFd, b: &HotBlock, size: u64, log: bool) -> Result<(), MemoryError> {
-    let region = kvm_userspace_memory_region {
-        slot: b.kvm_slot,
-        flags: if log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-        guest_phys_addr: b.gpa,
-        memory_size: size,
-        userspace_addr: b.host_addr,
-    };
-    // SAFETY: `host_addr..+size` is the live mapping owned by `b.mem`; the slot is removed
-    // (size 0) before that mapping is dropped, and hotplug blocks lie above guest RAM and
-    // never overlap each other (the manager places block `s` at `mem_base + s * 16 MiB`).
-    unsafe { fd.set_user_memory_region(region) }.map_err(|source| MemoryError::SetRegion {
-        slot: b.kvm_slot,
-        gpa: b.gpa,
-        size: b.size,
-        source,
-    })?;
-    b.dirty_log.store(log && size != 0, Ordering::Release);
-    Ok(())
-}
-
-fn unregister_block(fd: &VmFd, b: &HotBlock) -> Result<(), MemoryError> {
-    set_block_region(fd, b, 0, false)
 }
 
 /// The hotplug shape a VM of `config` gets by default: up to 4 cores (vCPU indices from the
@@ -566,104 +544,6 @@ impl Vm {
         Ok(HotplugMailbox::read(self.ram.mem())?)
     }
 
-    /// Hot-added vCPUs: `(core id, vCPU index, state)`.
-    pub fn hot_cores(&self) -> Vec<(u32, u8, HotCoreState)> {
-        self.hp
-            .cores
-            .iter()
-            .map(|(&c, h)| (c, h.vcpu.index(), h.state))
-            .collect()
-    }
-
-    /// Mapped memory blocks: `(slot, KVM slot, gpa, size)`.
-    pub fn hotplug_blocks(&self) -> Vec<(u32, u32, u64, u64)> {
-        self.hp
-            .blocks
-            .iter()
-            .map(|(&s, b)| (s, b.kvm_slot, b.gpa, b.size))
-            .collect()
-    }
-
-    /// The memory of mapped block `slot` (for migration and checks).
-    pub fn hotplug_block_memory(&self, slot: u32) -> Option<&GuestMem> {
-        self.hp.blocks.get(&slot).map(|b| &b.mem)
-    }
-
-    /// Checks every memory block the guest dirties (mailbox `hp_blocks`) against its
-    /// mailbox area. The vCPUs must be paused. Returns how many blocks were checked.
-    pub fn verify_hotplug_blocks(&self) -> Result<usize, VmError> {
-        if !self.all_parked() {
-            return Err(VmError::NotPaused);
-        }
-        let m = self.hotplug_mailbox()?;
-        let mut n = 0;
-        for slot in 0..hp::MAX_BLOCKS {
-            if m.blocks & (1 << slot) == 0 {
-                continue;
-            }
-            let b = self.hp.blocks.get(&slot).ok_or_else(|| {
-                device_err(format!(
-                    "the guest dirties memory block {slot}, which is not mapped"
-                ))
-            })?;
-            guest::verify_block(&b.mem, b.gpa, b.size / PAGE_SIZE, &m.block[slot as usize])?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    /// Dirty logging on or off for every hot-plugged block (enabling clears the logs).
-    /// Blocks mapped later follow guest RAM's setting.
-    pub fn hotplug_set_dirty_log(&self, enable: bool) -> Result<(), VmError> {
-        for b in self.hp.blocks.values() {
-            set_block_region(&self.fd, b, b.size, enable)?;
-            if enable {
-                self.fd
-                    .get_dirty_log(b.kvm_slot, b.size as usize)
-                    .map_err(|source| MemoryError::DirtyLog {
-                        slot: b.kvm_slot,
-                        source,
-                    })?;
-                if let Some(bm) = b.bitmap() {
-                    bm.reset();
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Pages of the hot-plugged blocks written since the last call: KVM's log OR the VMM
-    /// bitmap, as for guest RAM (`slot` is the KVM slot).
-    pub fn hotplug_dirty_pages(&self) -> Result<Vec<DirtyBitmap>, VmError> {
-        let mut out = Vec::with_capacity(self.hp.blocks.len());
-        for b in self.hp.blocks.values() {
-            let words = (b.size / PAGE_SIZE).div_ceil(64) as usize;
-            let mut bitmap = if b.dirty_log.load(Ordering::Acquire) {
-                self.fd
-                    .get_dirty_log(b.kvm_slot, b.size as usize)
-                    .map_err(|source| MemoryError::DirtyLog {
-                        slot: b.kvm_slot,
-                        source,
-                    })?
-            } else {
-                vec![0; words]
-            };
-            bitmap.resize(words, 0);
-            if let Some(vmm) = b.bitmap() {
-                for (w, v) in bitmap.iter_mut().zip(vmm.get_and_reset()) {
-                    *w |= v;
-                }
-            }
-            out.push(DirtyBitmap {
-                slot: b.kvm_slot,
-                gpa: b.gpa,
-                size: b.size,
-                bitmap,
-            });
-        }
-        Ok(out)
-    }
-
     /// Resets every connector (Precise rule 5; before the first `cont` of a prelaunch VM,
     /// and on the destination after the pre-start adds and before the stream is loaded),
     /// applies the resulting teardowns, and makes the coldplugged devices usable: their
@@ -717,37 +597,6 @@ impl Vm {
             }
         }
         Ok(events)
-    }
-
-    /// Captures every hot-added vCPU (all vCPUs must be parked): `(core id, run state,
-    /// vCPU state)`. The `cpu` sections of hot vCPUs are not yet part of
-    /// [`Vm::save_state`].
-    pub fn save_hot_vcpus(&self) -> Result<Vec<(u32, HotCoreState, VcpuState)>, VmError> {
-        if !self.all_parked() {
-            return Err(VmError::NotPaused);
-        }
-        let mut out = Vec::with_capacity(self.hp.cores.len());
-        for (&core, c) in &self.hp.cores {
-            let mut s = c.vcpu.save_state(&self.msrs)?;
-            s.cpu_model = self.cpu_model().name().to_owned();
-            out.push((core, c.state, s));
-        }
-        Ok(out)
-    }
-
-    /// Loads a captured hot-added vCPU (creating it if needed; the VM must not run it yet)
-    /// with its run state (a `Running` core runs from the next [`Vm::resume`]).
-    pub fn restore_hot_vcpu(
-        &mut self,
-        core: u32,
-        run: HotCoreState,
-        state: &VcpuState,
-    ) -> Result<(), VmError> {
-        self.ensure_core(core)?;
-        let c = self.hp.cores.get_mut(&core).expect("ensured");
-        c.vcpu.restore_state(state)?;
-        c.state = run;
-        Ok(())
     }
 
     /// Sections of the hot-plugged devices' own state (`ferry-pci-fn`, instance = devfn,
@@ -864,115 +713,6 @@ impl Vm {
                 }
             },
         }
-    }
-
-    fn ensure_core(&mut self, core: u32) -> Result<(), VmError> {
-        if self.hp.cores.contains_key(&core) {
-            return Ok(());
-        }
-        let index = u8::try_from(u32::from(self.hp.core_vcpu_base) + core)
-            .ok()
-            .filter(|&i| i < layout::MAX_VCPUS)
-            .ok_or_else(|| device_err(format!("core {core} has no vCPU index")))?;
-        let c = self.vcpu_cpuid(index);
-        let mut vcpu = Vcpu::new(&self.fd, index, &c)?;
-        vcpu.spawn(RunContext {
-            io_bus: self.io_bus.clone(),
-            mmio_bus: self.mmio_bus.clone(),
-            run_state: self.run_state.clone(),
-        })?;
-        tracing::info!(core, vcpu = index, "hot-added vCPU created (parked)");
-        self.hp.cores.insert(
-            core,
-            HotCore {
-                vcpu,
-                state: HotCoreState::Created,
-            },
-        );
-        Ok(())
-    }
-
-    /// Puts the core's vCPU at the core entry in long mode, RUNNABLE (a hot-added vCPU with
-    /// the in-kernel irqchip starts UNINITIALIZED), and lets it run if the VM runs.
-    fn start_core(&mut self, core: u32) -> Result<(), VmError> {
-        self.ensure_core(core)?;
-        let running = self.run_state() == RunState::Running;
-        let entry = self.hp.core_entry;
-        let c = self.hp.cores.get_mut(&core).expect("ensured");
-        if c.state == HotCoreState::Running {
-            return Ok(());
-        }
-        if !c.vcpu.is_parked() {
-            c.vcpu.request_pause()?;
-            c.vcpu.wait_parked(Instant::now() + PAUSE_TIMEOUT)?;
-        }
-        c.vcpu.configure_boot(entry)?;
-        c.state = HotCoreState::Running;
-        if running {
-            c.vcpu.resume()?;
-        }
-        tracing::info!(
-            core,
-            vcpu = c.vcpu.index(),
-            running,
-            "hot-added vCPU started"
-        );
-        Ok(())
-    }
-
-    fn park_core(&mut self, core: u32) -> Result<(), VmError> {
-        let Some(c) = self.hp.cores.get_mut(&core) else {
-            return Ok(());
-        };
-        if c.state == HotCoreState::Running {
-            c.vcpu.request_pause()?;
-            c.vcpu.wait_parked(Instant::now() + PAUSE_TIMEOUT)?;
-            c.state = HotCoreState::Parked;
-            tracing::info!(core, vcpu = c.vcpu.index(), "hot-added vCPU parked");
-        }
-        Ok(())
-    }
-
-    fn ensure_block(&mut self, slot: u32, gpa: u64, size: u64) -> Result<(), VmError> {
-        if self.hp.blocks.contains_key(&slot) {
-            return Ok(());
-        }
-        let mem = GuestMem::from_ranges(&[(GuestAddress(gpa), size as usize)])
-            .map_err(|source| MemoryError::Map { size, source })?;
-        let host_addr = {
-            let region = mem.iter().next().expect("one region");
-            let mmap: &MmapRegion<AtomicBitmap> = region;
-            debug_assert_eq!(region.len(), size);
-            mmap.as_ptr() as u64
-        };
-        let block = HotBlock {
-            kvm_slot: HOTPLUG_KVM_SLOT_BASE + slot,
-            gpa,
-            size,
-            host_addr,
-            dirty_log: AtomicBool::new(false),
-            mem,
-        };
-        let log = self.ram.slots().iter().any(|s| s.dirty_log_enabled());
-        set_block_region(&self.fd, &block, size, log)?;
-        tracing::info!(
-            slot,
-            kvm_slot = block.kvm_slot,
-            gpa = format_args!("{gpa:#x}"),
-            size,
-            log,
-            "memory block mapped"
-        );
-        self.hp.blocks.insert(slot, block);
-        Ok(())
-    }
-
-    fn unmap_block(&mut self, slot: u32) -> Result<(), VmError> {
-        if let Some(b) = self.hp.blocks.remove(&slot) {
-            unregister_block(&self.fd, &b)?;
-            tracing::info!(slot, "memory block unmapped");
-        }
-        Ok(())
     }
 }
 
