@@ -215,15 +215,6 @@ pub enum Isolation {
 }
 
 impl Isolation {
-    /// Parse a value the guest wrote (a 32-bit register).
-    pub const fn from_guest(v: u32) -> Option<Isolation> {
-        match v {
-            0 => Some(Isolation::Isolated),
-            1 => Some(Isolation::Unisolated),
-            _ => None,
-        }
-    }
-
     /// Name used in queries.
     pub const fn name(self) -> &'static str {
         match self {
@@ -246,15 +237,6 @@ pub enum Allocation {
 }
 
 impl Allocation {
-    /// Parse a value the guest wrote (a 32-bit register).
-    pub const fn from_guest(v: u32) -> Option<Allocation> {
-        match v {
-            0 => Some(Allocation::Unusable),
-            1 => Some(Allocation::Usable),
-            _ => None,
-        }
-    }
-
     /// Name used in queries.
     pub const fn name(self) -> &'static str {
         match self {
@@ -280,17 +262,6 @@ pub enum DrIndicator {
 }
 
 impl DrIndicator {
-    /// Parse a value the guest wrote (a 32-bit register; 0..=3).
-    pub const fn from_guest(v: u32) -> Option<DrIndicator> {
-        match v {
-            0 => Some(DrIndicator::Inactive),
-            1 => Some(DrIndicator::Active),
-            2 => Some(DrIndicator::Identify),
-            3 => Some(DrIndicator::Action),
-            _ => None,
-        }
-    }
-
     /// Whether the indicator blinks (IDENTIFY or ACTION): the guest is mid-transition and no
     /// card may be inserted (seed 000).
     pub const fn is_blinking(self) -> bool {
@@ -459,6 +430,17 @@ pub fn allocation_of(kind: ConnectorKind, state: DrcState, present: bool) -> All
 /// Stream encoding (a `u8` discriminant) of an enum the migrated state carries, so the codec
 /// refuses values the enum does not have.
 macro_rules! wire_enum {
+    (indicator $t:ty: $($v:expr),+ $(,)?) => {
+        wire_enum!($t: $($v),+);
+        impl $t {
+            /// Parse a value the guest wrote (a 32-bit register): the same values as on the wire.
+            pub fn from_guest(v: u32) -> Option<Self> {
+                u8::try_from(v)
+                    .ok()
+                    .and_then(<Self as devstate::WireEnum>::from_wire)
+            }
+        }
+    };
     ($t:ty: $($v:expr),+ $(,)?) => {
         impl devstate::WireEnum for $t {
             type Repr = u8;
@@ -481,9 +463,9 @@ wire_enum!(DrcState:
     DrcState::PhysicalUnisolate,
     DrcState::PhysicalConfigured,
 );
-wire_enum!(Isolation: Isolation::Isolated, Isolation::Unisolated);
-wire_enum!(Allocation: Allocation::Unusable, Allocation::Usable);
-wire_enum!(DrIndicator:
+wire_enum!(indicator Isolation: Isolation::Isolated, Isolation::Unisolated);
+wire_enum!(indicator Allocation: Allocation::Unusable, Allocation::Usable);
+wire_enum!(indicator DrIndicator:
     DrIndicator::Inactive,
     DrIndicator::Active,
     DrIndicator::Identify,
