@@ -6,20 +6,19 @@ use crate::protocol::{
     ACCEPTED_PROTOCOLS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES,
     PROTOCOL_VERSION, SUPPORTED_FEATURES,
 };
-use crate::transport::TeeReader;
+use crate::transport::{Channel, TeeReader, close_gracefully};
 use crate::vm::DestinationVm;
 use crate::{MigrationError, Params};
 use devstate::{Item, RawSection, Section, StreamReader};
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::net::TcpStream;
 use tracing::{error, info, info_span};
 
 /// Where the incoming stream comes from.
 #[derive(Debug)]
 pub enum Incoming {
-    /// An accepted TCP connection (with a return path).
-    Tcp(TcpStream),
+    /// An accepted TCP connection, plain or TLS (with a return path).
+    Tcp(Channel),
     /// A stream file (no return path; loading it is the commit).
     File(File),
 }
@@ -44,14 +43,15 @@ pub fn receive<V: DestinationVm>(
     progress.start();
     progress.set_status(Status::Setup);
     let mut ret = match &incoming {
-        Incoming::Tcp(s) => {
+        Incoming::Tcp(ch) => {
             // Control messages are small and latency-bound (Nagle would hold each one until
             // the previous is acknowledged: tens of milliseconds of downtime).
+            let s = ch.socket();
             s.set_nodelay(true).ok();
             s.set_read_timeout(Some(params.io_timeout)).ok();
             s.set_write_timeout(Some(params.io_timeout)).ok();
             progress.set_socket(s.try_clone().ok());
-            Some(s.try_clone().map_err(io_err("handshake"))?)
+            Some(ch.try_clone().map_err(io_err("handshake"))?)
         }
         Incoming::File(_) => None,
     };
@@ -65,8 +65,14 @@ pub fn receive<V: DestinationVm>(
         }
         Err(e) => {
             error!(error = %e, "incoming migration failed");
-            if let (Some(r), false) = (ret.as_mut(), matches!(e, MigrationError::Refused(_))) {
-                let _ = Msg::with_text(Kind::Failed, &crate::chain(e)).write(r);
+            if let Some(r) = ret.as_mut() {
+                if !matches!(e, MigrationError::Refused(_)) {
+                    let _ = Msg::with_text(Kind::Failed, &crate::chain(e)).write(r);
+                }
+                if !started {
+                    // The source waits for our answer: let it read it before we close.
+                    close_gracefully(r);
+                }
             }
             vm.abort_incoming(&crate::chain(e));
             progress.fail(Status::Failed, crate::chain(e));
@@ -75,7 +81,7 @@ pub fn receive<V: DestinationVm>(
     res
 }
 
-fn refuse(ret: &mut Option<TcpStream>, why: String) -> MigrationError {
+fn refuse(ret: &mut Option<Channel>, why: String) -> MigrationError {
     if let Some(r) = ret.as_mut() {
         let _ = Msg::with_text(Kind::Refuse, &why).write(r);
     }
@@ -87,7 +93,7 @@ fn run<V: DestinationVm>(
     incoming: Incoming,
     params: &Params,
     progress: &Progress,
-    ret: &mut Option<TcpStream>,
+    ret: &mut Option<Channel>,
     started: &mut bool,
 ) -> Result<(), MigrationError> {
     let dump = match &params.dump_stream {

@@ -57,6 +57,9 @@ pub enum MigrationError {
     /// The VMM could not do what the engine asked.
     #[error("VM operation failed: {0}")]
     Vm(String),
+    /// TLS could not be set up on the channel (credentials, handshake, peer refused).
+    #[error("TLS on the migration channel failed")]
+    Tls(#[from] ferry_tls::TlsError),
     /// The peer broke the protocol.
     #[error("Protocol error: {0}")]
     Protocol(String),

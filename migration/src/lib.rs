@@ -11,7 +11,12 @@
 //! the downtime limit at the measured bandwidth (or `max_iterations`, where the
 //! [`SwitchoverPolicy`] decides); stop-and-copy of the last pages and every device section;
 //! LOADED from the destination; COMMIT. Any failure before COMMIT resumes the source.
+//!
+//! With [`Params::tls`] the TCP channel (forward stream and return path alike) is one mutual
+//! TLS 1.3 session ([`ferry_tls`]); the destination's [`Acceptor`] runs every connection's
+//! handshake on its own thread, so a peer that stalls or fails it never holds up the source.
 
+mod accept;
 mod config;
 mod destination;
 mod error;
@@ -21,15 +26,17 @@ mod source;
 pub mod transport;
 mod vm;
 
+pub use accept::Acceptor;
 pub use config::{ConfigRecord, DeviceDesc, RegionDesc, SwitchoverRecord, register};
 pub use destination::{Incoming, receive};
 pub use error::{MigrationError, chain};
 pub use progress::{Listener, Notice, Progress, Snapshot, Status};
 pub use source::send;
-pub use transport::Uri;
+pub use transport::{Channel, Uri};
 pub use vm::{DestinationVm, DirtyRegion, SourceVm, VmError};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What happens when pre-copy does not converge within `max_iterations`.
@@ -41,6 +48,26 @@ pub enum SwitchoverPolicy {
     /// Stop the guest and copy the rest anyway (longer downtime).
     Force,
 }
+
+/// TLS on a TCP migration channel, resolved from `tls-creds`, `tls-hostname` and `tls-authz`.
+#[derive(Clone, Debug)]
+pub struct TlsParams {
+    /// This side's credentials (endpoint client on the source, server on the destination).
+    pub creds: Arc<ferry_tls::X509Creds>,
+    /// Source: the name the destination's certificate must carry (default: the URI's host).
+    pub hostname: Option<String>,
+    /// Destination: the `tls-authz` object's id and the client names it allows (default:
+    /// any certificate signed by the CA).
+    pub authz: Option<(String, ferry_tls::Authz)>,
+}
+
+impl PartialEq for TlsParams {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.creds, &o.creds) && self.hostname == o.hostname && self.authz == o.authz
+    }
+}
+
+impl Eq for TlsParams {}
 
 /// Migration parameters (`migrate-set-parameters`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +87,8 @@ pub struct Params {
     /// Send mostly-zero pages as SPARSE records when the destination accepts them (TCP
     /// only; default on). `file:` streams always use DATA, so any build reads them.
     pub sparse_pages: bool,
+    /// Mutual TLS on a TCP channel (none: plain TCP).
+    pub tls: Option<TlsParams>,
 }
 
 impl Default for Params {
@@ -72,6 +101,7 @@ impl Default for Params {
             io_timeout: Duration::from_secs(10),
             dump_stream: None,
             sparse_pages: true,
+            tls: None,
         }
     }
 }

@@ -214,6 +214,14 @@ impl Progress {
         self.set_status(status);
     }
 
+    /// An incoming attempt turned away before its stream started (a failed TLS handshake, a
+    /// client `tls-authz` does not allow): setup, then failed with `why`.
+    pub fn refused(&self, why: String) {
+        self.start();
+        self.set_status(Status::Setup);
+        self.fail(Status::Failed, why);
+    }
+
     pub(crate) fn pass(&self, n: u64) {
         if let Some(l) = &self.listener {
             l(Notice::Pass(n));

@@ -108,6 +108,13 @@ impl Hello {
     pub fn read(r: &mut impl Read) -> io::Result<Hello> {
         let mut b = [0u8; 16];
         r.read_exact(&mut b)?;
+        if ferry_tls::looks_like_tls(&b) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the source started a TLS handshake, but this destination has no tls-creds set \
+                 (set the same TLS parameters on both sides)",
+            ));
+        }
         if b[..8] != HELLO_MAGIC {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,

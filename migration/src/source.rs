@@ -5,13 +5,12 @@ use crate::progress::{Progress, Status};
 use crate::protocol::{
     FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
 };
-use crate::transport::{self, TeeWriter, Uri};
+use crate::transport::{self, Channel, TeeWriter, Uri, close_gracefully};
 use crate::vm::{DirtyRegion, SourceVm};
 use crate::{MigrationError, Params, SwitchoverPolicy};
 use devstate::sparse::{MAX_SPARSE_BLOCKS, block_mask};
 use devstate::{PAGE_SIZE, StreamWriter};
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use tracing::{error, info, info_span, warn};
 
@@ -47,7 +46,7 @@ struct Sender<'a, V: SourceVm> {
 }
 
 /// Read the next return-path message that is not a progress report.
-fn read_reply(ret: &mut TcpStream) -> std::io::Result<Msg> {
+fn read_reply(ret: &mut Channel) -> std::io::Result<Msg> {
     loop {
         let m = Msg::read(ret)?;
         if m.kind != Kind::Received {
@@ -177,7 +176,7 @@ impl<V: SourceVm> Sender<'_, V> {
 
     /// Flush and wait until the destination has written all but the last
     /// [`PROGRESS_PAGES`] pages sent; returns how long that took.
-    fn catch_up(&mut self, out: &mut Out, ret: &mut TcpStream) -> Result<Duration, MigrationError> {
+    fn catch_up(&mut self, out: &mut Out, ret: &mut Channel) -> Result<Duration, MigrationError> {
         let start = Instant::now();
         out.flush().map_err(io_err("RAM transfer"))?;
         while self.dest_written + PROGRESS_PAGES <= self.pages_sent {
@@ -411,15 +410,29 @@ fn run<V: SourceVm>(
     // Features the destination accepted (none for a file).
     let mut features = 0u32;
     // Forward channel, and the return path for TCP.
-    let (fwd, mut ret): (Box<dyn Write + Send>, Option<TcpStream>) = match &uri {
+    let (fwd, mut ret): (Box<dyn Write + Send>, Option<Channel>) = match &uri {
         Uri::Tcp(_) => {
-            let mut s = transport::connect(&uri, params.io_timeout)?;
+            let s = transport::connect(&uri, params.io_timeout)?;
             s.set_write_timeout(Some(params.io_timeout)).ok();
             s.set_read_timeout(Some(params.io_timeout)).ok();
             progress.set_socket(s.try_clone().ok());
             if progress.cancelled() {
                 return Err(MigrationError::Cancelled);
             }
+            let mut s = match &params.tls {
+                Some(tls) => {
+                    let ch = transport::tls_connect(s, tls, &uri)?;
+                    if let Channel::Tls(t) = &ch {
+                        info!(
+                            suite = t.cipher_suite().unwrap_or_default(),
+                            destination = t.peer_identity().unwrap_or_default(),
+                            "TLS session established"
+                        );
+                    }
+                    ch
+                }
+                None => Channel::Plain(s),
+            };
             Hello {
                 protocol: PROTOCOL_VERSION,
                 features: FEATURE_PROGRESS
@@ -578,7 +591,7 @@ fn transfer<'v, V: SourceVm>(
     paused: &mut bool,
     logging: &mut bool,
     sparse: bool,
-    mut reports: Option<&mut TcpStream>,
+    mut reports: Option<&mut Channel>,
 ) -> Result<(Sender<'v, V>, Instant), MigrationError> {
     vm.start_dirty_log().map_err(MigrationError::Vm)?;
     *logging = true;
@@ -706,29 +719,6 @@ fn transfer<'v, V: SourceVm>(
     )
     .map_err(io_err("device state"))?;
     Ok((tx, pause_at))
-}
-
-/// Half-close after an abort record and read what the destination still sends (progress
-/// reports, its Failed reply) until it closes, for at most a second: closing a socket with
-/// unread data sends a reset, which can discard the abort record before it is read.
-fn close_gracefully(ret: &mut TcpStream) {
-    let _ = ret.shutdown(std::net::Shutdown::Write);
-    let _ = ret.set_read_timeout(Some(Duration::from_millis(100)));
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        match std::io::Read::read(ret, &mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
-        }
-    }
 }
 
 fn out_flush(out: &mut Out) -> Result<(), MigrationError> {

@@ -1,10 +1,13 @@
-//! Migration URIs, channels and the `--dump-stream` tee.
+//! Migration URIs, channels (plain TCP or TLS) and the `--dump-stream` tee.
 
-use crate::MigrationError;
+use crate::protocol::{Kind, Msg};
+use crate::{MigrationError, TlsParams};
+use ferry_tls::{TlsError, TlsStream};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Where a migration goes to or comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +36,14 @@ impl Uri {
         } else {
             Err(bad())
         }
+    }
+
+    /// The host part of a TCP URI (brackets of an IPv6 address removed): what the
+    /// destination's certificate must name when `tls-hostname` is not set.
+    pub fn host(&self) -> Option<&str> {
+        let Uri::Tcp(a) = self else { return None };
+        let (host, _) = a.rsplit_once(':')?;
+        Some(host.trim_start_matches('[').trim_end_matches(']'))
     }
 
     /// Resolve a TCP address.
@@ -69,6 +80,117 @@ pub fn connect(uri: &Uri, timeout: std::time::Duration) -> Result<TcpStream, Mig
     })?;
     s.set_nodelay(true).ok();
     Ok(s)
+}
+
+/// A connected migration channel: plain TCP, or one TLS session over it. Clones share the
+/// connection (the forward stream and the return path).
+#[derive(Debug)]
+pub enum Channel {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mutual TLS 1.3.
+    Tls(TlsStream),
+}
+
+impl From<TcpStream> for Channel {
+    fn from(s: TcpStream) -> Channel {
+        Channel::Plain(s)
+    }
+}
+
+impl Channel {
+    /// The TCP socket underneath (timeouts, shutdown to cancel).
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Channel::Plain(s) => s,
+            Channel::Tls(t) => t.socket(),
+        }
+    }
+
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(match self {
+            Channel::Plain(s) => Channel::Plain(s.try_clone()?),
+            Channel::Tls(t) => Channel::Tls(t.clone()),
+        })
+    }
+
+    /// End our sending direction (TLS: close_notify first).
+    pub fn close_write(&self) -> io::Result<()> {
+        match self {
+            Channel::Plain(s) => s.shutdown(Shutdown::Write),
+            Channel::Tls(t) => t.close(),
+        }
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Channel::Plain(s) => s.read(buf),
+            Channel::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Channel::Plain(s) => s.write(buf),
+            Channel::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Channel::Plain(s) => s.flush(),
+            Channel::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// Run the source's TLS handshake on a connected socket. A destination that answers in
+/// Ferry's plain protocol (it has no TLS set up) is reported with its own words.
+pub fn tls_connect(sock: TcpStream, tls: &TlsParams, uri: &Uri) -> Result<Channel, MigrationError> {
+    let host = tls.hostname.as_deref().or(uri.host()).unwrap_or_default();
+    match ferry_tls::connect(sock, &tls.creds, host) {
+        Ok(t) => Ok(Channel::Tls(t)),
+        Err(TlsError::NotTls { peer, first_bytes }) => match Msg::read(&mut &first_bytes[..]) {
+            Ok(m) if matches!(m.kind, Kind::Refuse | Kind::Failed) => {
+                Err(MigrationError::Refused(format!(
+                    "it is not set up for TLS and answered in plain text: {}",
+                    m.text
+                )))
+            }
+            _ => Err(TlsError::NotTls { peer, first_bytes }.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Half-close and read what the peer still sends until it closes, for at most a second:
+/// closing a socket with unread data sends a reset, which can discard our last message
+/// before the peer reads it.
+pub(crate) fn close_gracefully(ch: &mut Channel) {
+    let _ = ch.close_write();
+    let _ = ch
+        .socket()
+        .set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match ch.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Open a stream file for writing.
@@ -195,6 +317,11 @@ mod tests {
         assert_eq!(
             Uri::parse("file:/tmp/x").unwrap(),
             Uri::File("/tmp/x".into())
+        );
+        assert_eq!(Uri::parse("tcp:[::1]:1").unwrap().host(), Some("::1"));
+        assert_eq!(
+            Uri::parse("tcp:dst.example.com:1").unwrap().host(),
+            Some("dst.example.com")
         );
         for bad in [
             "tcp:host",

@@ -260,7 +260,12 @@ fn destination(
 ) -> thread::JoinHandle<(Result<(), MigrationError>, MemVm)> {
     thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        let r = migration::receive(&mut dst, Incoming::Tcp(s), &params, &Progress::default());
+        let r = migration::receive(
+            &mut dst,
+            Incoming::Tcp(s.into()),
+            &params,
+            &Progress::default(),
+        );
         (r, dst)
     })
 }
@@ -403,7 +408,7 @@ fn destination_load_failure_resumes_the_source() {
         }
         let r = migration::receive(
             &mut Wrap(&mut d),
-            Incoming::Tcp(s),
+            Incoming::Tcp(s.into()),
             &Params::default(),
             &Progress::default(),
         );

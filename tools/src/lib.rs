@@ -20,6 +20,10 @@ const COMMITTED: &[(&str, &str)] = &[
         "ferry-2.0",
         include_str!("../../compat/schemas/ferry-2.0.json"),
     ),
+    (
+        "ferry-2.1",
+        include_str!("../../compat/schemas/ferry-2.1.json"),
+    ),
 ];
 
 /// The committed schema for `machine`, if it is a known machine type.
@@ -38,4 +42,19 @@ pub fn known_machines() -> Vec<&'static str> {
 /// The schema this build emits for `machine`.
 pub fn current_schema(machine: &machine_types::MachineType) -> MachineSchema {
     ferry_state::full_catalog().schema(machine)
+}
+
+#[cfg(test)]
+mod tests {
+    /// `ferry-dump` decodes every machine type this build runs (ferry-2.1 was missing).
+    #[test]
+    fn every_machine_type_has_a_committed_schema() {
+        for m in machine_types::all() {
+            assert!(
+                super::committed_schema(m.name()).is_some(),
+                "{} has no committed schema in tools/src/lib.rs",
+                m.name()
+            );
+        }
+    }
 }

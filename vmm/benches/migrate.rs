@@ -149,7 +149,7 @@ fn run_once(case: Case) -> Sample {
         let mut h = VmMigration::new(&mut vm);
         migration::receive(
             &mut h,
-            Incoming::Tcp(sock),
+            Incoming::Tcp(sock.into()),
             &Params::default(),
             &Progress::default(),
         )

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a VM running the built-in test guest (or wait for an incoming migration).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the machine types.
     Machines,
     /// Ferry's main job: live-migrate a running guest between two ferry processes over
@@ -81,6 +81,14 @@ struct RunArgs {
     /// reset is needed).
     #[arg(long = "x-skip-incoming-reset")]
     x_skip_incoming_reset: bool,
+    /// Create an object, as QMP `object-add` would: QEMU's `TYPE,id=ID,key=value` form or a
+    /// JSON object (e.g. `tls-creds-x509,id=tls0,dir=/etc/ferry/pki,endpoint=server`).
+    #[arg(long = "object", value_name = "SPEC")]
+    objects: Vec<String>,
+    /// Set a migration parameter, as `migrate-set-parameters` would:
+    /// `migration.KEY=VALUE` (e.g. `migration.tls-creds=tls0`).
+    #[arg(long = "global", value_name = "migration.KEY=VALUE")]
+    globals: Vec<String>,
     /// Test only: treat these CPUID features (e.g. `avx2,aes`) as absent from this host, to
     /// exercise the refusal of a CPU model or a stream the host cannot run.
     #[arg(long = "x-hide-host-features")]
@@ -97,7 +105,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Machines => {
             print!("{}", machine_types::help_text());
             Ok(())
@@ -221,6 +229,12 @@ fn run(args: RunArgs) -> Result<()> {
         incoming.clone(),
         args.dump_stream.clone(),
     );
+    for spec in &args.objects {
+        ctl.add_object_arg(spec).map_err(anyhow::Error::msg)?;
+    }
+    for spec in &args.globals {
+        ctl.set_global(spec).map_err(anyhow::Error::msg)?;
+    }
     ctl.set_autostart(!args.paused);
     ctl.set_skip_incoming_reset(args.x_skip_incoming_reset);
     ctl.start_hotplug_service();

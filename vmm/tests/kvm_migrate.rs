@@ -212,7 +212,7 @@ fn live_migration_over_tcp_moves_a_dirtying_guest() {
         let mut handle = VmMigration::new(&mut dst).capture_after_load();
         let res = migration::receive(
             &mut handle,
-            Incoming::Tcp(sock),
+            Incoming::Tcp(sock.into()),
             &Params::default(),
             &progress,
         );
@@ -287,7 +287,7 @@ fn a_destination_of_another_shape_refuses_before_any_ram_moves() {
         let mut handle = VmMigration::new(&mut dst);
         let res = migration::receive(
             &mut handle,
-            Incoming::Tcp(sock),
+            Incoming::Tcp(sock.into()),
             &Params::default(),
             &progress,
         );

@@ -524,7 +524,12 @@ pub fn receive_tcp_offering(bytes: &[u8], features: u32) -> (StrictVm, Result<()
     });
     let (s, _) = l.accept().unwrap();
     let mut vm = StrictVm::new();
-    let res = migration::receive(&mut vm, Incoming::Tcp(s), &params(), &Progress::default());
+    let res = migration::receive(
+        &mut vm,
+        Incoming::Tcp(s.into()),
+        &params(),
+        &Progress::default(),
+    );
     check(&vm, &res);
     let last = peer.join().unwrap();
     if res.is_ok() {

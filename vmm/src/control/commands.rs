@@ -109,6 +109,21 @@ pub(super) const COMMANDS: &[Command] = &[
         },
     },
     Command {
+        name: "object-add",
+        run: |c, a| c.object_add(a),
+    },
+    Command {
+        name: "object-del",
+        run: |c, a| c.object_del(a),
+    },
+    Command {
+        name: "__org.ferry_query-objects",
+        run: |c, a| {
+            no_args(a)?;
+            Ok(c.query_objects())
+        },
+    },
+    Command {
         name: "migrate-set-parameters",
         run: |c, a| c.set_parameters(a),
     },

@@ -5,10 +5,11 @@ use super::{Controller, IncomingMode, lock};
 use crate::RunState;
 use crate::migrate::VmMigration;
 use crate::qmp::{Args, QmpError};
+use ferry_tls::Endpoint;
 use machine_types::MachineType;
 use migration::{
-    ConfigRecord, DestinationVm, DirtyRegion, Incoming, Notice, Params, Progress, SourceVm, Status,
-    SwitchoverPolicy, Uri,
+    Acceptor, ConfigRecord, DestinationVm, DirtyRegion, Incoming, Notice, Params, Progress,
+    SourceVm, Status, SwitchoverPolicy, Uri,
 };
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -65,7 +66,14 @@ impl Controller {
         if resume == Some(true) {
             return Err(QmpError::generic("Postcopy resume is not supported"));
         }
-        Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        let parsed = Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        // TLS protects a TCP channel; a file has no peer to authenticate.
+        let tls = match parsed {
+            Uri::Tcp(_) => self
+                .tls_params(Endpoint::Client)
+                .map_err(QmpError::generic)?,
+            Uri::File(_) => None,
+        };
         if let Some(p) = lock(&self.progress).as_ref()
             && p.status().is_active()
         {
@@ -93,7 +101,10 @@ impl Controller {
         // A guest that completes an unplug from now on leaves its connector release-pending;
         // whichever side runs the guest afterwards releases it.
         lock(&self.hp).set_migration_in_progress(true);
-        let params = lock(&self.params).clone();
+        let params = Params {
+            tls,
+            ..lock(&self.params).clone()
+        };
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration-out".into())
@@ -154,23 +165,74 @@ impl Controller {
         Ok(())
     }
 
+    /// The listener's view of the parameters: those of the moment a connection arrives, with
+    /// the TLS setup resolved for a destination.
+    fn acceptor(&self, listener: std::net::TcpListener) -> std::io::Result<Acceptor> {
+        let (me, me2) = (self.me.clone(), self.me.clone());
+        Acceptor::spawn(
+            listener,
+            Arc::new(move || {
+                let c = me.upgrade().ok_or("the VM is shutting down")?;
+                let tls = c.tls_params(Endpoint::Server)?;
+                Ok(Params {
+                    tls,
+                    ..lock(&c.params).clone()
+                })
+            }),
+            Arc::new(move |why: &str| {
+                if let Some(c) = me2.upgrade() {
+                    c.incoming_refused(why);
+                }
+            }),
+        )
+    }
+
+    /// A connection was turned away before its stream started (TLS, `tls-authz`, a plain
+    /// source): while no migration runs, `query-migrate` shows it as a failed attempt; the
+    /// listener keeps listening either way.
+    fn incoming_refused(&self, why: &str) {
+        // During a migration, or after one completed here, the attempt only goes to the log.
+        if self.migrating.load(Ordering::SeqCst) || self.run_state() != RunState::InMigrate {
+            return;
+        }
+        error!(
+            reason = why,
+            "incoming migration connection refused; still listening"
+        );
+        let p = Arc::new(Progress::new(Some(self.progress_listener())));
+        p.refused(why.to_owned());
+        *lock(&self.progress) = Some(p);
+    }
+
     pub(super) fn run_incoming(
         &self,
         uri: Uri,
         listener: Option<std::net::TcpListener>,
         mut first: Option<Arc<Progress>>,
     ) {
+        let acceptor = match listener.map(|l| self.acceptor(l)).transpose() {
+            Ok(a) => a,
+            Err(e) => {
+                error!(error = %e, "cannot start accepting incoming migrations");
+                return;
+            }
+        };
         loop {
-            let incoming = match (&uri, &listener) {
-                (Uri::Tcp(_), Some(l)) => match l.accept() {
-                    Ok((s, peer)) => {
-                        info!(%peer, "incoming migration connection");
+            let incoming = match (&uri, &acceptor) {
+                (Uri::Tcp(_), Some(a)) => match a.next() {
+                    Some(ch) => {
+                        let peer = ch.socket().peer_addr().ok();
+                        info!(
+                            ?peer,
+                            tls = matches!(ch, migration::Channel::Tls(_)),
+                            "incoming migration connection"
+                        );
                         // The stream starts: no hotplug until it completed or failed.
                         self.migrating.store(true, Ordering::SeqCst);
-                        Incoming::Tcp(s)
+                        Incoming::Tcp(ch)
                     }
-                    Err(e) => {
-                        error!(error = %e, "accepting the incoming migration failed");
+                    None => {
+                        error!("the incoming migration listener stopped");
                         return;
                     }
                 },
@@ -212,7 +274,7 @@ impl Controller {
                 Ok(()) => return,
                 Err(e) => {
                     error!(error = %migration::chain(&e), "incoming migration failed; waiting for another attempt");
-                    if listener.is_none() {
+                    if acceptor.is_none() {
                         return;
                     }
                 }
@@ -348,6 +410,9 @@ impl Controller {
         let policy = a.optional_enum("__org.ferry_switchover-policy", &["cancel", "force"])?;
         let timeout = a.optional_u64("__org.ferry_io-timeout")?;
         let sparse = a.optional_bool("__org.ferry_sparse-pages")?;
+        let tls_creds = str_or_null(&mut a, "tls-creds")?;
+        let tls_hostname = str_or_null(&mut a, "tls-hostname")?;
+        let tls_authz = str_or_null(&mut a, "tls-authz")?;
         a.finish()?;
         if downtime.is_some_and(|d| d > 2_000_000) {
             return Err(QmpError::generic(
@@ -397,12 +462,48 @@ impl Controller {
         if let Some(s) = sparse {
             p.sparse_pages = s;
         }
+        let mut t = lock(&self.tls);
+        if let Some(v) = tls_creds {
+            t.creds = v;
+        }
+        if let Some(v) = tls_hostname {
+            t.hostname = v;
+        }
+        if let Some(v) = tls_authz {
+            t.authz = v;
+        }
         Ok(json!({}))
+    }
+
+    /// `--global migration.KEY=VALUE`: set one migration parameter as
+    /// `migrate-set-parameters` would (numbers and on/off become JSON numbers and booleans).
+    pub fn set_global(&self, spec: &str) -> Result<(), String> {
+        let bad = |why: &str| format!("Invalid --global '{spec}': {why}");
+        let (key, value) = spec
+            .strip_prefix("migration.")
+            .and_then(|kv| kv.split_once('='))
+            .ok_or_else(|| bad("expected migration.KEY=VALUE"))?;
+        let v = if let Ok(n) = value.parse::<u64>() {
+            json!(n)
+        } else {
+            match value {
+                "on" | "true" | "yes" => json!(true),
+                "off" | "false" | "no" => json!(false),
+                s => json!(s),
+            }
+        };
+        let mut m = Map::new();
+        m.insert(key.to_owned(), v);
+        self.set_parameters(m).map(|_| ()).map_err(|e| bad(&e.desc))
     }
 
     pub(super) fn query_parameters(&self) -> Value {
         let p = lock(&self.params);
+        let t = lock(&self.tls);
         json!({
+            "tls-creds": t.creds,
+            "tls-hostname": t.hostname,
+            "tls-authz": t.authz,
             "downtime-limit": p.downtime_limit_ms,
             "max-bandwidth": p.max_bandwidth,
             "__org.ferry_max-iterations": p.max_iterations,
@@ -413,6 +514,16 @@ impl Controller {
             "__org.ferry_io-timeout": p.io_timeout.as_millis() as u64,
             "__org.ferry_sparse-pages": p.sparse_pages,
         })
+    }
+}
+
+/// A QAPI `StrOrNull` parameter: a string, or null for "" (not set).
+fn str_or_null(a: &mut Args, name: &str) -> Result<Option<String>, QmpError> {
+    match a.optional_value(name) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(String::new())),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(QmpError::invalid_parameter_type(name, "string")),
     }
 }
 

@@ -11,7 +11,10 @@
 mod commands;
 mod hotplug;
 mod migration;
+mod objects;
 mod query;
+
+pub use objects::parse_object_arg;
 
 use crate::hotplug::HotplugManager;
 use crate::qmp::{EventBus, QmpBackend, QmpError, ShutdownHandle};
@@ -67,6 +70,10 @@ pub struct Controller {
     listen_addr: Mutex<Option<std::net::SocketAddr>>,
     /// What each CPU model lacks on this host (`query-cpu-definitions`).
     cpu_unavailable: Vec<(machine_types::CpuModel, Vec<String>)>,
+    /// `object-add`'s objects (TLS credentials, authorization lists).
+    objects: Mutex<objects::Objects>,
+    /// The migration parameters `tls-creds`, `tls-hostname`, `tls-authz` as set.
+    tls: Mutex<objects::TlsNames>,
     me: std::sync::Weak<Controller>,
 }
 
@@ -127,6 +134,8 @@ impl Controller {
                 ..Params::default()
             }),
             progress: Mutex::new(None),
+            objects: Mutex::default(),
+            tls: Mutex::default(),
             migrating: Arc::new(AtomicBool::new(false)),
             incoming: Mutex::new(incoming),
             server: Mutex::new(None),
