@@ -390,3 +390,51 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
             .supported_schemes()
     }
 }
+
+#[test]
+fn nothing_is_read_after_close_notify() {
+    let p = pki(Leaf::new("dst"), Leaf::new("src"), None);
+    // Relay server -> client that appends a forged record after everything the server sent.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = l.local_addr().unwrap();
+    let inner = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = inner.local_addr().unwrap();
+    let relay = thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut s = TcpStream::connect(server_addr).unwrap();
+        let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        let up = thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut s2);
+        });
+        let _ = std::io::copy(&mut s, &mut c);
+        let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        forged.extend_from_slice(&[0x41; 0x20]);
+        let _ = c.write_all(&forged);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = up.join();
+    });
+    let server = p.server.clone();
+    let srv = thread::spawn(move || {
+        let (s, _) = inner.accept().unwrap();
+        timed(&s);
+        let mut t = accept(s, &server).unwrap();
+        t.write_all(b"abc").unwrap();
+        t.flush().unwrap();
+        t.close().unwrap();
+    });
+    let s = TcpStream::connect(relay_addr).unwrap();
+    timed(&s);
+    let mut cli = connect(s, &p.client, "localhost").unwrap();
+    let mut got = Vec::new();
+    let r = cli.read_to_end(&mut got);
+    assert_eq!(got, b"abc", "{r:?}");
+    let mut b = [0u8; 64];
+    assert!(
+        !matches!(cli.read(&mut b), Ok(n) if n > 0),
+        "data after close_notify"
+    );
+    srv.join().unwrap();
+    // The relay's client -> server half ends when the client goes.
+    drop(cli);
+    relay.join().unwrap();
+}
