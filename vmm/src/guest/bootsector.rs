@@ -66,7 +66,9 @@ pub enum BootsectorError {
         max: usize,
     },
     /// A dense working set over the guest's own tables.
-    #[error("Dense working set starts at {start:#x}, below {DENSE_MIN_START:#x} where the guest keeps its tables")]
+    #[error(
+        "Dense working set starts at {start:#x}, below {DENSE_MIN_START:#x} where the guest keeps its tables"
+    )]
     DenseStart {
         /// First byte.
         start: u64,
@@ -694,8 +696,11 @@ mod tests {
         let (code32, code64) = dense_parts(&img);
         let has = |code: &[Instruction], m: Mnemonic| code.iter().any(|i| i.mnemonic() == m);
         assert!(has(&code32, Mnemonic::Wrmsr) && has(&code32, Mnemonic::Rdmsr));
-        assert!(code32.iter().any(|i| i.code() == Code::Mov_cr_r32
-            && i.op0_register() == iced_x86::Register::CR3));
+        assert!(
+            code32.iter().any(
+                |i| i.code() == Code::Mov_cr_r32 && i.op0_register() == iced_x86::Register::CR3
+            )
+        );
         // COM1 again after rdmsr clobbered edx.
         let wrmsr = code32
             .iter()
@@ -716,15 +721,26 @@ mod tests {
             .iter()
             .position(|i| i.mnemonic() == Mnemonic::Iretq)
             .unwrap();
-        let lea = code64.iter().find(|i| i.mnemonic() == Mnemonic::Lea).unwrap();
+        let lea = code64
+            .iter()
+            .find(|i| i.mnemonic() == Mnemonic::Lea)
+            .unwrap();
         assert_eq!(lea.ip_rel_memory_address(), code64[iretq].next_ip());
         let ring3 = &code64[iretq + 1..];
         // Checks each dword against the previous pass, rewrites it, ticks every 64 pages.
         let mem_rdi = |i: &Instruction| {
             i.op0_kind() == OpKind::Memory && i.memory_base() == iced_x86::Register::RDI
         };
-        assert!(ring3.iter().any(|i| i.mnemonic() == Mnemonic::Cmp && mem_rdi(i)));
-        assert!(ring3.iter().any(|i| i.mnemonic() == Mnemonic::Mov && mem_rdi(i)));
+        assert!(
+            ring3
+                .iter()
+                .any(|i| i.mnemonic() == Mnemonic::Cmp && mem_rdi(i))
+        );
+        assert!(
+            ring3
+                .iter()
+                .any(|i| i.mnemonic() == Mnemonic::Mov && mem_rdi(i))
+        );
         assert!(ring3.iter().any(|i| i.mnemonic() == Mnemonic::Test
             && i.op1_kind() == OpKind::Immediate32
             && i.immediate32() == 64 * 4096 - 1));
@@ -748,8 +764,16 @@ mod tests {
         let mem_rdi = |i: &Instruction| {
             i.op0_kind() == OpKind::Memory && i.memory_base() == iced_x86::Register::RDI
         };
-        assert!(!code64.iter().any(|i| i.mnemonic() == Mnemonic::Cmp && mem_rdi(i)));
-        assert!(code64.iter().any(|i| i.mnemonic() == Mnemonic::Mov && mem_rdi(i)));
+        assert!(
+            !code64
+                .iter()
+                .any(|i| i.mnemonic() == Mnemonic::Cmp && mem_rdi(i))
+        );
+        assert!(
+            code64
+                .iter()
+                .any(|i| i.mnemonic() == Mnemonic::Mov && mem_rdi(i))
+        );
         assert!(code64.iter().any(|i| i.mnemonic() == Mnemonic::Mov
             && i.op0_register() == iced_x86::Register::ECX
             && i.immediate32() == 1 << 19));
@@ -779,7 +803,10 @@ mod tests {
             ..dense(false)
         };
         let e = low.build().unwrap_err();
-        assert!(matches!(e, BootsectorError::DenseStart { start: 0x8000 }), "{e}");
+        assert!(
+            matches!(e, BootsectorError::DenseStart { start: 0x8000 }),
+            "{e}"
+        );
     }
 
     #[test]
