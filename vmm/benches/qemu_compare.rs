@@ -298,9 +298,15 @@ impl Proc {
                 ));
             }
             if Instant::now() >= deadline {
+                let all = self.chars();
+                let count = |k: u8| all.iter().filter(|x| x.1 == k).count();
                 return Err(format!(
-                    "only {have} of {n} '{}' within {timeout:?}",
-                    c as char
+                    "only {have} of {n} '{}' within {timeout:?} (serial so far: {} A, {} B, {} P, {} !)",
+                    c as char,
+                    count(b'A'),
+                    count(TICK),
+                    count(PASS),
+                    count(FAIL)
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -462,12 +468,13 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     }
     let q = dst.exec("query-migrate", json!({}))?;
     let port = qemu_port(&q).ok_or_else(|| format!("destination reported no port: {q}"))?;
+    // Before the spawn: a guest that writes one page prints its pass marker at once.
+    let boot = Instant::now();
     let mut src = spawn(
         command(env, hv, case, img, &ss, false),
         &ss,
         &dir.join("src.log"),
     )?;
-    let boot = Instant::now();
     src.wait_chars(PASS, case.warm_passes, boot, BOOT_TIMEOUT)?;
     src.wait_chars(TICK, WARMUP_TICKS, Instant::now(), BOOT_TIMEOUT)?;
     src.exec("migrate-set-parameters", params)?;
