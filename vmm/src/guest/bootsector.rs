@@ -138,7 +138,8 @@ pub struct AbBootblock {
     pub end: u64,
     /// The workload.
     pub workload: Workload,
-    /// Iterations of the delay loop between two `B`s of an idling guest.
+    /// Iterations of the delay loop between two `B`s of an idling guest (or of a dense one
+    /// done writing).
     pub spin_loops: u32,
 }
 
@@ -173,13 +174,7 @@ impl AbBootblock {
         let mut image = [0u8; SECTOR_SIZE];
         let code16 = real_mode_stub()?;
         put(&mut image, 0, &code16, CODE32_OFFSET, "16-bit")?;
-        let code32 = match self.workload {
-            Workload::Dense {
-                pages_per_tick,
-                once,
-            } => self.dense_code(pages_per_tick, once)?,
-            _ => self.protected_mode_code()?,
-        };
+        let code32 = self.protected_mode_code()?;
         put(
             &mut image,
             CODE32_OFFSET,
@@ -242,7 +237,11 @@ impl AbBootblock {
                 a.jmp(spin)?;
             }
             Workload::Idle => {}
-            Workload::Dense { .. } => unreachable!("built by dense_code"),
+            // Its own code from the prologue on: long mode, then ring 3.
+            Workload::Dense {
+                pages_per_tick,
+                once,
+            } => return self.dense_code(pages_per_tick, once),
         }
         let mut delay = a.create_label();
         a.set_label(&mut spin)?;
@@ -255,9 +254,7 @@ impl AbBootblock {
         a.jmp(spin)?;
         Ok(a.assemble(gpa(CODE32_OFFSET).into())?)
     }
-}
 
-impl AbBootblock {
     /// The code of a [`Workload::Dense`] guest: the 32-bit prologue, long mode, then ring 3.
     /// Twice: the far jump into 64-bit code needs the length of the 32-bit part.
     fn dense_code(&self, pages_per_tick: u32, once: bool) -> Result<Vec<u8>, BootsectorError> {
