@@ -2,34 +2,49 @@
 //! own a-b-bootblock, [`vmm::guest::bootsector`]) runs on `ferry run --guest bootsector:IMG`
 //! and on `qemu-system-x86_64 -accel kvm -machine pc -drive file=IMG,format=raw`, and each
 //! is migrated live between two processes of its kind over loopback TCP, driven over QMP.
+//! QEMU runs twice: as it comes, and with `multifd` on both sides (`multifd-channels` 2).
 //!
 //! `cargo bench -p vmm --bench qemu_compare`. Environment:
 //! - `QC_RUNS` (default 10): runs per case and hypervisor;
-//! - `QC_CASES`: comma-separated case names to run (default the 1 and 2 GiB ones but
-//!   `1g-dirty512`); cases: `1g-idle`, `1g-dirty64`, `1g-dirty99`, `2g-once`, `4g-idle`,
-//!   `1g-dirty512`, `4g-dirty64`, `4g-dirty512`;
+//! - `QC_CASES`: comma-separated case names to run. Default, the dense cases (the guest
+//!   rewrites every byte of each working-set page with xorshift32 data each pass in ring 3,
+//!   and checks each page on the next pass: nothing for zero pages, SPARSE, XBZRLE or a
+//!   compressor to shrink): `1g-dense64`, `1g-dense256` (1 GiB, rewriting 64 / 256 MiB),
+//!   `2g-dense-once` (2 GiB written once, then ticking without writing; the destination
+//!   starts 10 s before `migrate`, as an operator would start it), `4g-idle` (4 GiB, one
+//!   page written, then ticking). SPARSE-friendly cases, QEMU's a-b-bootblock pattern of
+//!   one byte per page (nearly all-zero pages, which Ferry's SPARSE records carry in 72
+//!   bytes; reported apart as the compression they are): `1g-idle`, `1g-dirty64`,
+//!   `1g-dirty99`, `2g-once`, `1g-dirty512`, `4g-dirty64`, `4g-dirty512`;
 //! - `QC_QEMU` (default `qemu-system-x86_64`); QEMU is skipped with a note if it is absent;
+//! - `QC_MULTIFD=0`: no QEMU multifd runs;
 //! - `QC_KEEP=DIR`: keep images, logs and serial captures there;
 //! - `QC_WARM_GIB` (default: 3x the largest case, within available memory): host memory to
 //!   touch once before the first run. This machine is itself virtualised; memory it never
 //!   touched costs its hypervisor a fault per page, which would land in whichever run comes
-//!   first, Ferry's or QEMU's. `0` skips it;
-//! - `QC_FERRY_SPARSE=0`: Ferry sends every page whole (`__org.ferry_sparse-pages` off), to
-//!   see what the engine does without the SPARSE encoding this guest's pages favour;
+//!   first. `0` skips it;
+//! - `QC_FERRY_SPARSE=0`: Ferry sends every page whole (`__org.ferry_sparse-pages` off);
 //! - `QC_QEMU_XBZRLE=1`: QEMU with its `xbzrle` capability (delta-encodes re-sent pages
 //!   against a cache of sent ones; off by default in QEMU);
 //! - `QC_FERRY_LOG` (default `warn`): `RUST_LOG` for the Ferry processes (their logs are kept
 //!   with `QC_KEEP`).
 //!
-//! Runs are interleaved (run r of every case, Ferry and QEMU alternating which goes first)
-//! and medians reported. Both sides get `downtime-limit` 300 ms and `max-bandwidth`
-//! 100 GiB/s. Per run: total time, source-side downtime and bytes sent from the source's
-//! `query-migrate`; RAM throughput = bits of guest pages moved (`normal` + `duplicate`, 4 KiB
-//! each) over total time; wire throughput = bits sent over total time; guest-visible
-//! downtime = the time from the last progress character (`A`/`B` on COM1) the source guest printed to the
-//! first one the destination guest printed, as timestamped by this process reading both
-//! serial outputs through pipes. That gap includes one progress interval, so the median
-//! interval just before the migration is reported next to it.
+//! Runs are interleaved: run r of every case runs Ferry, QEMU and QEMU multifd in turn, who
+//! goes first rotating with r. Each run of Ferry is paired with the run of each baseline in
+//! the same round; the summary gives the median of those paired ratios (not a ratio of
+//! medians) next to the medians of the absolute figures. Every side gets `downtime-limit`
+//! 300 ms and `max-bandwidth` 100 GiB/s. Per run: total time, source-side downtime and bytes
+//! sent from the source's `query-migrate` (Ferry's downtime runs until the destination
+//! acknowledged COMMIT, QEMU's until its last byte is sent, so they do not compare); RAM
+//! throughput = guest pages moved (`normal` + `duplicate`, 4 KiB each) over total time.
+//! What the guest sees: this process timestamps the serial output of both guests as it reads
+//! their pipes. The guests print a tick at a fixed interval (a dense guest every 64 pages,
+//! ~0.4 ms here; `interval` is the median before the migration). `blackout` is the largest
+//! gap between consecutive ticks of source and destination together, from `migrate` to the
+//! destination's fourth tick; `switch` is the gap from the source's last tick to the
+//! destination's first. A dense guest prints `!` for each page that fails its check; the
+//! destination runs two more passes after the migration, so every page it received is
+//! checked; failures are counted and printed (there must be none).
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -39,7 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use vmm::guest::bootsector::{AbBootblock, Workload};
+use vmm::guest::bootsector::{AbBootblock, FAIL, PASS, TICK, Workload};
 use vmm::qmp::client::QmpClient;
 
 const MIB: u64 = 1 << 20;
@@ -48,20 +63,41 @@ const GIB: u64 = 1 << 30;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest a migration may take before it is cancelled and counted as failed.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest the destination guest may take to print after completion.
-const RESUME_TIMEOUT: Duration = Duration::from_secs(20);
-/// Progress characters the source must print before the migration starts.
-const WARMUP_CHARS: usize = 4;
-/// Delay-loop iterations between two `B`s of an idling guest (about 7 ms here: this
-/// platform runs the non-paged 32-bit guest code at roughly 1 us per loop iteration).
+/// Longest the destination guest may take to print what is waited for after completion.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Ticks the source must print (after its warm-up passes) before the migration starts.
+const WARMUP_TICKS: usize = 4;
+/// Destination ticks that end the window the blackout is measured in.
+const AFTER_TICKS: usize = 4;
+/// Delay-loop iterations between two `B`s of a ring-0 idling guest (about 7 ms here: this
+/// platform emulates ring-0 guest code at roughly 1 us per loop iteration).
 const SPIN_LOOPS: u32 = 1 << 13;
+/// Pages between two ticks of a dense guest: ~0.38 ms of checking and rewriting here.
+const DENSE_PAGES_PER_TICK: u32 = 64;
+/// Delay-loop iterations between two ticks of a dense guest done writing (ring 3 runs
+/// natively, ~1 ns per iteration here: ~0.5 ms).
+const DENSE_SPIN_LOOPS: u32 = 1 << 19;
+
+/// Dense pages (the headline) or QEMU's one-byte-per-page pattern, which SPARSE compresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Dense,
+    Sparse,
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
     name: &'static str,
+    group: Group,
     memory: u64,
     image: AbBootblock,
     what: &'static str,
+    /// Pass markers the source prints before the migration (dense guests).
+    warm_passes: usize,
+    /// Pass markers the destination prints after it: two make every received page checked.
+    check_passes: usize,
+    /// How long before `migrate` the destination starts.
+    dst_lead: Duration,
 }
 
 fn cases() -> Vec<Case> {
@@ -71,56 +107,109 @@ fn cases() -> Vec<Case> {
         workload,
         spin_loops: SPIN_LOOPS,
     };
+    let dense = |end: u64, once: bool| AbBootblock {
+        start: MIB,
+        end,
+        workload: Workload::Dense {
+            pages_per_tick: DENSE_PAGES_PER_TICK,
+            once,
+        },
+        spin_loops: DENSE_SPIN_LOOPS,
+    };
+    let sparse = |name, memory, image, what| Case {
+        name,
+        group: Group::Sparse,
+        memory,
+        image,
+        what,
+        warm_passes: 0,
+        check_passes: 0,
+        dst_lead: Duration::ZERO,
+    };
     let dirty = Workload::Dirty { passes_per_b: 1 };
     vec![
         Case {
-            name: "1g-idle",
+            name: "1g-dense64",
+            group: Group::Dense,
             memory: GIB,
-            image: bb(2 * MIB, Workload::Idle),
-            what: "1 GiB, spins printing B, writes no memory",
+            image: dense(65 * MIB, false),
+            what: "1 GiB, checks and rewrites every byte of [1,65) MiB each pass (ring 3)",
+            warm_passes: 2,
+            check_passes: 2,
+            dst_lead: Duration::ZERO,
         },
         Case {
-            name: "1g-dirty64",
+            name: "1g-dense256",
+            group: Group::Dense,
             memory: GIB,
-            image: bb(65 * MIB, dirty),
-            what: "1 GiB, incb first byte of each page of [1,65) MiB, B every pass",
+            image: dense(257 * MIB, false),
+            what: "1 GiB, checks and rewrites every byte of [1,257) MiB each pass (ring 3)",
+            warm_passes: 2,
+            check_passes: 2,
+            dst_lead: Duration::ZERO,
         },
         Case {
-            name: "1g-dirty99",
-            memory: GIB,
-            image: bb(100 * MIB, dirty),
-            what: "1 GiB, incb first byte of each page of [1,100) MiB (QEMU's test), B every pass",
-        },
-        Case {
-            name: "2g-once",
+            name: "2g-dense-once",
+            group: Group::Dense,
             memory: 2 * GIB,
-            image: bb(2 * GIB, Workload::WriteOnce),
-            what: "2 GiB, writes 1 to the first byte of every page of [1 MiB,2 GiB) once, then spins printing B",
+            image: dense(2 * GIB, true),
+            what: "2 GiB, writes every byte of [1 MiB,2 GiB) once, then ticks (destination up 10 s before)",
+            warm_passes: 1,
+            check_passes: 0,
+            dst_lead: Duration::from_secs(10),
         },
         Case {
             name: "4g-idle",
+            group: Group::Dense,
             memory: 4 * GIB,
-            image: bb(2 * MIB, Workload::Idle),
-            what: "4 GiB, spins printing B, writes no memory",
+            image: dense(MIB + 4096, true),
+            what: "4 GiB, writes one page, then ticks in ring 3",
+            warm_passes: 1,
+            check_passes: 0,
+            dst_lead: Duration::ZERO,
         },
-        Case {
-            name: "1g-dirty512",
-            memory: GIB,
-            image: bb(513 * MIB, dirty),
-            what: "1 GiB, incb first byte of each page of [1,513) MiB, B every pass",
-        },
-        Case {
-            name: "4g-dirty64",
-            memory: 4 * GIB,
-            image: bb(65 * MIB, dirty),
-            what: "4 GiB, incb first byte of each page of [1,65) MiB, B every pass",
-        },
-        Case {
-            name: "4g-dirty512",
-            memory: 4 * GIB,
-            image: bb(513 * MIB, dirty),
-            what: "4 GiB, incb first byte of each page of [1,513) MiB, B every pass",
-        },
+        sparse(
+            "1g-idle",
+            GIB,
+            bb(2 * MIB, Workload::Idle),
+            "1 GiB, spins printing B, writes no memory",
+        ),
+        sparse(
+            "1g-dirty64",
+            GIB,
+            bb(65 * MIB, dirty),
+            "1 GiB, incb first byte of each page of [1,65) MiB, B every pass",
+        ),
+        sparse(
+            "1g-dirty99",
+            GIB,
+            bb(100 * MIB, dirty),
+            "1 GiB, incb first byte of each page of [1,100) MiB (QEMU's test), B every pass",
+        ),
+        sparse(
+            "2g-once",
+            2 * GIB,
+            bb(2 * GIB, Workload::WriteOnce),
+            "2 GiB, writes 1 to the first byte of every page of [1 MiB,2 GiB) once, then spins printing B",
+        ),
+        sparse(
+            "1g-dirty512",
+            GIB,
+            bb(513 * MIB, dirty),
+            "1 GiB, incb first byte of each page of [1,513) MiB, B every pass",
+        ),
+        sparse(
+            "4g-dirty64",
+            4 * GIB,
+            bb(65 * MIB, dirty),
+            "4 GiB, incb first byte of each page of [1,65) MiB, B every pass",
+        ),
+        sparse(
+            "4g-dirty512",
+            4 * GIB,
+            bb(513 * MIB, dirty),
+            "4 GiB, incb first byte of each page of [1,513) MiB, B every pass",
+        ),
     ]
 }
 
@@ -128,6 +217,8 @@ fn cases() -> Vec<Case> {
 enum Hv {
     Ferry,
     Qemu,
+    /// QEMU with `multifd` on both sides, 2 channels.
+    QemuMultifd,
 }
 
 impl Hv {
@@ -135,6 +226,7 @@ impl Hv {
         match self {
             Hv::Ferry => "ferry",
             Hv::Qemu => "qemu",
+            Hv::QemuMultifd => "multifd",
         }
     }
 }
@@ -181,19 +273,40 @@ impl Proc {
         self.serial.lock().unwrap().clone()
     }
 
-    fn wait_chars(&mut self, n: usize, after: Instant, timeout: Duration) -> Result<(), String> {
+    /// Waits for `n` serial characters `c` timestamped at or after `after`.
+    fn wait_chars(
+        &mut self,
+        c: u8,
+        n: usize,
+        after: Instant,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let have = self.chars().iter().filter(|(t, _)| *t >= after).count();
+            let have = self
+                .chars()
+                .iter()
+                .filter(|(t, b)| *t >= after && *b == c)
+                .count();
             if have >= n {
                 return Ok(());
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                return Err(format!("process exited ({st}) after {have} serial chars"));
+                return Err(format!(
+                    "process exited ({st}) after {have} '{}'",
+                    c as char
+                ));
             }
             if Instant::now() >= deadline {
+                let all = self.chars();
+                let count = |k: u8| all.iter().filter(|x| x.1 == k).count();
                 return Err(format!(
-                    "only {have} of {n} serial chars within {timeout:?}"
+                    "only {have} of {n} '{}' within {timeout:?} (serial so far: {} A, {} B, {} P, {} !)",
+                    c as char,
+                    count(b'A'),
+                    count(TICK),
+                    count(PASS),
+                    count(FAIL)
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -223,7 +336,7 @@ fn spawn(mut cmd: Command, sock: &Path, log: &Path) -> Result<Proc, String> {
             s.extend(
                 buf[..n]
                     .iter()
-                    .filter(|b| matches!(b, b'A' | b'B'))
+                    .filter(|b| matches!(b, b'A' | b'B' | b'P' | b'!'))
                     .map(|&b| (t, b)),
             );
         }
@@ -267,7 +380,7 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
             );
             c
         }
-        Hv::Qemu => {
+        Hv::Qemu | Hv::QemuMultifd => {
             let mut c = Command::new(&env.qemu);
             c.args([
                 "-accel", "kvm", "-cpu", "qemu64", "-machine", "pc", "-smp", "1",
@@ -298,52 +411,78 @@ struct Sample {
     gbit: f64,
     /// RAM rate: guest pages moved (data and zero pages) over total time.
     ram_gbit: f64,
-    /// Last source progress char to first destination progress char.
-    visible_ms: f64,
-    /// Median progress interval on the source before the migration.
+    /// Largest gap between two ticks of source and destination together.
+    blackout_ms: f64,
+    /// Last source tick to first destination tick.
+    switch_ms: f64,
+    /// Median tick interval on the source before the migration.
     interval_ms: f64,
     passes: f64,
+    /// `!` printed by either guest: pages that failed their check.
+    fails: usize,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The tick times of a serial capture.
+fn ticks(chars: &[(Instant, u8)]) -> Vec<Instant> {
+    chars.iter().filter(|c| c.1 == TICK).map(|c| c.0).collect()
+}
+
+fn qemu_port(q: &Value) -> Option<String> {
+    let p = &q["socket-address"][0]["port"];
+    p.as_str()
+        .map(str::to_owned)
+        .or_else(|| p.as_u64().map(|p| p.to_string()))
+}
+
 fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sample, String> {
     let dir = env.dir.join(tag);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (ss, ds) = (dir.join("src.qmp"), dir.join("dst.qmp"));
+    let dst_started = Instant::now();
     let mut dst = spawn(
         command(env, hv, case, img, &ds, true),
         &ds,
         &dir.join("dst.log"),
     )?;
-    if hv == Hv::Qemu {
+    let params = json!({"downtime-limit": 300, "max-bandwidth": 100u64 * GIB});
+    let mut caps = Vec::new();
+    if hv == Hv::QemuMultifd {
+        caps.push(json!({"capability": "multifd", "state": true}));
+    }
+    if hv != Hv::Ferry && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
+        caps.push(json!({"capability": "xbzrle", "state": true}));
+    }
+    if !caps.is_empty() {
+        dst.exec("migrate-set-capabilities", json!({"capabilities": caps}))?;
+    }
+    if hv == Hv::QemuMultifd {
+        dst.exec("migrate-set-parameters", json!({"multifd-channels": 2}))?;
+    }
+    dst.exec("migrate-set-parameters", params.clone())?;
+    if hv != Hv::Ferry {
         dst.exec("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))?;
     }
     let q = dst.exec("query-migrate", json!({}))?;
-    let port = q["socket-address"][0]["port"]
-        .as_str()
-        .map(str::to_owned)
-        .or_else(|| {
-            q["socket-address"][0]["port"]
-                .as_u64()
-                .map(|p| p.to_string())
-        })
-        .ok_or_else(|| format!("destination reported no port: {q}"))?;
+    let port = qemu_port(&q).ok_or_else(|| format!("destination reported no port: {q}"))?;
+    // Before the spawn: a guest that writes one page prints its pass marker at once.
+    let boot = Instant::now();
     let mut src = spawn(
         command(env, hv, case, img, &ss, false),
         &ss,
         &dir.join("src.log"),
     )?;
-    let boot = Instant::now();
-    src.wait_chars(WARMUP_CHARS, boot, BOOT_TIMEOUT)?;
-    let params = json!({"downtime-limit": 300, "max-bandwidth": 100u64 * GIB});
-    src.exec("migrate-set-parameters", params.clone())?;
-    if hv == Hv::Qemu && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
-        let caps = json!({"capabilities": [{"capability": "xbzrle", "state": true}]});
-        src.exec("migrate-set-capabilities", caps.clone())?;
-        dst.exec("migrate-set-capabilities", caps)?;
+    src.wait_chars(PASS, case.warm_passes, boot, BOOT_TIMEOUT)?;
+    src.wait_chars(TICK, WARMUP_TICKS, Instant::now(), BOOT_TIMEOUT)?;
+    src.exec("migrate-set-parameters", params)?;
+    if !caps.is_empty() {
+        src.exec("migrate-set-capabilities", json!({"capabilities": caps}))?;
+    }
+    if hv == Hv::QemuMultifd {
+        src.exec("migrate-set-parameters", json!({"multifd-channels": 2}))?;
     }
     if hv == Hv::Ferry && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
         src.exec(
@@ -351,13 +490,16 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
             json!({"__org.ferry_sparse-pages": false}),
         )?;
     }
-    dst.exec("migrate-set-parameters", params)?;
-    let before = src.chars();
+    // The operator's destination has been up for a while (the 2 GiB case).
+    if let Some(left) = case.dst_lead.checked_sub(dst_started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let before = ticks(&src.chars());
     let mut gaps: Vec<f64> = before
         .windows(2)
         .rev()
-        .take(10)
-        .map(|w| ms(w[1].0 - w[0].0))
+        .take(20)
+        .map(|w| ms(w[1] - w[0]))
         .collect();
     let start = Instant::now();
     src.exec(
@@ -386,20 +528,39 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    dst.wait_chars(2, start, RESUME_TIMEOUT)?;
-    let last_src = src
-        .chars()
+    dst.wait_chars(TICK, AFTER_TICKS, start, RESUME_TIMEOUT)?;
+    dst.wait_chars(PASS, case.check_passes, start, RESUME_TIMEOUT)?;
+    let (src_chars, dst_chars) = (src.chars(), dst.chars());
+    let src_ticks: Vec<Instant> = ticks(&src_chars);
+    let dst_ticks: Vec<Instant> = ticks(&dst_chars)
+        .into_iter()
+        .filter(|t| *t >= start)
+        .collect();
+    let last_src = *src_ticks.last().ok_or("no source tick")?;
+    let end = dst_ticks[AFTER_TICKS - 1];
+    // From the last tick before `migrate` to the destination's AFTER_TICKS-th.
+    let from = src_ticks
         .iter()
         .rev()
-        .map(|c| c.0)
-        .next()
-        .ok_or("no source output")?;
-    let first_dst = dst
-        .chars()
+        .find(|t| **t <= start)
+        .copied()
+        .unwrap_or(start);
+    let mut window: Vec<Instant> = src_ticks
         .iter()
-        .map(|c| c.0)
-        .find(|t| *t >= start)
-        .ok_or("no destination output")?;
+        .chain(&dst_ticks)
+        .copied()
+        .filter(|t| *t >= from && *t <= end)
+        .collect();
+    window.sort();
+    let blackout_ms = window
+        .windows(2)
+        .map(|w| ms(w[1] - w[0]))
+        .fold(0.0, f64::max);
+    let fails = src_chars
+        .iter()
+        .chain(&dst_chars)
+        .filter(|c| c.1 == FAIL)
+        .count();
     let total_ms = info["total-time"].as_f64().unwrap_or(f64::NAN);
     let bytes = info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN);
     let pages = info["ram"]["normal"].as_f64().unwrap_or(f64::NAN)
@@ -411,11 +572,13 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         bytes,
         gbit: bytes * 8.0 / (total_ms / 1000.0) / 1e9,
         ram_gbit: pages * 4096.0 * 8.0 / (total_ms / 1000.0) / 1e9,
-        visible_ms: first_dst
+        blackout_ms,
+        switch_ms: dst_ticks[0]
             .checked_duration_since(last_src)
             .map_or(f64::NAN, ms),
         interval_ms: median(&mut gaps),
         passes: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
+        fails,
     };
     if env.dir.starts_with(std::env::temp_dir()) && std::env::var_os("QC_KEEP").is_none() {
         drop(src);
@@ -476,6 +639,17 @@ fn col(s: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
     median(&mut s.iter().map(f).collect::<Vec<_>>())
 }
 
+/// The paired ratios `a / b` of the rounds where both ran, and their median.
+fn paired(a: &[Option<Sample>], b: &[Option<Sample>], f: fn(&Sample) -> f64) -> (f64, Vec<f64>) {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(x, y)| Some(f(x.as_ref()?) / f(y.as_ref()?)))
+        .collect();
+    let list = r.clone();
+    (median(&mut r), list)
+}
+
 fn main() {
     let runs: usize = std::env::var("QC_RUNS")
         .ok()
@@ -489,7 +663,7 @@ fn main() {
         .into_iter()
         .filter(|c| match &wanted {
             Some(w) => w.iter().any(|n| n == c.name),
-            None => !c.name.starts_with("4g") && c.name != "1g-dirty512",
+            None => c.group == Group::Dense,
         })
         .collect();
     let qemu = std::env::var("QC_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_owned());
@@ -519,106 +693,132 @@ fn main() {
     let mut hvs = vec![Hv::Ferry];
     if have_qemu {
         hvs.push(Hv::Qemu);
+        if std::env::var("QC_MULTIFD").map_or(true, |v| v != "0") {
+            hvs.push(Hv::QemuMultifd);
+        }
     }
     let mut imgs = Vec::new();
     for c in &cases {
         let p = dir.join(format!("{}.img", c.name));
         std::fs::write(&p, c.image.build().expect("boot sector")).expect("write image");
-        println!("case {:<11} {}", c.name, c.what);
+        println!("case {:<13} {}", c.name, c.what);
         imgs.push(p);
     }
     warm_host_memory(&cases);
     let started = Instant::now();
-    let mut samples = vec![vec![Vec::<Sample>::new(); hvs.len()]; cases.len()];
-    let mut failures = vec![vec![0usize; hvs.len()]; cases.len()];
+    // samples[case][hv][round], None for a failed run
+    let mut samples = vec![vec![Vec::<Option<Sample>>::new(); hvs.len()]; cases.len()];
     for r in 0..runs {
         for (ci, c) in cases.iter().enumerate() {
-            let mut order: Vec<usize> = (0..hvs.len()).collect();
-            if r % 2 == 1 {
-                order.reverse();
-            }
-            for hi in order {
+            for k in 0..hvs.len() {
+                let hi = (k + r) % hvs.len();
                 let hv = hvs[hi];
                 let tag = format!("{}-{}-{r}", c.name, hv.name());
                 match run_once(&env, hv, c, &imgs[ci], &tag) {
                     Ok(s) => {
                         println!(
-                            "run {r:>2} {:<11} {:<5} total {:>6.0} ms  downtime {:>5.0} ms  visible {:>6.1} ms (interval {:>5.1})  RAM {:>6.2} Gbit/s  wire {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}",
+                            "run {r:>2} {:<13} {:<7} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
                             c.name,
                             hv.name(),
                             s.total_ms,
                             s.downtime_ms,
-                            s.visible_ms,
+                            s.blackout_ms,
+                            s.switch_ms,
                             s.interval_ms,
                             s.ram_gbit,
-                            s.gbit,
                             s.bytes / MIB as f64,
-                            s.passes
+                            s.passes,
+                            s.fails
                         );
-                        samples[ci][hi].push(s);
+                        if s.fails > 0 {
+                            println!(
+                                "  FAIL: the guests printed {} '!' (pages that failed their check)",
+                                s.fails
+                            );
+                        }
+                        samples[ci][hi].push(Some(s));
                     }
                     Err(e) => {
-                        println!("run {r:>2} {:<11} {:<5} FAILED: {e}", c.name, hv.name());
-                        failures[ci][hi] += 1;
+                        println!("run {r:>2} {:<13} {:<7} FAILED: {e}", c.name, hv.name());
+                        samples[ci][hi].push(None);
                     }
                 }
             }
         }
     }
-    println!();
-    println!(
-        "{:<11} {:<5} {:>3} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>10} {:>7} {:>6}",
-        "case",
-        "hv",
-        "n",
-        "total ms",
-        "down ms",
-        "setup ms",
-        "visible ms",
-        "intvl ms",
-        "RAM Gb/s",
-        "wire Gb/s",
-        "MiB sent",
-        "passes",
-        "fail"
-    );
-    for (ci, c) in cases.iter().enumerate() {
-        for (hi, hv) in hvs.iter().enumerate() {
-            let s = &samples[ci][hi];
-            println!(
-                "{:<11} {:<5} {:>3} {:>9.0} {:>9.0} {:>9.0} {:>10.1} {:>9.1} {:>8.2} {:>8.2} {:>10.0} {:>7.1} {:>6}",
-                c.name,
-                hv.name(),
-                s.len(),
-                col(s, |x| x.total_ms),
-                col(s, |x| x.downtime_ms),
-                col(s, |x| x.setup_ms),
-                col(s, |x| x.visible_ms),
-                col(s, |x| x.interval_ms),
-                col(s, |x| x.ram_gbit),
-                col(s, |x| x.gbit),
-                col(s, |x| x.bytes) / MIB as f64,
-                col(s, |x| x.passes),
-                failures[ci][hi]
-            );
+    for group in [Group::Dense, Group::Sparse] {
+        if !cases.iter().any(|c| c.group == group) {
+            continue;
         }
-        if hvs.len() == 2 {
-            let (f, q) = (&samples[ci][0], &samples[ci][1]);
-            let ratio = |g: fn(&Sample) -> f64| col(f, g) / col(q, g);
-            println!(
-                "{:<11} ferry/qemu: total {:.2}x  downtime {:.2}x  visible {:.2}x  RAM throughput {:.2}x  wire {:.2}x  bytes {:.2}x",
-                c.name,
-                ratio(|x| x.total_ms),
-                ratio(|x| x.downtime_ms),
-                ratio(|x| x.visible_ms),
-                ratio(|x| x.ram_gbit),
-                ratio(|x| x.gbit),
-                ratio(|x| x.bytes)
-            );
+        println!();
+        match group {
+            Group::Dense => println!(
+                "DENSE pages (every byte of the working set rewritten with pseudo-random data)"
+            ),
+            Group::Sparse => println!(
+                "SPARSE-friendly (one byte per page: Ferry's SPARSE records compress these pages)"
+            ),
+        }
+        println!(
+            "{:<13} {:<7} {:>3} {:>9} {:>8} {:>8} {:>10} {:>9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>5} {:>6}",
+            "case",
+            "hv",
+            "n",
+            "total ms",
+            "down ms",
+            "setup ms",
+            "blackout",
+            "switch",
+            "tick",
+            "RAM Gb/s",
+            "wire Gb/s",
+            "MiB sent",
+            "passes",
+            "!",
+            "failed"
+        );
+        for (ci, c) in cases.iter().enumerate().filter(|(_, c)| c.group == group) {
+            for (hi, hv) in hvs.iter().enumerate() {
+                let s: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
+                println!(
+                    "{:<13} {:<7} {:>3} {:>9.0} {:>8.0} {:>8.0} {:>10.1} {:>9.1} {:>7.2} {:>8.2} {:>9.2} {:>9.0} {:>6.1} {:>5} {:>6}",
+                    c.name,
+                    hv.name(),
+                    s.len(),
+                    col(&s, |x| x.total_ms),
+                    col(&s, |x| x.downtime_ms),
+                    col(&s, |x| x.setup_ms),
+                    col(&s, |x| x.blackout_ms),
+                    col(&s, |x| x.switch_ms),
+                    col(&s, |x| x.interval_ms),
+                    col(&s, |x| x.ram_gbit),
+                    col(&s, |x| x.gbit),
+                    col(&s, |x| x.bytes) / MIB as f64,
+                    col(&s, |x| x.passes),
+                    s.iter().map(|x| x.fails).sum::<usize>(),
+                    runs - s.len()
+                );
+            }
+            for (hi, hv) in hvs.iter().enumerate().skip(1) {
+                let (f, b) = (&samples[ci][0], &samples[ci][hi]);
+                let show = |name: &str, g: fn(&Sample) -> f64| {
+                    let (m, list) = paired(f, b, g);
+                    let list: Vec<String> = list.iter().map(|x| format!("{x:.2}")).collect();
+                    format!("{name} {m:.2}x [{}]", list.join(" "))
+                };
+                println!(
+                    "{:<13} ferry/{:<7} median of paired ratios: {}  {}  {}",
+                    c.name,
+                    hv.name(),
+                    show("total", |x| x.total_ms),
+                    show("blackout", |x| x.blackout_ms),
+                    show("downtime", |x| x.downtime_ms),
+                );
+            }
         }
     }
     println!(
-        "(medians of up to {runs} interleaved runs per case and hypervisor; {:.0} s in all)",
+        "(up to {runs} interleaved rounds per case; {:.0} s in all)",
         started.elapsed().as_secs_f64()
     );
     if std::env::var_os("QC_KEEP").is_none() {

@@ -176,3 +176,137 @@ fn dirty_log_sees_guest_and_vmm_writes() {
     vm.set_slot_dirty_log(0, false).unwrap();
     assert!(!vm.ram().slots()[0].dirty_log_enabled());
 }
+
+/// Serial output shared with the test.
+#[derive(Clone, Default)]
+struct SerialBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SerialBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SerialBuf {
+    fn count(&self, c: u8) -> usize {
+        self.0.lock().unwrap().iter().filter(|&&b| b == c).count()
+    }
+
+    /// Waits until the guest printed `n` characters `c`.
+    fn wait(&self, c: u8, n: usize) {
+        let deadline = std::time::Instant::now() + PROGRESS_TIMEOUT;
+        while self.count(c) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting for {n} '{}' on COM1; have {:?}",
+                c as char,
+                String::from_utf8_lossy(&self.0.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Which pass each page of `[start, end)` holds: pages before the guest's cursor hold pass
+/// `done` (being written), pages after it pass `done - 1`, and at most the one at the
+/// cursor a prefix of the first and the rest of the second. Panics on anything else.
+fn check_dense_pages(vm: &vmm::Vm, start: u64, end: u64, done: u32) -> u64 {
+    use vmm::guest::bootsector::dense_page;
+    let mut cursor = None;
+    for gpa in (start..end).step_by(PAGE_SIZE as usize) {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        vm.memory()
+            .read_slice(&mut page, GuestAddress(gpa))
+            .unwrap();
+        let new = dense_page(gpa as u32, done);
+        let old = dense_page(gpa as u32, done - 1);
+        let same = |a: &[u8], b: &[u8]| {
+            a.chunks(4)
+                .zip(b.chunks(4))
+                .take_while(|(x, y)| x == y)
+                .count()
+        };
+        let k = same(&page, &new);
+        match cursor {
+            None if k == page.len() / 4 => {}
+            None => {
+                assert_eq!(
+                    same(&page[k * 4..], &old[k * 4..]),
+                    page.len() / 4 - k,
+                    "page {gpa:#x}: neither pass {done} nor {} from dword {k}",
+                    done - 1
+                );
+                cursor = Some(gpa);
+            }
+            Some(_) => assert!(
+                page == old,
+                "page {gpa:#x} after the cursor is not pass {}",
+                done - 1
+            ),
+        }
+    }
+    cursor.unwrap_or(end)
+}
+
+#[test]
+fn dense_bootsector_checks_and_rewrites_pages_in_ring3() {
+    use vmm::guest::bootsector::{AbBootblock, FAIL, PASS, STATUS_GPA, TICK, Workload};
+    let _kvm = kvm_test();
+    let (start, end) = (1u64 << 20, 5u64 << 20);
+    let image = AbBootblock {
+        start,
+        end,
+        workload: Workload::Dense {
+            pages_per_tick: 64,
+            once: false,
+        },
+        spin_loops: 1,
+    };
+    let dir = std::env::temp_dir().join(format!("ferry-dense-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dense.img");
+    std::fs::write(&path, image.build().unwrap()).unwrap();
+    let serial = SerialBuf::default();
+    let mut vm = vmm::Vm::with_serial(&config(32, 1), Box::new(serial.clone())).unwrap();
+    let spec = GuestSpec::Bootsector {
+        path: Box::leak(path.display().to_string().into_boxed_str()),
+    };
+    vm.load_guest(&spec).unwrap();
+    vm.resume().unwrap();
+    serial.wait(PASS, 3);
+    vm.pause().unwrap();
+    let status = |vm: &vmm::Vm, at: u64| {
+        let v: u32 = vm.memory().read_obj(GuestAddress(STATUS_GPA + at)).unwrap();
+        v
+    };
+    let done = status(&vm, 0);
+    assert!(done >= 3, "{done} passes");
+    assert_eq!(status(&vm, 4), 0, "failed page checks");
+    assert_eq!(serial.count(FAIL), 0);
+    assert_eq!(serial.count(b'A'), 1);
+    // 16 ticks per pass of 1024 pages.
+    assert!(serial.count(TICK) >= 16 * 3, "{} ticks", serial.count(TICK));
+    let cursor = check_dense_pages(&vm, start, end, done);
+
+    // A stray byte in a page the guest will check: one failure, counted and printed.
+    let victim = if cursor - start >= 2 * PAGE_SIZE {
+        start
+    } else {
+        end - PAGE_SIZE
+    };
+    let b: u8 = vm.memory().read_obj(GuestAddress(victim + 100)).unwrap();
+    vm.memory()
+        .write_obj(!b, GuestAddress(victim + 100))
+        .unwrap();
+    let passes = serial.count(PASS);
+    vm.resume().unwrap();
+    serial.wait(PASS, passes + 2);
+    vm.pause().unwrap();
+    assert_eq!(serial.count(FAIL), 1);
+    assert_eq!(status(&vm, 4), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
