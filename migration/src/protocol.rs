@@ -212,6 +212,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tls_client_hello_is_named_as_such() {
+        let mut b: &[u8] = &[0x16, 0x03, 0x01, 0x05, 0xa0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let e = Hello::read(&mut b).unwrap_err().to_string();
+        assert!(e.starts_with("the source started a TLS handshake"), "{e}");
+        let mut b: &[u8] = &[0x17; 16];
+        let e = Hello::read(&mut b).unwrap_err().to_string();
+        assert!(e.contains("bad hello magic"), "{e}");
+    }
+
+    #[test]
     fn messages_round_trip() {
         let mut buf = Vec::new();
         let hello = Hello {

@@ -26,6 +26,10 @@
 //! - `QC_FERRY_SPARSE=0`: Ferry sends every page whole (`__org.ferry_sparse-pages` off);
 //! - `QC_QEMU_XBZRLE=1`: QEMU with its `xbzrle` capability (delta-encodes re-sent pages
 //!   against a cache of sent ones; off by default in QEMU);
+//! - `QC_TLS=1`: also run Ferry and QEMU with mutual TLS on the migration channel
+//!   (`ferry-tls`, `qemu-tls`): the same `tls-creds-x509` objects (ECDSA P-256 certificates
+//!   made for the run, `verify-peer` on) on both; the summary adds each one's TLS cost as the
+//!   median of paired ratios to its own plain runs;
 //! - `QC_FERRY_LOG` (default `warn`): `RUST_LOG` for the Ferry processes (their logs are kept
 //!   with `QC_KEEP`).
 //!
@@ -219,6 +223,10 @@ enum Hv {
     Qemu,
     /// QEMU with `multifd` on both sides, 2 channels.
     QemuMultifd,
+    /// Ferry with mutual TLS.
+    FerryTls,
+    /// QEMU with mutual TLS (single channel).
+    QemuTls,
 }
 
 impl Hv {
@@ -227,7 +235,17 @@ impl Hv {
             Hv::Ferry => "ferry",
             Hv::Qemu => "qemu",
             Hv::QemuMultifd => "multifd",
+            Hv::FerryTls => "ferry-tls",
+            Hv::QemuTls => "qemu-tls",
         }
+    }
+
+    fn is_ferry(self) -> bool {
+        matches!(self, Hv::Ferry | Hv::FerryTls)
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Hv::FerryTls | Hv::QemuTls)
     }
 }
 
@@ -361,7 +379,7 @@ struct Env {
 
 fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bool) -> Command {
     match hv {
-        Hv::Ferry => {
+        Hv::Ferry | Hv::FerryTls => {
             let mut c = Command::new(&env.ferry);
             c.arg("run")
                 .args(["--machine", "ferry", "--memory"])
@@ -380,7 +398,7 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
             );
             c
         }
-        Hv::Qemu | Hv::QemuMultifd => {
+        Hv::Qemu | Hv::QemuMultifd | Hv::QemuTls => {
             let mut c = Command::new(&env.qemu);
             c.args([
                 "-accel", "kvm", "-cpu", "qemu64", "-machine", "pc", "-smp", "1",
@@ -422,6 +440,28 @@ struct Sample {
     fails: usize,
 }
 
+/// Write the CA and both sides' credentials under `dir/pki` (QEMU's layout, read by both).
+fn make_pki(dir: &Path) {
+    use ferry_tls::testing::{Leaf, TestCa};
+    let ca = TestCa::new("qemu_compare CA");
+    ca.write(&dir.join("pki/server"), &Leaf::new("localhost"), true);
+    ca.write(&dir.join("pki/client"), &Leaf::new("qemu-compare-src"), false);
+}
+
+/// Create `tls0` for `endpoint` and make it the migration's `tls-creds`.
+fn tls_on(p: &mut Proc, dir: &Path, endpoint: &str) -> Result<(), String> {
+    let creds = dir.join("pki").join(endpoint).display().to_string();
+    p.exec(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds, "endpoint": endpoint, "verify-peer": true}),
+    )?;
+    p.exec(
+        "migrate-set-parameters",
+        json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
+    )?;
+    Ok(())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -453,7 +493,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     if hv == Hv::QemuMultifd {
         caps.push(json!({"capability": "multifd", "state": true}));
     }
-    if hv != Hv::Ferry && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
+    if !hv.is_ferry() && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
         caps.push(json!({"capability": "xbzrle", "state": true}));
     }
     if !caps.is_empty() {
@@ -463,7 +503,10 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         dst.exec("migrate-set-parameters", json!({"multifd-channels": 2}))?;
     }
     dst.exec("migrate-set-parameters", params.clone())?;
-    if hv != Hv::Ferry {
+    if hv.tls() {
+        tls_on(&mut dst, &env.dir, "server")?;
+    }
+    if !hv.is_ferry() {
         dst.exec("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))?;
     }
     let q = dst.exec("query-migrate", json!({}))?;
@@ -478,13 +521,16 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     src.wait_chars(PASS, case.warm_passes, boot, BOOT_TIMEOUT)?;
     src.wait_chars(TICK, WARMUP_TICKS, Instant::now(), BOOT_TIMEOUT)?;
     src.exec("migrate-set-parameters", params)?;
+    if hv.tls() {
+        tls_on(&mut src, &env.dir, "client")?;
+    }
     if !caps.is_empty() {
         src.exec("migrate-set-capabilities", json!({"capabilities": caps}))?;
     }
     if hv == Hv::QemuMultifd {
         src.exec("migrate-set-parameters", json!({"multifd-channels": 2}))?;
     }
-    if hv == Hv::Ferry && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
+    if hv.is_ferry() && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
         src.exec(
             "migrate-set-parameters",
             json!({"__org.ferry_sparse-pages": false}),
@@ -697,6 +743,14 @@ fn main() {
             hvs.push(Hv::QemuMultifd);
         }
     }
+    let tls = std::env::var("QC_TLS").is_ok_and(|v| v == "1");
+    if tls {
+        make_pki(&dir);
+        hvs.push(Hv::FerryTls);
+        if have_qemu {
+            hvs.push(Hv::QemuTls);
+        }
+    }
     let mut imgs = Vec::new();
     for c in &cases {
         let p = dir.join(format!("{}.img", c.name));
@@ -813,6 +867,31 @@ fn main() {
                     show("total", |x| x.total_ms),
                     show("blackout", |x| x.blackout_ms),
                     show("downtime", |x| x.downtime_ms),
+                );
+            }
+            // What TLS costs each hypervisor, against its own plain runs of the same rounds.
+            for (with, without) in [(Hv::FerryTls, Hv::Ferry), (Hv::QemuTls, Hv::Qemu)] {
+                let (Some(a), Some(b)) = (
+                    hvs.iter().position(|&h| h == with),
+                    hvs.iter().position(|&h| h == without),
+                ) else {
+                    continue;
+                };
+                let (x, y) = (&samples[ci][a], &samples[ci][b]);
+                let show = |name: &str, g: fn(&Sample) -> f64| {
+                    let (m, list) = paired(x, y, g);
+                    let list: Vec<String> = list.iter().map(|v| format!("{v:.2}")).collect();
+                    format!("{name} {m:.2}x [{}]", list.join(" "))
+                };
+                println!(
+                    "{:<13} TLS cost {}/{}: {}  {}  {}  {}",
+                    c.name,
+                    with.name(),
+                    without.name(),
+                    show("total", |v| v.total_ms),
+                    show("blackout", |v| v.blackout_ms),
+                    show("downtime", |v| v.downtime_ms),
+                    show("RAM rate", |v| v.ram_gbit),
                 );
             }
         }
