@@ -438,3 +438,49 @@ fn nothing_is_read_after_close_notify() {
     drop(cli);
     relay.join().unwrap();
 }
+
+#[test]
+fn a_silent_destination_times_out_the_source() {
+    let p = pki(Leaf::new("dst"), Leaf::new("src"), None);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (_held, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(matches!(
+        connect(s, &p.client, "localhost"),
+        Err(TlsError::Timeout { peer: "destination" })
+    ));
+}
+
+#[test]
+fn a_tls_1_2_client_is_refused() {
+    // TLS 1.2 is the version with renegotiation; Ferry speaks only TLS 1.3.
+    let p = pki(Leaf::new("dst"), Leaf::new("src"), None);
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer))
+    .with_no_client_auth();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let cli = thread::spawn(move || {
+        let s = TcpStream::connect(addr).unwrap();
+        timed(&s);
+        let conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(config),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, s);
+        tls.write_all(b"x").and_then(|_| tls.flush()).unwrap_err().to_string()
+    });
+    let (s, _) = l.accept().unwrap();
+    timed(&s);
+    let e = accept(s, &p.server).unwrap_err().to_string();
+    assert!(e.contains("TLS handshake with the source failed"), "{e}");
+    let c = cli.join().unwrap();
+    assert!(c.contains("ProtocolVersion") || c.contains("HandshakeFailure"), "{c}");
+}
