@@ -213,7 +213,9 @@ mod tests {
 
     #[test]
     fn a_tls_client_hello_is_named_as_such() {
-        let mut b: &[u8] = &[0x16, 0x03, 0x01, 0x05, 0xa0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut b: &[u8] = &[
+            0x16, 0x03, 0x01, 0x05, 0xa0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
         let e = Hello::read(&mut b).unwrap_err().to_string();
         assert!(e.starts_with("the source started a TLS handshake"), "{e}");
         let mut b: &[u8] = &[0x17; 16];

@@ -142,6 +142,19 @@ fn dst_refused(d: &mut Ferry, want: &str) -> String {
     e
 }
 
+/// Keep a migration active until the test lets go: a downtime limit of 0 never fits while
+/// the guest dirties pages, and the cap keeps each pass long.
+fn hold() -> Value {
+    json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000})
+}
+
+/// Let a held migration finish.
+fn release() -> Value {
+    let mut p = completes_under_load();
+    p["max-bandwidth"] = json!(0);
+    p
+}
+
 fn migrate_ok(s: &mut Ferry, d: &mut Ferry, port: &str) {
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = s.wait_migration(&["completed", "failed"]);
@@ -206,10 +219,7 @@ fn a_hotplugged_guest_migrates_over_mutual_tls_and_the_capture_reads_as_plain() 
     let port = d.incoming_port();
 
     // Held mid-stream so hotplug can be tried on both sides while the TLS stream flows.
-    s.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000}),
-    );
+    s.ok("migrate-set-parameters", hold());
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     s.wait_migration(&["active"]);
     d.wait_migration(&["active"]);
@@ -222,9 +232,7 @@ fn a_hotplugged_guest_migrates_over_mutual_tls_and_the_capture_reads_as_plain() 
         d.err("device_add", core2),
         "GenericError: device_add not allowed while migrating"
     );
-    let mut release = completes_under_load();
-    release["max-bandwidth"] = json!(0);
-    s.ok("migrate-set-parameters", release);
+    s.ok("migrate-set-parameters", release());
     let info = s.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "completed", "{info}\n{}", read(&d.log));
     d.wait_migration(&["completed"]);
@@ -416,10 +424,7 @@ fn twenty_unauthenticated_connections_during_a_migration_are_all_refused() {
         "src",
         Some(&pki.client("src", Leaf::new("ferry-src"), &pki.ca)),
     );
-    s.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000}),
-    );
+    s.ok("migrate-set-parameters", hold());
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     s.wait_migration(&["active"]);
     d.wait_migration(&["active"]);
@@ -484,9 +489,7 @@ fn twenty_unauthenticated_connections_during_a_migration_are_all_refused() {
     }
     // The legitimate migration was not disturbed; let it finish.
     assert_eq!(s.ok("query-migrate", json!({}))["status"], "active");
-    let mut release = completes_under_load();
-    release["max-bandwidth"] = json!(0);
-    s.ok("migrate-set-parameters", release);
+    s.ok("migrate-set-parameters", release());
     let info = s.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "completed", "{info}\n{}", read(&d.log));
     d.wait_migration(&["completed"]);

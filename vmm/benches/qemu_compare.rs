@@ -445,7 +445,11 @@ fn make_pki(dir: &Path) {
     use ferry_tls::testing::{Leaf, TestCa};
     let ca = TestCa::new("qemu_compare CA");
     ca.write(&dir.join("pki/server"), &Leaf::new("localhost"), true);
-    ca.write(&dir.join("pki/client"), &Leaf::new("qemu-compare-src"), false);
+    ca.write(
+        &dir.join("pki/client"),
+        &Leaf::new("qemu-compare-src"),
+        false,
+    );
 }
 
 /// Create `tls0` for `endpoint` and make it the migration's `tls-creds`.

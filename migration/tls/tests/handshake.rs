@@ -270,29 +270,11 @@ fn an_oversized_client_certificate_is_refused_without_a_panic() {
         .with_client_cert_resolver(std::sync::Arc::new(rustls::sign::SingleCertAndKey::from(
             certified,
         )));
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let cli = thread::spawn(move || {
-        let s = TcpStream::connect(addr).unwrap();
-        timed(&s);
-        let conn = rustls::ClientConnection::new(
-            std::sync::Arc::new(config),
-            "localhost".try_into().unwrap(),
-        )
-        .unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, s);
-        let _ = tls.write_all(b"x").and_then(|_| tls.flush());
-        let mut b = [0u8; 1];
-        let _ = tls.read(&mut b);
-    });
-    let (s, _) = l.accept().unwrap();
-    timed(&s);
-    let e = accept(s, &p.server).unwrap_err().to_string();
+    let (e, _) = against_bare_client(&p.server, config);
     assert!(
         e.contains("TLS handshake with the source failed") && e.contains("TooLarge"),
         "{e}"
     );
-    cli.join().unwrap();
 }
 
 #[test]
@@ -445,10 +427,13 @@ fn a_silent_destination_times_out_the_source() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (_held, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     assert!(matches!(
         connect(s, &p.client, "localhost"),
-        Err(TlsError::Timeout { peer: "destination" })
+        Err(TlsError::Timeout {
+            peer: "destination"
+        })
     ));
 }
 
@@ -464,6 +449,21 @@ fn a_tls_1_2_client_is_refused() {
     .dangerous()
     .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer))
     .with_no_client_auth();
+    let (e, c) = against_bare_client(&p.server, config);
+    assert!(e.contains("TLS handshake with the source failed"), "{e}");
+    let c = c.expect("the client hears the refusal");
+    assert!(
+        c.contains("ProtocolVersion") || c.contains("HandshakeFailure"),
+        "{c}"
+    );
+}
+
+/// A server handshake against a bare rustls client built from `config`: the server's error,
+/// and the client's (if it got one) when it tried to send a byte and read a reply.
+fn against_bare_client(
+    server: &X509Creds,
+    config: rustls::ClientConfig,
+) -> (String, Option<String>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let cli = thread::spawn(move || {
@@ -475,12 +475,15 @@ fn a_tls_1_2_client_is_refused() {
         )
         .unwrap();
         let mut tls = rustls::StreamOwned::new(conn, s);
-        tls.write_all(b"x").and_then(|_| tls.flush()).unwrap_err().to_string()
+        let mut b = [0u8; 1];
+        tls.write_all(b"x")
+            .and_then(|_| tls.flush())
+            .and_then(|_| tls.read(&mut b).map(|_| ()))
+            .err()
+            .map(|e| e.to_string())
     });
     let (s, _) = l.accept().unwrap();
     timed(&s);
-    let e = accept(s, &p.server).unwrap_err().to_string();
-    assert!(e.contains("TLS handshake with the source failed"), "{e}");
-    let c = cli.join().unwrap();
-    assert!(c.contains("ProtocolVersion") || c.contains("HandshakeFailure"), "{c}");
+    let e = accept(s, server).unwrap_err().to_string();
+    (e, cli.join().unwrap())
 }
