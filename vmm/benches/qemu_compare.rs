@@ -700,6 +700,13 @@ fn paired(a: &[Option<Sample>], b: &[Option<Sample>], f: fn(&Sample) -> f64) -> 
     (median(&mut r), list)
 }
 
+/// `NAME Mx [r0 r1 ...]`: the median of the paired ratios and each round's.
+fn ratio(name: &str, a: &[Option<Sample>], b: &[Option<Sample>], f: fn(&Sample) -> f64) -> String {
+    let (m, list) = paired(a, b, f);
+    let list: Vec<String> = list.iter().map(|v| format!("{v:.2}")).collect();
+    format!("{name} {m:.2}x [{}]", list.join(" "))
+}
+
 fn main() {
     let runs: usize = std::env::var("QC_RUNS")
         .ok()
@@ -859,11 +866,7 @@ fn main() {
             }
             for (hi, hv) in hvs.iter().enumerate().skip(1) {
                 let (f, b) = (&samples[ci][0], &samples[ci][hi]);
-                let show = |name: &str, g: fn(&Sample) -> f64| {
-                    let (m, list) = paired(f, b, g);
-                    let list: Vec<String> = list.iter().map(|x| format!("{x:.2}")).collect();
-                    format!("{name} {m:.2}x [{}]", list.join(" "))
-                };
+                let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, f, b, g);
                 println!(
                     "{:<13} ferry/{:<7} median of paired ratios: {}  {}  {}",
                     c.name,
@@ -882,11 +885,7 @@ fn main() {
                     continue;
                 };
                 let (x, y) = (&samples[ci][a], &samples[ci][b]);
-                let show = |name: &str, g: fn(&Sample) -> f64| {
-                    let (m, list) = paired(x, y, g);
-                    let list: Vec<String> = list.iter().map(|v| format!("{v:.2}")).collect();
-                    format!("{name} {m:.2}x [{}]", list.join(" "))
-                };
+                let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, x, y, g);
                 println!(
                     "{:<13} TLS cost {}/{}: {}  {}  {}  {}",
                     c.name,

@@ -22,6 +22,34 @@ enum Conn {
     Server(StreamOwned<ServerConnection, TcpStream>),
 }
 
+impl Conn {
+    /// The session as a byte stream, whichever side it is.
+    fn io(&mut self) -> &mut (dyn ReadWrite + Send) {
+        match self {
+            Conn::Client(s) => s,
+            Conn::Server(s) => s,
+        }
+    }
+
+    /// What both sides share: certificates, cipher suite, close_notify.
+    fn common(&mut self) -> &mut rustls::CommonState {
+        match self {
+            Conn::Client(s) => &mut s.conn,
+            Conn::Server(s) => &mut s.conn,
+        }
+    }
+
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Conn::Client(s) => &s.sock,
+            Conn::Server(s) => &s.sock,
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
 /// An established TLS session over a TCP socket. Clones share the session (one thread at a
 /// time uses it, as the migration engine does); [`TlsStream::socket`] stays reachable
 /// without the lock so another thread can shut the socket down to cancel.
@@ -137,11 +165,10 @@ pub fn accept(sock: TcpStream, creds: &X509Creds) -> Result<TlsStream, TlsError>
 }
 
 fn finish(conn: Conn, peer: &'static str) -> Result<TlsStream, TlsError> {
-    let socket = match &conn {
-        Conn::Client(s) => s.sock.try_clone(),
-        Conn::Server(s) => s.sock.try_clone(),
-    }
-    .map_err(|source| TlsError::Io { peer, source })?;
+    let socket = conn
+        .socket()
+        .try_clone()
+        .map_err(|source| TlsError::Io { peer, source })?;
     Ok(TlsStream {
         conn: Arc::new(Mutex::new(conn)),
         socket: Arc::new(socket),
@@ -289,22 +316,17 @@ impl TlsStream {
 
     /// The peer certificate's subject (RFC 4514), for `tls-authz`.
     pub fn peer_identity(&self) -> Option<String> {
-        let g = self.conn.lock().ok()?;
-        let certs = match &*g {
-            Conn::Client(s) => s.conn.peer_certificates(),
-            Conn::Server(s) => s.conn.peer_certificates(),
-        }?;
-        distinguished_name(certs.first()?)
+        let mut g = self.conn.lock().ok()?;
+        distinguished_name(g.common().peer_certificates()?.first()?)
     }
 
     /// The negotiated cipher suite, for logs.
     pub fn cipher_suite(&self) -> Option<String> {
-        let g = self.conn.lock().ok()?;
-        let s = match &*g {
-            Conn::Client(s) => s.conn.negotiated_cipher_suite(),
-            Conn::Server(s) => s.conn.negotiated_cipher_suite(),
-        }?;
-        Some(format!("{:?}", s.suite()))
+        let mut g = self.conn.lock().ok()?;
+        Some(format!(
+            "{:?}",
+            g.common().negotiated_cipher_suite()?.suite()
+        ))
     }
 
     /// The TCP socket underneath (shut it down to cancel a blocked read or write).
@@ -316,16 +338,8 @@ impl TlsStream {
     pub fn close(&self) -> io::Result<()> {
         {
             let mut g = self.lock()?;
-            match &mut *g {
-                Conn::Client(s) => {
-                    s.conn.send_close_notify();
-                    s.flush()?;
-                }
-                Conn::Server(s) => {
-                    s.conn.send_close_notify();
-                    s.flush()?;
-                }
-            }
+            g.common().send_close_notify();
+            g.io().flush()?;
         }
         self.socket.shutdown(Shutdown::Write)
     }
@@ -350,28 +364,19 @@ impl TlsStream {
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let r = match &mut *self.lock()? {
-            Conn::Client(s) => s.read(buf),
-            Conn::Server(s) => s.read(buf),
-        };
+        let r = self.lock()?.io().read(buf);
         r.map_err(|e| self.explain(e))
     }
 }
 
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let r = match &mut *self.lock()? {
-            Conn::Client(s) => s.write(buf),
-            Conn::Server(s) => s.write(buf),
-        };
+        let r = self.lock()?.io().write(buf);
         r.map_err(|e| self.explain(e))
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let r = match &mut *self.lock()? {
-            Conn::Client(s) => s.flush(),
-            Conn::Server(s) => s.flush(),
-        };
+        let r = self.lock()?.io().flush();
         r.map_err(|e| self.explain(e))
     }
 }
