@@ -20,6 +20,7 @@ mod accept;
 mod config;
 mod destination;
 mod error;
+pub mod levers;
 mod progress;
 pub mod protocol;
 mod source;

@@ -1,0 +1,53 @@
+//! Benchmark switches for the speed levers of issue 15, so each one's effect can be measured
+//! on its own: `FERRY_LEVERS_OFF=prefault,known-zero` (read once per process) turns those off.
+//! Every lever is on by default; the switch exists for `qemu_compare`'s ablation runs only.
+
+use std::sync::OnceLock;
+
+/// A speed lever that a benchmark can turn off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lever {
+    /// Destination: populate guest RAM in the background from the moment it waits for a
+    /// migration, so first touch leaves the critical path.
+    Prefault,
+    /// Source: pages the guest never touched are known to be zero without being read.
+    KnownZero,
+    /// Source: pages are checked and sent straight from guest memory (no copy first).
+    DirectSend,
+    /// Destination: DATA pages are read from the channel straight into guest memory.
+    DirectReceive,
+}
+
+impl Lever {
+    /// Every lever, in the order the benchmark reports them.
+    pub const ALL: [Lever; 4] = [
+        Lever::Prefault,
+        Lever::KnownZero,
+        Lever::DirectSend,
+        Lever::DirectReceive,
+    ];
+
+    /// The name used in `FERRY_LEVERS_OFF`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Lever::Prefault => "prefault",
+            Lever::KnownZero => "known-zero",
+            Lever::DirectSend => "direct-send",
+            Lever::DirectReceive => "direct-receive",
+        }
+    }
+
+    /// Whether this lever is on (not named in `FERRY_LEVERS_OFF`).
+    pub fn on(self) -> bool {
+        static OFF: OnceLock<Vec<String>> = OnceLock::new();
+        let off = OFF.get_or_init(|| {
+            std::env::var("FERRY_LEVERS_OFF")
+                .unwrap_or_default()
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        });
+        !off.iter().any(|s| s == self.name())
+    }
+}
