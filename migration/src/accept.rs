@@ -1,12 +1,15 @@
 //! The destination's listener: connections are accepted, and their TLS handshakes and
 //! `tls-authz` checks run, on threads of their own, so a peer that stalls or fails never holds
-//! up the legitimate source; only established channels reach the migration thread.
+//! up the legitimate source; only established channels reach the migration thread. A page
+//! channel ([`crate::pages`]) goes to the migration that granted it instead.
 
+use crate::destination::Accepted;
+use crate::pages::{Book, CHANNEL_MAGIC, ChannelHello};
 use crate::protocol::{HELLO_MAGIC, Hello, Kind, Msg};
 use crate::transport::{Channel, close_gracefully};
 use crate::{Params, TlsParams};
 use ferry_tls::TlsError;
-use std::io;
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,7 +30,7 @@ pub type RefusedFn = dyn Fn(&str) + Send + Sync;
 /// Accepts incoming migration connections on a listener until dropped.
 #[derive(Debug)]
 pub struct Acceptor {
-    ready: Receiver<Channel>,
+    ready: Receiver<Accepted>,
     closed: Arc<AtomicBool>,
     wake: SocketAddr,
 }
@@ -50,9 +53,10 @@ impl Acceptor {
         let (tx, ready) = sync_channel(0);
         let closed = Arc::new(AtomicBool::new(false));
         let stop = closed.clone();
+        let book = Arc::new(Book::default());
         std::thread::Builder::new()
             .name("migration-accept".into())
-            .spawn(move || accept_loop(listener, &stop, &tx, &params, &refused))?;
+            .spawn(move || accept_loop(listener, &stop, &tx, &params, &refused, &book))?;
         Ok(Acceptor {
             ready,
             closed,
@@ -60,8 +64,8 @@ impl Acceptor {
         })
     }
 
-    /// The next channel ready for a migration; `None` once the listener has failed.
-    pub fn next(&self) -> Option<Channel> {
+    /// The next connection ready for a migration; `None` once the listener has failed.
+    pub fn next(&self) -> Option<Accepted> {
         self.ready.recv().ok()
     }
 }
@@ -77,9 +81,10 @@ impl Drop for Acceptor {
 fn accept_loop(
     listener: TcpListener,
     stop: &AtomicBool,
-    tx: &SyncSender<Channel>,
+    tx: &SyncSender<Accepted>,
     params: &Arc<ParamsFn>,
     refused: &Arc<RefusedFn>,
+    book: &Arc<Book>,
 ) {
     let pending = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
@@ -101,17 +106,23 @@ fn accept_loop(
             warn!(%peer, "closed a migration connection: {MAX_PENDING} others are pending");
             continue;
         }
-        let (tx, params, refused, done) =
-            (tx.clone(), params.clone(), refused.clone(), pending.clone());
+        let (tx, params, refused, done, book) = (
+            tx.clone(),
+            params.clone(),
+            refused.clone(),
+            pending.clone(),
+            book.clone(),
+        );
         let who = peer.clone();
         let spawned = std::thread::Builder::new()
             .name("migration-handshake".into())
             .spawn(move || {
-                match establish(s, &*params) {
-                    Ok(ch) => {
+                match establish(s, &*params).and_then(|ch| route(ch, &book)) {
+                    Ok(Some(a)) => {
                         // Blocks while a migration runs; fails once the listener is closed.
-                        let _ = tx.send(ch);
+                        let _ = tx.send(a);
                     }
+                    Ok(None) => {}
                     Err(why) => {
                         warn!(peer = %who, reason = %why, "refused a migration connection");
                         refused(&why);
@@ -122,6 +133,40 @@ fn accept_loop(
         if let Err(e) = spawned {
             pending.fetch_sub(1, Ordering::SeqCst);
             warn!(%peer, error = %e, "cannot start a handshake thread");
+        }
+    }
+}
+
+/// Read a connection's first bytes: a page channel goes to its migration (`None`), anything
+/// else to the migration thread, which parses the hello.
+fn route(mut ch: Channel, book: &Arc<Book>) -> Result<Option<Accepted>, String> {
+    let mut first = [0u8; 16];
+    if let Err(e) = ch.read_exact(&mut first) {
+        close_gracefully(&mut ch);
+        return Err(format!("handshake failed: no hello arrived: {e}"));
+    }
+    if first[..8] != CHANNEL_MAGIC {
+        return Ok(Some(Accepted {
+            channel: ch,
+            first,
+            book: book.clone(),
+        }));
+    }
+    let mut rest = [0u8; 8];
+    let hello = ch
+        .read_exact(&mut rest)
+        .map_err(|e| format!("page channel hello cut short: {e}"))
+        .and_then(|()| ChannelHello::parse(&first, &rest));
+    match hello {
+        Ok(h) => {
+            // Refused (unknown token, or too late): the channel is dropped, i.e. closed.
+            book.deliver(h, ch)?;
+            info!(channel = h.index, "page channel connected");
+            Ok(None)
+        }
+        Err(why) => {
+            close_gracefully(&mut ch);
+            Err(why)
         }
     }
 }

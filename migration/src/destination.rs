@@ -1,10 +1,11 @@
 //! The destination side: accept or refuse, receive pages and state, load, wait for COMMIT.
 
 use crate::config::{ConfigRecord, SwitchoverRecord};
+use crate::pages::{Book, Grant, MAX_CHANNELS, Receivers, Torn};
 use crate::progress::{Progress, Status};
 use crate::protocol::{
-    ACCEPTED_PROTOCOLS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES,
-    PROTOCOL_VERSION, SUPPORTED_FEATURES,
+    ACCEPTED_PROTOCOLS, FEATURE_PAGE_CHANNELS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind,
+    Msg, PROGRESS_PAGES, PROTOCOL_VERSION, SUPPORTED_FEATURES,
 };
 use crate::transport::{Channel, TeeReader, close_gracefully};
 use crate::vm::DestinationVm;
@@ -12,15 +13,33 @@ use crate::{MigrationError, Params};
 use devstate::{Item, RawSection, Section, StreamReader};
 use std::fs::File;
 use std::io::{BufReader, Read};
+use std::sync::Arc;
 use tracing::{error, info, info_span};
 
 /// Where the incoming stream comes from.
 #[derive(Debug)]
 pub enum Incoming {
-    /// An accepted TCP connection, plain or TLS (with a return path).
+    /// A TCP connection, plain or TLS (with a return path), without page channels.
     Tcp(Channel),
+    /// A connection from an [`Acceptor`](crate::Acceptor), which can grant page channels.
+    Accepted(Accepted),
     /// A stream file (no return path; loading it is the commit).
     File(File),
+}
+
+/// A connection the [`Acceptor`](crate::Acceptor) established, its first 16 bytes read.
+#[derive(Debug)]
+pub struct Accepted {
+    pub(crate) channel: Channel,
+    pub(crate) first: [u8; 16],
+    pub(crate) book: Arc<Book>,
+}
+
+impl Accepted {
+    /// The connection.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
 }
 
 fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -43,7 +62,7 @@ pub fn receive<V: DestinationVm>(
     progress.start();
     progress.set_status(Status::Setup);
     let mut ret = match &incoming {
-        Incoming::Tcp(ch) => {
+        Incoming::Tcp(ch) | Incoming::Accepted(Accepted { channel: ch, .. }) => {
             // Control messages are small and latency-bound (Nagle would hold each one until
             // the previous is acknowledged: tens of milliseconds of downtime).
             let s = ch.socket();
@@ -104,9 +123,19 @@ fn run<V: DestinationVm>(
     // SPARSE records only where the handshake negotiated them; a file has no handshake (a
     // `--dump-stream` capture of a connection that negotiated them holds them legitimately).
     let mut sparse_ok = true;
+    // Page channels granted: how many, their token, and where they arrive.
+    let mut granted: Option<Grant> = None;
     let reader: Box<dyn Read + Send> = match incoming {
-        Incoming::Tcp(mut s) => {
-            let hello = Hello::read(&mut s).map_err(io_err("handshake"))?;
+        Incoming::Tcp(_) | Incoming::Accepted(_) => {
+            let (s, hello, book) = match incoming {
+                Incoming::Tcp(mut s) => {
+                    let h = Hello::read(&mut s);
+                    (s, h, None)
+                }
+                Incoming::Accepted(a) => (a.channel, Hello::parse(&a.first), Some(a.book)),
+                Incoming::File(_) => unreachable!("matched above"),
+            };
+            let hello = hello.map_err(io_err("handshake"))?;
             if !ACCEPTED_PROTOCOLS.contains(&hello.protocol) {
                 return Err(refuse(
                     ret,
@@ -117,13 +146,27 @@ fn run<V: DestinationVm>(
                 ));
             }
             if let Some(r) = ret.as_mut() {
-                let accepted = hello.features & SUPPORTED_FEATURES;
+                let mut accepted = hello.features & SUPPORTED_FEATURES;
                 report_progress = accepted & FEATURE_PROGRESS != 0;
                 sparse_ok = accepted & FEATURE_SPARSE_PAGES != 0;
-                let value = u64::from(PROTOCOL_VERSION) | u64::from(accepted) << 32;
-                Msg::new(Kind::HelloAck, value)
-                    .write(r)
-                    .map_err(io_err("handshake"))?;
+                let count = hello.channels.min(params.page_channels).min(MAX_CHANNELS);
+                let mut ack = Msg::new(Kind::HelloAck, 0);
+                match book {
+                    Some(book)
+                        if accepted & FEATURE_PAGE_CHANNELS != 0
+                            && count > 0
+                            && params.dump_stream.is_none()
+                            && vm.shared_ram().is_some() =>
+                    {
+                        let grant = book.grant(count);
+                        ack.text = grant.token.to_string();
+                        ack.value = u64::from(count) << 16;
+                        granted = Some(grant);
+                    }
+                    _ => accepted &= !FEATURE_PAGE_CHANNELS,
+                }
+                ack.value |= u64::from(PROTOCOL_VERSION) | u64::from(accepted) << 32;
+                ack.write(r).map_err(io_err("handshake"))?;
             }
             Box::new(s)
         }
@@ -174,6 +217,104 @@ fn run<V: DestinationVm>(
             .map_err(io_err("handshake"))?;
     }
     progress.set_status(Status::Active);
+    let channels = match &granted {
+        Some(g) => {
+            let chs = g.collect(params.io_timeout)?;
+            for (_, ch) in &chs {
+                let sock = ch.socket();
+                sock.set_read_timeout(Some(params.io_timeout)).ok();
+                sock.set_write_timeout(Some(params.io_timeout)).ok();
+                sock.set_nodelay(true).ok();
+                if let Ok(c) = sock.try_clone() {
+                    progress.add_socket(c);
+                }
+            }
+            info!(channels = chs.len(), "page channels connected");
+            chs
+        }
+        None => Vec::new(),
+    };
+    drop(granted);
+    let torn = Torn::default();
+    let ram = if channels.is_empty() {
+        None
+    } else {
+        Some(vm.shared_ram().ok_or_else(|| {
+            MigrationError::Vm("guest RAM cannot be shared with page channels".into())
+        })?)
+    };
+    let paged = ram.is_some();
+    let mut sections = std::thread::scope(|sc| {
+        let receivers = ram
+            .as_deref()
+            .map(|ram| Receivers::start(sc, channels, ram, &torn, progress));
+        let res = read_main(&mut stream, vm, ret, progress, report_progress, paged);
+        let Some(receivers) = receivers else {
+            return res;
+        };
+        if res.is_err() {
+            // Unblock the channel threads; a channel's own failure is the better report.
+            progress.shutdown_sockets();
+        }
+        match (res, receivers.join()) {
+            (Ok(s), Ok(())) => Ok(s),
+            (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+        }
+    })?;
+    if paged {
+        torn.check().map_err(MigrationError::Protocol)?;
+    }
+    let end_at = std::time::Instant::now();
+    progress.update(|s| s.transferred = stream.offset());
+    let switch_at = sections
+        .iter()
+        .position(|s| s.name == SwitchoverRecord::NAME)
+        .expect("required by the catalog");
+    let switchover: SwitchoverRecord = sections.remove(switch_at).load()?;
+    vm.load_devices(&sections).map_err(MigrationError::Vm)?;
+    let Some(r) = ret.as_mut() else {
+        // A file: loading it is the commit.
+        vm.commit(switchover.source_running)
+            .map_err(MigrationError::Vm)?;
+        return Ok(());
+    };
+    Msg::new(Kind::Loaded, sections.len() as u64)
+        .write(r)
+        .map_err(io_err("switchover"))?;
+    info!(
+        sections = sections.len(),
+        ms = end_at.elapsed().as_secs_f64() * 1e3,
+        "device state loaded"
+    );
+    // COMMIT comes on the forward path, after the end marker.
+    let mut rest = stream.into_inner().into_inner();
+    let m = Msg::read(&mut rest).map_err(io_err("waiting for COMMIT"))?;
+    if m.kind != Kind::Commit {
+        return Err(MigrationError::Protocol(format!(
+            "expected Commit, got {:?}",
+            m.kind
+        )));
+    }
+    vm.commit(switchover.source_running)
+        .map_err(MigrationError::Vm)?;
+    info!(ms = end_at.elapsed().as_secs_f64() * 1e3, "committed");
+    // The guest is ours now; an unheard ack only leaves the source in "state unknown".
+    if let Err(e) = Msg::new(Kind::Committed, 0).write(r) {
+        error!(error = %e, "could not acknowledge COMMIT; the guest runs here regardless");
+    }
+    Ok(())
+}
+
+/// Read the main stream after the handshake up to its end marker, writing any RAM records
+/// (refused when page channels carry the pages); returns the device sections.
+fn read_main<V: DestinationVm, R: Read>(
+    stream: &mut StreamReader<'_, R>,
+    vm: &mut V,
+    ret: &mut Option<Channel>,
+    progress: &Progress,
+    mut report_progress: bool,
+    paged: bool,
+) -> Result<Vec<RawSection>, MigrationError> {
     let mut sections: Vec<RawSection> = Vec::new();
     // Pages written, and the count last reported to the source.
     let (mut written, mut reported) = (0u64, 0u64);
@@ -184,6 +325,12 @@ fn run<V: DestinationVm>(
         let item = stream.next_item()?;
         read_time += t.elapsed();
         match item {
+            Item::Ram(rec) if paged => {
+                return Err(MigrationError::Protocol(format!(
+                    "RAM record at offset {} in the main stream, but page channels carry the pages",
+                    rec.offset
+                )));
+            }
             Item::Ram(rec) => {
                 let t = std::time::Instant::now();
                 let (gpa, pages) = (rec.gpa, rec.pages);
@@ -226,49 +373,11 @@ fn run<V: DestinationVm>(
             Item::End => break,
         }
     }
-    let end_at = std::time::Instant::now();
     info!(
         pages = written,
         write_ms = write_time.as_secs_f64() * 1e3,
         read_ms = read_time.as_secs_f64() * 1e3,
         "stream received"
     );
-    progress.update(|s| s.transferred = stream.offset());
-    let switch_at = sections
-        .iter()
-        .position(|s| s.name == SwitchoverRecord::NAME)
-        .expect("required by the catalog");
-    let switchover: SwitchoverRecord = sections.remove(switch_at).load()?;
-    vm.load_devices(&sections).map_err(MigrationError::Vm)?;
-    let Some(r) = ret.as_mut() else {
-        // A file: loading it is the commit.
-        vm.commit(switchover.source_running)
-            .map_err(MigrationError::Vm)?;
-        return Ok(());
-    };
-    Msg::new(Kind::Loaded, sections.len() as u64)
-        .write(r)
-        .map_err(io_err("switchover"))?;
-    info!(
-        sections = sections.len(),
-        ms = end_at.elapsed().as_secs_f64() * 1e3,
-        "device state loaded"
-    );
-    // COMMIT comes on the forward path, after the end marker.
-    let mut rest = stream.into_inner().into_inner();
-    let m = Msg::read(&mut rest).map_err(io_err("waiting for COMMIT"))?;
-    if m.kind != Kind::Commit {
-        return Err(MigrationError::Protocol(format!(
-            "expected Commit, got {:?}",
-            m.kind
-        )));
-    }
-    vm.commit(switchover.source_running)
-        .map_err(MigrationError::Vm)?;
-    info!(ms = end_at.elapsed().as_secs_f64() * 1e3, "committed");
-    // The guest is ours now; an unheard ack only leaves the source in "state unknown".
-    if let Err(e) = Msg::new(Kind::Committed, 0).write(r) {
-        error!(error = %e, "could not acknowledge COMMIT; the guest runs here regardless");
-    }
-    Ok(())
+    Ok(sections)
 }

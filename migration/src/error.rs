@@ -60,6 +60,15 @@ pub enum MigrationError {
     /// TLS could not be set up on the channel (credentials, handshake, peer refused).
     #[error("TLS on the migration channel failed")]
     Tls(#[from] ferry_tls::TlsError),
+    /// A page channel broke or carried an invalid record; the whole migration fails.
+    #[error("Page channel {index} failed")]
+    PageChannel {
+        /// Which channel (1-based).
+        index: u16,
+        /// What happened on it.
+        #[source]
+        source: Box<MigrationError>,
+    },
     /// The peer broke the protocol.
     #[error("Protocol error: {0}")]
     Protocol(String),

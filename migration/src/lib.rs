@@ -21,17 +21,20 @@ mod config;
 mod destination;
 mod error;
 pub mod levers;
+pub mod pages;
 mod progress;
 pub mod protocol;
+mod ram;
 mod source;
 pub mod transport;
 mod vm;
 
 pub use accept::Acceptor;
 pub use config::{ConfigRecord, DeviceDesc, RegionDesc, SwitchoverRecord, register};
-pub use destination::{Incoming, receive};
+pub use destination::{Accepted, Incoming, receive};
 pub use error::{MigrationError, chain};
 pub use progress::{Listener, Notice, Progress, Snapshot, Status};
+pub use ram::{HostRange, SharedRam};
 pub use source::send;
 pub use transport::{Channel, Uri};
 pub use vm::{DestinationVm, DirtyRegion, SourceVm, VmError};
@@ -39,6 +42,9 @@ pub use vm::{DestinationVm, DirtyRegion, SourceVm, VmError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Page channels when `multifd-channels` is not set.
+pub const DEFAULT_PAGE_CHANNELS: u16 = 2;
 
 /// What happens when pre-copy does not converge within `max_iterations`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,6 +96,10 @@ pub struct Params {
     pub sparse_pages: bool,
     /// Mutual TLS on a TCP channel (none: plain TCP).
     pub tls: Option<TlsParams>,
+    /// Page channels (`multifd-channels`): the source asks for this many, the destination
+    /// grants at most this many; 0 keeps pages in the main stream. Never with `dump_stream`
+    /// (a capture holds the main stream only).
+    pub page_channels: u16,
 }
 
 impl Default for Params {
@@ -103,6 +113,7 @@ impl Default for Params {
             dump_stream: None,
             sparse_pages: true,
             tls: None,
+            page_channels: DEFAULT_PAGE_CHANNELS,
         }
     }
 }

@@ -113,7 +113,7 @@ pub struct Progress {
     /// Live-tunable limits: `migrate-set-parameters` during a migration takes effect at once.
     max_bandwidth: std::sync::atomic::AtomicU64,
     downtime_limit_ms: std::sync::atomic::AtomicU64,
-    socket: Mutex<Option<TcpStream>>,
+    sockets: Mutex<Vec<TcpStream>>,
     started: Mutex<Option<Instant>>,
     listener: Option<Listener>,
 }
@@ -141,7 +141,7 @@ impl Progress {
             cancel: AtomicBool::new(false),
             max_bandwidth: std::sync::atomic::AtomicU64::new(0),
             downtime_limit_ms: std::sync::atomic::AtomicU64::new(300),
-            socket: Mutex::new(None),
+            sockets: Mutex::new(Vec::new()),
             started: Mutex::new(None),
             listener,
         }
@@ -260,11 +260,16 @@ impl Progress {
         if self.status().is_active() {
             self.set_status(Status::Cancelling);
         }
-        if let Some(s) = self
-            .socket
+        self.shutdown_sockets();
+    }
+
+    /// Shut down every channel of the migration, so whatever blocks on one returns now.
+    pub(crate) fn shutdown_sockets(&self) {
+        for s in self
+            .sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+            .iter()
         {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -295,7 +300,16 @@ impl Progress {
         self.cancel.load(Ordering::SeqCst)
     }
 
+    /// The main channel's socket (or none: forget every socket).
     pub(crate) fn set_socket(&self, s: Option<TcpStream>) {
-        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = s.into_iter().collect();
+    }
+
+    /// A page channel's socket, shut down with the main one.
+    pub(crate) fn add_socket(&self, s: TcpStream) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
     }
 }

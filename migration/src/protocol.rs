@@ -36,8 +36,12 @@ pub const FEATURE_SPARSE_PAGES: u32 = 1;
 /// Feature bit: the destination reports its progress with [`Kind::Received`] messages, so the
 /// source can wait for it to catch up before it decides to stop the guest.
 pub const FEATURE_PROGRESS: u32 = 2;
+/// Feature bit: pages travel on extra page channels ([`crate::pages`]); the [`Hello`] asks
+/// for a number of them, the [`Kind::HelloAck`] grants at most that many (bits 16..32 of its
+/// value) and carries the token the channels present (its text, in decimal).
+pub const FEATURE_PAGE_CHANNELS: u32 = 4;
 /// Features this build can receive.
-pub const SUPPORTED_FEATURES: u32 = FEATURE_SPARSE_PAGES | FEATURE_PROGRESS;
+pub const SUPPORTED_FEATURES: u32 = FEATURE_SPARSE_PAGES | FEATURE_PROGRESS | FEATURE_PAGE_CHANNELS;
 /// The destination sends [`Kind::Received`] each time it has written this many more pages.
 pub const PROGRESS_PAGES: u64 = 4096;
 /// Longest text a control message may carry.
@@ -64,6 +68,8 @@ pub enum Kind {
     Committed = 7,
     /// Destination: pages written so far (`value`); only with [`FEATURE_PROGRESS`].
     Received = 8,
+    /// Destination, on a page channel: every record before SYNC `value` is written.
+    Synced = 9,
 }
 
 impl Kind {
@@ -77,13 +83,14 @@ impl Kind {
             6 => Kind::Commit,
             7 => Kind::Committed,
             8 => Kind::Received,
+            9 => Kind::Synced,
             _ => return None,
         })
     }
 }
 
-/// The first 16 bytes on the forward path: magic, protocol version, offered features,
-/// reserved. A peer that predates a feature bit reads it as reserved and accepts nothing, so
+/// The first 16 bytes on the forward path: magic, protocol version, offered features, page
+/// channels asked for (with [`FEATURE_PAGE_CHANNELS`]; reserved before). A peer that predates a feature bit reads it as reserved and accepts nothing, so
 /// features never need a new protocol version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -91,6 +98,8 @@ pub struct Hello {
     pub protocol: u16,
     /// `FEATURE_*` bits the source would like to use.
     pub features: u32,
+    /// Page channels the source would like (with [`FEATURE_PAGE_CHANNELS`]).
+    pub channels: u16,
 }
 
 impl Hello {
@@ -100,6 +109,7 @@ impl Hello {
         b[..8].copy_from_slice(&HELLO_MAGIC);
         b[8..10].copy_from_slice(&self.protocol.to_le_bytes());
         b[10..14].copy_from_slice(&self.features.to_le_bytes());
+        b[14..16].copy_from_slice(&self.channels.to_le_bytes());
         w.write_all(&b)?;
         w.flush()
     }
@@ -108,7 +118,12 @@ impl Hello {
     pub fn read(r: &mut impl Read) -> io::Result<Hello> {
         let mut b = [0u8; 16];
         r.read_exact(&mut b)?;
-        if ferry_tls::looks_like_tls(&b) {
+        Hello::parse(&b)
+    }
+
+    /// Parse the 16 bytes and check the magic.
+    pub fn parse(b: &[u8; 16]) -> io::Result<Hello> {
+        if ferry_tls::looks_like_tls(b) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the source started a TLS handshake, but this destination has no tls-creds set \
@@ -124,6 +139,7 @@ impl Hello {
         Ok(Hello {
             protocol: u16::from_le_bytes([b[8], b[9]]),
             features: u32::from_le_bytes(b[10..14].try_into().expect("4 bytes")),
+            channels: u16::from_le_bytes([b[14], b[15]]),
         })
     }
 }
@@ -229,6 +245,7 @@ mod tests {
         let hello = Hello {
             protocol: 1,
             features: FEATURE_SPARSE_PAGES,
+            channels: 0,
         };
         hello.write(&mut buf).unwrap();
         Msg::with_text(Kind::Refuse, "vCPUs: source 2, destination 1")

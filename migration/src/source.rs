@@ -1,16 +1,21 @@
 //! The source side: handshake, RAM pre-copy, stop-and-copy, switchover.
 
 use crate::config::SwitchoverRecord;
+use crate::pages::Senders;
 use crate::progress::{Progress, Status};
 use crate::protocol::{
-    FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
+    FEATURE_PAGE_CHANNELS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg,
+    PROGRESS_PAGES, PROTOCOL_VERSION,
 };
+use crate::ram::SharedRam;
 use crate::transport::{self, Channel, TeeWriter, Uri, close_gracefully};
 use crate::vm::{DirtyRegion, SourceVm};
 use crate::{MigrationError, Params, SwitchoverPolicy};
 use devstate::sparse::{MAX_SPARSE_BLOCKS, block_mask};
 use devstate::{PAGE_SIZE, StreamWriter};
 use std::io::{BufWriter, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{error, info, info_span, warn};
 
@@ -43,6 +48,10 @@ struct Sender<'a, V: SourceVm> {
     dest_written: u64,
     /// When the stream was last flushed to the socket.
     last_flush: Instant,
+    /// Bytes the page channels carried (none without them).
+    channel_bytes: u64,
+    /// The page channels' data bytes when the window started.
+    data_base: u64,
 }
 
 /// Read the next return-path message that is not a progress report.
@@ -204,12 +213,28 @@ impl<V: SourceVm> Sender<'_, V> {
     }
 
     /// Start a new measuring and throttling window: an iteration, or stop-and-copy.
-    fn start_window(&mut self, out: &Out) {
+    fn start_window(&mut self, out: &Out, channels: Option<&Senders<'_>>) {
         self.iter_bytes = out.bytes_written();
         self.iter_pages = self.pages_sent;
         self.iter_start = Instant::now();
         self.data_bytes = 0;
         self.data_time = Duration::ZERO;
+        if let Some(c) = channels {
+            c.meter.start_window();
+            self.data_base = c.meter.data_bytes.load(Ordering::SeqCst);
+        }
+    }
+
+    /// After the page channels confirmed a pass: take their figures as this window's (the
+    /// wait for the destination counts as sending time).
+    fn channel_sync(&mut self, c: &Senders<'_>, out: &Out) {
+        self.pages_sent = c.meter.pages.load(Ordering::SeqCst);
+        self.dest_written = self.pages_sent;
+        self.data_bytes = c.meter.data_bytes.load(Ordering::SeqCst) - self.data_base;
+        self.data_time = self.iter_start.elapsed();
+        let wire = c.meter.wire_bytes.load(Ordering::SeqCst);
+        self.progress
+            .update(|s| s.transferred = out.bytes_written() + wire);
     }
 
     /// Sleep just enough to keep under `max_bandwidth` (bytes/s) for this iteration.
@@ -226,7 +251,12 @@ impl<V: SourceVm> Sender<'_, V> {
         }
     }
 
-    fn send_dirty(&mut self, out: &mut Out, dirty: &[DirtyRegion]) -> Result<(), MigrationError> {
+    fn send_dirty(
+        &mut self,
+        out: &mut Out,
+        dirty: &[DirtyRegion],
+        mut channels: Option<&mut Senders<'_>>,
+    ) -> Result<(), MigrationError> {
         for r in dirty {
             let mut page = 0u64;
             while page < r.pages {
@@ -246,11 +276,11 @@ impl<V: SourceVm> Sender<'_, V> {
                 {
                     page += 1;
                 }
-                self.send_run(
-                    out,
-                    r.gpa + start * PAGE_SIZE as u64,
-                    (page - start) as usize,
-                )?;
+                let (gpa, n) = (r.gpa + start * PAGE_SIZE as u64, (page - start) as usize);
+                match channels.as_deref_mut() {
+                    Some(c) => c.send_run(gpa, n)?,
+                    None => self.send_run(out, gpa, n)?,
+                }
             }
         }
         Ok(())
@@ -310,6 +340,37 @@ impl Estimate {
     /// fits in 0 ms).
     fn fits(&self, limit_ms: u64) -> bool {
         self.expected_ms <= limit_ms
+    }
+}
+
+/// Add page ranges `(gpa, pages)` to the dirty set: into the region holding them, or as a
+/// region of their own.
+fn add_ranges(into: &mut Vec<DirtyRegion>, ranges: &[(u64, u32)]) {
+    let page = PAGE_SIZE as u64;
+    for &(gpa, pages) in ranges {
+        for p in gpa / page..gpa / page + u64::from(pages) {
+            let at = p * page;
+            let r = match into
+                .iter_mut()
+                .position(|r| r.gpa <= at && at < r.gpa + r.pages * page)
+            {
+                Some(i) => &mut into[i],
+                None => {
+                    into.push(DirtyRegion {
+                        gpa: at,
+                        pages: 1,
+                        bitmap: vec![0],
+                    });
+                    into.last_mut().expect("just pushed")
+                }
+            };
+            let i = (at - r.gpa) / page;
+            let w = (i / 64) as usize;
+            if r.bitmap.len() <= w {
+                r.bitmap.resize(w + 1, 0);
+            }
+            r.bitmap[w] |= 1 << (i % 64);
+        }
     }
 }
 
@@ -409,6 +470,13 @@ fn run<V: SourceVm>(
     };
     // Features the destination accepted (none for a file).
     let mut features = 0u32;
+    // Guest RAM for page channels, when this side would use them.
+    let ram: Option<Arc<dyn SharedRam>> = match &uri {
+        Uri::Tcp(_) if params.page_channels > 0 && params.dump_stream.is_none() => vm.shared_ram(),
+        _ => None,
+    };
+    // Page channels granted and their token.
+    let mut granted = (0u16, 0u64);
     // Forward channel, and the return path for TCP.
     let (fwd, mut ret): (Box<dyn Write + Send>, Option<Channel>) = match &uri {
         Uri::Tcp(_) => {
@@ -440,7 +508,17 @@ fn run<V: SourceVm>(
                         FEATURE_SPARSE_PAGES
                     } else {
                         0
+                    }
+                    | if ram.is_some() {
+                        FEATURE_PAGE_CHANNELS
+                    } else {
+                        0
                     },
+                channels: if ram.is_some() {
+                    params.page_channels.min(crate::pages::MAX_CHANNELS)
+                } else {
+                    0
+                },
             }
             .write(&mut s)
             .map_err(io_err("handshake"))?;
@@ -448,7 +526,26 @@ fn run<V: SourceVm>(
             match ack.kind {
                 Kind::HelloAck => {
                     features = (ack.value >> 32) as u32;
-                    info!(features, "destination accepted features");
+                    if features & FEATURE_PAGE_CHANNELS != 0 {
+                        let count = (ack.value >> 16) as u16;
+                        let token = ack.text.parse::<u64>().map_err(|_| {
+                            MigrationError::Protocol(format!(
+                                "page channels granted with token '{}'",
+                                ack.text
+                            ))
+                        })?;
+                        if count == 0 || count > crate::pages::MAX_CHANNELS {
+                            return Err(MigrationError::Protocol(format!(
+                                "{count} page channels granted"
+                            )));
+                        }
+                        granted = (count, token);
+                    }
+                    info!(
+                        features,
+                        page_channels = granted.0,
+                        "destination accepted features"
+                    );
                 }
                 Kind::Refuse => return Err(MigrationError::Refused(ack.text)),
                 k => {
@@ -487,19 +584,46 @@ fn run<V: SourceVm>(
             }
         }
     }
-    let (tx, pause_at) = match transfer(
-        vm,
-        &mut out,
-        &config,
-        machine,
-        params,
-        progress,
-        was_running,
-        paused,
-        logging,
-        features & FEATURE_SPARSE_PAGES != 0,
-        ret.as_mut().filter(|_| features & FEATURE_PROGRESS != 0),
-    ) {
+    let sparse = features & FEATURE_SPARSE_PAGES != 0;
+    let mut chans = Vec::new();
+    for index in 1..=granted.0 {
+        chans.push(open_channel(&uri, params, progress).map_err(|e| {
+            MigrationError::PageChannel {
+                index,
+                source: Box::new(e),
+            }
+        })?);
+    }
+    let reports = ret.as_mut().filter(|_| features & FEATURE_PROGRESS != 0);
+    let res = std::thread::scope(|sc| {
+        let mut senders = match ram {
+            Some(ram) if !chans.is_empty() => Some(Senders::start(
+                sc,
+                chans,
+                granted.1,
+                ram,
+                sparse,
+                progress,
+                params.io_timeout,
+            )?),
+            _ => None,
+        };
+        transfer(
+            vm,
+            &mut out,
+            &config,
+            machine,
+            params,
+            progress,
+            was_running,
+            paused,
+            logging,
+            sparse,
+            reports,
+            senders.as_mut(),
+        )
+    });
+    let (tx, pause_at) = match res {
         Ok(x) => x,
         Err(e) => {
             // Tell a live destination why the stream stops, unless the channel itself broke
@@ -517,7 +641,7 @@ fn run<V: SourceVm>(
             return Err(e);
         }
     };
-    let written = out.bytes_written();
+    let written = out.bytes_written() + tx.channel_bytes;
     let mut w = out.finish().map_err(io_err("device state"))?;
     w.flush().map_err(io_err("device state"))?;
     progress.update(|s| s.transferred = written);
@@ -592,6 +716,7 @@ fn transfer<'v, V: SourceVm>(
     logging: &mut bool,
     sparse: bool,
     mut reports: Option<&mut Channel>,
+    mut channels: Option<&mut Senders<'_>>,
 ) -> Result<(Sender<'v, V>, Instant), MigrationError> {
     vm.start_dirty_log().map_err(MigrationError::Vm)?;
     *logging = true;
@@ -613,6 +738,8 @@ fn transfer<'v, V: SourceVm>(
         pages_sent: 0,
         dest_written: 0,
         last_flush: Instant::now(),
+        channel_bytes: 0,
+        data_base: 0,
     };
     // Pass 0: all of RAM.
     let mut iteration = 0u64;
@@ -620,14 +747,23 @@ fn transfer<'v, V: SourceVm>(
         let _s = info_span!("iteration", n = iteration).entered();
         progress.pass(iteration);
         for r in &config.memory {
-            tx.send_run(out, r.gpa, (r.size / PAGE_SIZE as u64) as usize)?;
+            let pages = (r.size / PAGE_SIZE as u64) as usize;
+            match channels.as_deref_mut() {
+                Some(c) => c.send_run(r.gpa, pages)?,
+                None => tx.send_run(out, r.gpa, pages)?,
+            }
         }
     }
     // Dirty passes until the rest fits in the downtime limit.
     let pending = loop {
         // A destination that reports progress is waited for: what it has not written yet
         // would otherwise land in the downtime. The wait counts as sending time.
-        if let Some(ret) = reports.as_deref_mut() {
+        let mut torn = Vec::new();
+        if let Some(c) = channels.as_deref_mut() {
+            // Every channel's pages written at the destination: the pass is over.
+            torn = c.sync(iteration)?;
+            tx.channel_sync(c, out);
+        } else if let Some(ret) = reports.as_deref_mut() {
             let waited = tx.catch_up(out, ret)?;
             tx.data_time += waited;
         }
@@ -641,7 +777,8 @@ fn transfer<'v, V: SourceVm>(
         } else {
             ((tx.pages_sent - tx.iter_pages) * PAGE_SIZE as u64) as f64 / elapsed
         };
-        let dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
+        let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
+        add_ranges(&mut dirty, &torn);
         let dirty_n = dirty_pages(&dirty);
         iteration += 1;
         let remaining = dirty_n * PAGE_SIZE as u64;
@@ -683,8 +820,8 @@ fn transfer<'v, V: SourceVm>(
         }
         let _s = info_span!("iteration", n = iteration).entered();
         progress.pass(iteration);
-        tx.start_window(out);
-        tx.send_dirty(out, &dirty)?;
+        tx.start_window(out, channels.as_deref());
+        tx.send_dirty(out, &dirty, channels.as_deref_mut())?;
     };
 
     // Stop-and-copy.
@@ -697,11 +834,37 @@ fn transfer<'v, V: SourceVm>(
     progress.set_status(Status::Device);
     // The throttle's window starts afresh: the pause pays for its own bytes at the cap, as
     // estimated, not for a pre-copy burst (or a cap lowered during the last pass).
-    tx.start_window(out);
+    tx.start_window(out, channels.as_deref());
     let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
     merge(&mut dirty, &pending);
     let last_pages = dirty_pages(&dirty);
-    tx.send_dirty(out, &dirty)?;
+    tx.send_dirty(out, &dirty, channels.as_deref_mut())?;
+    if let Some(c) = channels {
+        // Every page is in guest memory at the destination before the device state follows;
+        // pages that arrived torn go again (the guest is stopped: they arrive whole).
+        let mut pass = iteration + 1;
+        let mut torn = c.sync(pass)?;
+        while !torn.is_empty() {
+            if pass > iteration + 3 {
+                return Err(MigrationError::Protocol(format!(
+                    "{} RAM records still fail their CRC with the guest stopped",
+                    torn.len()
+                )));
+            }
+            info!(
+                records = torn.len(),
+                "stop-and-copy: sending torn pages again"
+            );
+            let mut again = Vec::new();
+            add_ranges(&mut again, &torn);
+            tx.send_dirty(out, &again, Some(&mut *c))?;
+            pass += 1;
+            torn = c.sync(pass)?;
+        }
+        c.finish()?;
+        tx.channel_sync(c, out);
+        tx.channel_bytes = c.meter.wire_bytes.load(Ordering::SeqCst);
+    }
     info!(
         pages = last_pages,
         ms = pause_at.elapsed().as_secs_f64() * 1e3,
@@ -719,6 +882,26 @@ fn transfer<'v, V: SourceVm>(
     )
     .map_err(io_err("device state"))?;
     Ok((tx, pause_at))
+}
+
+/// Connect one page channel like the main one (TLS included) and register its socket for
+/// cancellation.
+fn open_channel(
+    uri: &Uri,
+    params: &Params,
+    progress: &Progress,
+) -> Result<Channel, MigrationError> {
+    let s = transport::connect(uri, params.io_timeout)?;
+    s.set_write_timeout(Some(params.io_timeout)).ok();
+    s.set_read_timeout(Some(params.io_timeout)).ok();
+    s.set_nodelay(true).ok();
+    if let Ok(c) = s.try_clone() {
+        progress.add_socket(c);
+    }
+    match &params.tls {
+        Some(tls) => transport::tls_connect(s, tls, uri),
+        None => Ok(Channel::Plain(s)),
+    }
 }
 
 fn out_flush(out: &mut Out) -> Result<(), MigrationError> {
@@ -740,6 +923,19 @@ mod tests {
         merge(&mut a, &[r(0, 0b0110), r(1 << 20, 1)]);
         assert_eq!(a, vec![r(0, 0b0111), r(1 << 20, 1)]);
         assert_eq!(dirty_pages(&a), 4);
+    }
+
+    #[test]
+    fn torn_ranges_join_the_dirty_set_once() {
+        let mut d = vec![DirtyRegion {
+            gpa: 0,
+            pages: 128,
+            bitmap: vec![0b1, 0],
+        }];
+        add_ranges(&mut d, &[(0, 2), (0x40000, 1), (1 << 30, 2)]);
+        assert_eq!(d[0].bitmap, vec![0b11, 1]);
+        assert_eq!(dirty_pages(&d), 3 + 2);
+        assert_eq!(d[1].gpa, 1 << 30);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! never sees KVM.
 
 use crate::config::ConfigRecord;
+use crate::ram::SharedRam;
 use devstate::{Catalog, RawSection};
 use machine_types::MachineType;
+use std::sync::Arc;
 
 /// Dirty pages of one RAM region: bit `i` of `bitmap` is the page at `gpa + i * 4096`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,10 @@ pub trait SourceVm {
     fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError>;
     /// The guest is now the destination's: tear down nothing, but never run again.
     fn handed_over(&mut self) {}
+    /// Guest RAM for page-channel threads to read (none: pages stay in the main stream).
+    fn shared_ram(&self) -> Option<Arc<dyn SharedRam>> {
+        None
+    }
 }
 
 /// The destination side of a migration.
@@ -78,6 +84,11 @@ pub trait DestinationVm {
     fn load_devices(&mut self, sections: &[RawSection]) -> Result<(), VmError>;
     /// COMMIT arrived: run the guest if the source was running.
     fn commit(&mut self, run: bool) -> Result<(), VmError>;
+    /// Guest RAM for page-channel threads to write, once [`begin_incoming`]
+    /// (Self::begin_incoming) succeeded (none: no page channels are granted).
+    fn shared_ram(&self) -> Option<Arc<dyn SharedRam>> {
+        None
+    }
     /// The incoming migration failed: discard what was loaded, allow hotplug again.
     fn abort_incoming(&mut self, why: &str);
 }

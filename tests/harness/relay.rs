@@ -1,5 +1,6 @@
-//! One-connection TCP relays on loopback between a migration source and its destination,
-//! each misbehaving in one way: cut the link, stall it, reset it, delay it, or lose replies.
+//! TCP relays on loopback between a migration source and its destination, each misbehaving
+//! in one way on the first connection (the main channel): cut the link, stall it, reset it,
+//! delay it, or lose replies. Later connections (page channels) pass through untouched.
 
 use crate::TIMEOUT;
 use migration::protocol::Kind;
@@ -14,17 +15,35 @@ use std::time::{Duration, Instant};
 /// A relay's listening address (`127.0.0.1:PORT`, what the source migrates to) and its thread.
 pub type Relay = (String, thread::JoinHandle<()>);
 
-/// A one-connection relay: `forward(source, destination)` and `back(destination, source)` run
-/// on their own threads and decide what passes.
+/// A relay whose first connection (the main channel) runs `forward(source, destination)` and
+/// `back(destination, source)` on their own threads, which decide what passes.
 pub fn relay_with(
     to: String,
+    forward: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
+    back: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
+) -> Relay {
+    relay_on(to, 0, forward, back)
+}
+
+/// Like [`relay_with`], for connection `nth` (0 = main channel, 1 = the first page channel);
+/// every other connection passes through untouched.
+pub fn relay_on(
+    to: String,
+    nth: usize,
     forward: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
     back: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
 ) -> Relay {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
     let addr = l.local_addr().expect("relay address").to_string();
     let h = thread::spawn(move || {
-        let (a, _) = l.accept().expect("the source never connected to the relay");
+        for _ in 0..nth {
+            let (a, _) = l.accept().expect("the source never connected to the relay");
+            let b = TcpStream::connect(&to)
+                .unwrap_or_else(|e| panic!("the relay cannot reach the destination {to}: {e}"));
+            splice(a, b);
+        }
+        let (a, _) = l.accept().expect("the source never opened that connection");
+        pass_through(l, to.clone());
         let b = TcpStream::connect(&to)
             .unwrap_or_else(|e| panic!("the relay cannot reach the destination {to}: {e}"));
         let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
@@ -33,6 +52,28 @@ pub fn relay_with(
         let _ = back.join();
     });
     (addr, h)
+}
+
+/// Forward every further connection on `l` to `to`, both ways, untouched (page channels).
+fn pass_through(l: TcpListener, to: String) {
+    thread::spawn(move || {
+        for a in l.incoming() {
+            let (Ok(a), Ok(b)) = (a, TcpStream::connect(&to)) else {
+                return;
+            };
+            splice(a, b);
+        }
+    });
+}
+
+/// Copy `a` <-> `b` on two threads until each direction ends.
+fn splice(a: TcpStream, b: TcpStream) {
+    for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut into);
+            let _ = into.shutdown(Shutdown::Write);
+        });
+    }
 }
 
 /// Where [`cutting`] cuts the source -> destination direction.
@@ -202,6 +243,7 @@ impl FaultRelay {
         let (rel, st, st_at) = (release.clone(), stalled.clone(), stalled_at.clone());
         let main = thread::spawn(move || {
             let (mut a, _) = l.accept().expect("the source never connected to the relay");
+            pass_through(l, to.clone());
             let mut b = TcpStream::connect(&to)
                 .unwrap_or_else(|e| panic!("the relay cannot reach the destination {to}: {e}"));
             let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());

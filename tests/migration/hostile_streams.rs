@@ -165,6 +165,7 @@ fn send(port: &str, bytes: &[u8]) -> Msg {
         protocol: PROTOCOL_VERSION,
         // SPARSE offered, so that hostile SPARSE bodies reach the checks of their contents.
         features: FEATURE_SPARSE_PAGES,
+        channels: 0,
     }
     .write(&mut s)
     .unwrap();

@@ -282,6 +282,12 @@ impl SourceVm for VmMigration<'_> {
         self.vm.set_run_state(RunState::PostMigrate);
         tracing::info!("guest handed over; this VM stays stopped (postmigrate)");
     }
+
+    fn shared_ram(&self) -> Option<std::sync::Arc<dyn migration::SharedRam>> {
+        Some(std::sync::Arc::new(crate::vm::ram_view::RamView::new(
+            self.vm,
+        )))
+    }
 }
 
 impl DestinationVm for VmMigration<'_> {
@@ -401,6 +407,12 @@ impl DestinationVm for VmMigration<'_> {
             .map_err(|e| outside_ram(self.vm, e))?;
         self.stats.data_pages += u64::from(pages);
         Ok(())
+    }
+
+    fn shared_ram(&self) -> Option<std::sync::Arc<dyn migration::SharedRam>> {
+        Some(std::sync::Arc::new(crate::vm::ram_view::RamView::new(
+            self.vm,
+        )))
     }
 
     fn load_devices(&mut self, sections: &[RawSection]) -> Result<(), String> {

@@ -505,6 +505,7 @@ pub fn receive_tcp_offering(bytes: &[u8], features: u32) -> (StrictVm, Result<()
             Hello {
                 protocol: PROTOCOL_VERSION,
                 features,
+                channels: 0,
             }
             .write(&mut all)
             .unwrap();

@@ -220,16 +220,16 @@ impl Controller {
         loop {
             let incoming = match (&uri, &acceptor) {
                 (Uri::Tcp(_), Some(a)) => match a.next() {
-                    Some(ch) => {
-                        let peer = ch.socket().peer_addr().ok();
+                    Some(a) => {
+                        let peer = a.channel().socket().peer_addr().ok();
                         info!(
                             ?peer,
-                            tls = matches!(ch, migration::Channel::Tls(_)),
+                            tls = matches!(a.channel(), migration::Channel::Tls(_)),
                             "incoming migration connection"
                         );
                         // The stream starts: no hotplug until it completed or failed.
                         self.migrating.store(true, Ordering::SeqCst);
-                        Incoming::Tcp(ch)
+                        Incoming::Accepted(a)
                     }
                     None => {
                         error!("the incoming migration listener stopped");
@@ -410,6 +410,7 @@ impl Controller {
         let policy = a.optional_enum("__org.ferry_switchover-policy", &["cancel", "force"])?;
         let timeout = a.optional_u64("__org.ferry_io-timeout")?;
         let sparse = a.optional_bool("__org.ferry_sparse-pages")?;
+        let channels = a.optional_u64("multifd-channels")?;
         let tls_creds = str_or_null(&mut a, "tls-creds")?;
         let tls_hostname = str_or_null(&mut a, "tls-hostname")?;
         let tls_authz = str_or_null(&mut a, "tls-authz")?;
@@ -423,6 +424,12 @@ impl Controller {
             return Err(QmpError::generic(
                 "Parameter '__org.ferry_max-iterations' expects 1 to 10000",
             ));
+        }
+        if channels.is_some_and(|c| c > u64::from(migration::pages::MAX_CHANNELS)) {
+            return Err(QmpError::generic(format!(
+                "Parameter 'multifd-channels' expects 0 (pages in the main stream) to {}",
+                migration::pages::MAX_CHANNELS
+            )));
         }
         if timeout.is_some_and(|t| t == 0) {
             return Err(QmpError::generic(
@@ -461,6 +468,9 @@ impl Controller {
         }
         if let Some(s) = sparse {
             p.sparse_pages = s;
+        }
+        if let Some(c) = channels {
+            p.page_channels = c as u16;
         }
         let mut t = lock(&self.tls);
         if let Some(v) = tls_creds {
@@ -513,6 +523,7 @@ impl Controller {
             },
             "__org.ferry_io-timeout": p.io_timeout.as_millis() as u64,
             "__org.ferry_sparse-pages": p.sparse_pages,
+            "multifd-channels": p.page_channels,
         })
     }
 }
@@ -575,6 +586,10 @@ impl<H: SourceVm> SourceVm for Side<'_, H> {
         self.inner.handed_over();
         self.ctl.set_state(RunState::PostMigrate);
     }
+
+    fn shared_ram(&self) -> Option<Arc<dyn migration::SharedRam>> {
+        self.inner.shared_ram()
+    }
 }
 
 impl<H: DestinationVm> DestinationVm for Side<'_, H> {
@@ -612,6 +627,10 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
     }
     fn write_ram_sparse(&mut self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), String> {
         self.inner.write_ram_sparse(gpa, pages, body)
+    }
+
+    fn shared_ram(&self) -> Option<Arc<dyn migration::SharedRam>> {
+        self.inner.shared_ram()
     }
     fn load_devices(&mut self, sections: &[devstate::RawSection]) -> Result<(), String> {
         self.inner.load_devices(sections)

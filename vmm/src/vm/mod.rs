@@ -7,6 +7,7 @@
 pub mod hotplug;
 pub mod memory;
 pub mod persist;
+pub mod ram_view;
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
