@@ -33,6 +33,7 @@ pub use accept::Acceptor;
 pub use config::{ConfigRecord, DeviceDesc, RegionDesc, SwitchoverRecord, register};
 pub use destination::{Accepted, Incoming, receive};
 pub use error::{MigrationError, chain};
+pub use levers::Lever;
 pub use progress::{Listener, Notice, Progress, Snapshot, Status};
 pub use ram::{HostRange, SharedRam};
 pub use source::send;

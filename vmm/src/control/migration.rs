@@ -271,7 +271,11 @@ impl Controller {
             self.migrating.store(false, Ordering::SeqCst);
             self.wake_hotplug();
             match res {
-                Ok(()) => return,
+                Ok(()) => {
+                    // The guest runs now; what is left unpopulated it touches itself.
+                    lock(&self.prefault).take();
+                    return;
+                }
                 Err(e) => {
                     error!(error = %migration::chain(&e), "incoming migration failed; waiting for another attempt");
                     if acceptor.is_none() {

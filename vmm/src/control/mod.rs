@@ -75,6 +75,8 @@ pub struct Controller {
     /// The migration parameters `tls-creds`, `tls-hostname`, `tls-authz` as set.
     tls: Mutex<objects::TlsNames>,
     me: std::sync::Weak<Controller>,
+    /// Destination: guest RAM being populated until the incoming migration completes.
+    prefault: Mutex<Option<crate::vm::prefault::Prefault>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -109,6 +111,14 @@ impl Controller {
         let hp = vm.hotplug().clone();
         let waker = vm.hotplug_waker();
         let clock = vm.guest_clock();
+        // A destination populates its RAM while it waits, so first touch leaves the
+        // migration's critical path.
+        let prefault = (incoming != IncomingMode::None && ::migration::Lever::Prefault.on())
+            .then(|| crate::vm::prefault::Prefault::start(crate::vm::ram_view::RamView::new(&vm)))
+            .and_then(|r| {
+                r.inspect_err(|e| tracing::warn!(error = %e, "cannot start populating guest RAM"))
+                    .ok()
+            });
         let cpu_unavailable = machine_types::cpu::ALL_MODELS
             .iter()
             .map(|&m| (m, vm.host_lacks(m)))
@@ -122,6 +132,7 @@ impl Controller {
             autostart: AtomicBool::new(true),
             skip_incoming_reset: AtomicBool::new(false),
             mem,
+            prefault: Mutex::new(prefault),
             listen_addr: Mutex::new(None),
             me: me.clone(),
             vm: Mutex::new(vm),

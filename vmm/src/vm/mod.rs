@@ -7,6 +7,7 @@
 pub mod hotplug;
 pub mod memory;
 pub mod persist;
+pub mod prefault;
 pub mod ram_view;
 
 use std::io;

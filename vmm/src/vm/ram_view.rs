@@ -3,9 +3,11 @@
 //! mappings outlive every thread that holds the view.
 
 use super::Vm;
-use super::memory::GuestMem;
+use super::memory::{GuestMem, GuestRam};
 use crate::guest::PAGE_SIZE;
 use migration::{HostRange, SharedRam};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -16,21 +18,49 @@ pub struct RamView {
     /// The destination's RAM was never written by a vCPU: a page whose VMM-bitmap bit is
     /// clear reads as zero.
     pristine: bool,
+    /// `/proc/self/pagemap`: a page of an anonymous mapping that is neither present nor
+    /// swapped was never touched, so it is zero without being read.
+    pagemap: Option<File>,
 }
+
+/// Pagemap entry bits: page present in RAM, page swapped out.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
 
 impl RamView {
     /// The view of `vm`'s RAM and blocks now.
     pub fn new(vm: &Vm) -> RamView {
-        let mut mems = vec![vm.ram().mem().clone()];
+        let mut view = RamView::of(vm.ram());
         for (slot, ..) in vm.hotplug_blocks() {
             if let Some(m) = vm.hotplug_block_memory(slot) {
-                mems.push(m.clone());
+                view.mems.push(m.clone());
             }
         }
+        view
+    }
+
+    /// The view of one guest RAM without hot-plugged blocks.
+    pub fn of(ram: &GuestRam) -> RamView {
         RamView {
-            mems,
-            pristine: vm.ram().is_pristine(),
+            mems: vec![ram.mem().clone()],
+            pristine: ram.is_pristine(),
+            pagemap: File::open("/proc/self/pagemap")
+                .inspect_err(|e| tracing::debug!(error = %e, "no pagemap: every page is read"))
+                .ok(),
         }
+    }
+
+    /// Every RAM region's host mapping.
+    pub fn host_ranges(&self) -> Vec<HostRange<'_>> {
+        let mut out = Vec::new();
+        for r in self.mems.iter().flat_map(|m| m.iter()) {
+            if let Ok(ptr) = r.get_host_address(MemoryRegionAddress(0)) {
+                // SAFETY: a whole region of a mapping this view holds a reference to, so it
+                // stays mapped (readable and writable) while `self` lives.
+                out.push(unsafe { HostRange::new(ptr, r.len() as usize) });
+            }
+        }
+        out
     }
 
     /// The mapping and region holding all of `[gpa, gpa + len)`, with the offset in it.
@@ -98,11 +128,60 @@ impl SharedRam for RamView {
         Ok(())
     }
 
+    fn known_zero(&self, gpa: u64, pages: usize, out: &mut [u64]) -> bool {
+        let Some(pagemap) = &self.pagemap else {
+            return false;
+        };
+        let Ok(range) = self.host_range(gpa, pages * PAGE_SIZE as usize) else {
+            return false;
+        };
+        let first = range.bytes().as_ptr() as u64 / PAGE_SIZE;
+        let mut raw = vec![0u8; pages * 8];
+        if pagemap.read_exact_at(&mut raw, first * 8).is_err() {
+            return false;
+        }
+        for (i, e) in raw.chunks_exact(8).enumerate() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(e);
+            if u64::from_ne_bytes(word) & (PM_PRESENT | PM_SWAPPED) == 0 {
+                out[i / 64] |= 1 << (i % 64);
+            }
+        }
+        true
+    }
+
     fn write_sparse(&self, gpa: u64, pages: u32, body: &[u8]) -> Result<(), String> {
         let len = pages as usize * PAGE_SIZE as usize;
         let (m, _) = self.find(gpa, len)?;
         let data = devstate::sparse::expand(body, pages)?;
         m.write_slice(&data, GuestAddress(gpa))
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_zero_reports_only_pages_never_touched() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let (written, read, untouched) = (8u64 << 20, 24u64 << 20, 16u64 << 20);
+        ram.mem().write_slice(&[7u8; 16], GuestAddress(written)).unwrap();
+        let mut seen = [0u8; 16];
+        ram.mem().read_slice(&mut seen, GuestAddress(read)).unwrap();
+        let view = RamView::of(&ram);
+        let known = |gpa| {
+            let mut out = [0u64; 1];
+            assert!(view.known_zero(gpa, 16, &mut out));
+            out[0]
+        };
+        // A touched page is never taken for zero (with huge pages its neighbours are mapped
+        // too, so they are read like any other page).
+        assert_eq!(known(written) & 1, 0);
+        assert_eq!(known(read) & 1, 0);
+        assert_eq!(known(untouched), 0xffff);
+        let mut out = [0u64; 1];
+        assert!(!view.known_zero(1 << 40, 16, &mut out), "outside RAM nothing is known");
     }
 }
