@@ -162,6 +162,7 @@ fn run<V: DestinationVm>(
                         ack.text = grant.token.to_string();
                         ack.value = u64::from(count) << 16;
                         granted = Some(grant);
+                        progress.update(|s| s.page_channels = count);
                     }
                     _ => accepted &= !FEATURE_PAGE_CHANNELS,
                 }
@@ -254,7 +255,7 @@ fn run<V: DestinationVm>(
         };
         if res.is_err() {
             // Unblock the channel threads; a channel's own failure is the better report.
-            progress.shutdown_sockets();
+            progress.stop_reading();
         }
         match (res, receivers.join()) {
             (Ok(s), Ok(())) => Ok(s),

@@ -88,6 +88,8 @@ pub struct Snapshot {
     pub dirty_pages_rate: u64,
     /// Throughput of the last iteration in Mbit/s.
     pub mbps: f64,
+    /// Page channels in use besides the main stream (0: pages travel in the main stream).
+    pub page_channels: u16,
 }
 
 /// Something that wants to hear about status changes and passes (QMP events).
@@ -298,6 +300,19 @@ impl Progress {
     /// Whether cancellation was asked for.
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Destination: stop reading every channel, so each thread blocked on one returns now,
+    /// while the main channel can still carry the `Failed` message to the source.
+    pub(crate) fn stop_reading(&self) {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(Shutdown::Read);
+        }
     }
 
     /// The main channel's socket (or none: forget every socket).

@@ -64,6 +64,31 @@ fn read_reply(ret: &mut Channel) -> std::io::Result<Msg> {
     }
 }
 
+/// Whether `e` is a connection failing (the main stream or a page channel).
+fn broken_link(e: &MigrationError) -> bool {
+    match e {
+        MigrationError::Io { .. } => true,
+        MigrationError::PageChannel { source, .. } => matches!(**source, MigrationError::Io { .. }),
+        _ => false,
+    }
+}
+
+/// The destination's `Failed` message, if it sends one within a second.
+fn destination_verdict(ret: &mut Channel) -> Option<String> {
+    ret.socket()
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match Msg::read(ret) {
+            Ok(m) if m.kind == Kind::Failed => return Some(m.text),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { phase, source }
 }
@@ -540,6 +565,7 @@ fn run<V: SourceVm>(
                             )));
                         }
                         granted = (count, token);
+                        progress.update(|s| s.page_channels = count);
                     }
                     info!(
                         features,
@@ -625,7 +651,15 @@ fn run<V: SourceVm>(
     });
     let (tx, pause_at) = match res {
         Ok(x) => x,
-        Err(e) => {
+        Err(mut e) => {
+            // A broken link seen here may be the consequence of another channel breaking:
+            // the destination's account names the one that broke first.
+            if granted.0 > 0
+                && broken_link(&e)
+                && let Some(why) = ret.as_mut().and_then(destination_verdict)
+            {
+                e = MigrationError::DestinationFailed(why);
+            }
             // Tell a live destination why the stream stops, unless the channel itself broke
             // or the destination already knows.
             let silent = matches!(

@@ -87,6 +87,11 @@ pub enum Cut {
 
 /// Forwards both directions and cuts the link (both ways) as `cut` says.
 pub fn cutting(to: String, cut: Cut) -> Relay {
+    cutting_on(to, 0, cut)
+}
+
+/// Like [`cutting`], on connection `nth` (0 = main channel, 1 = the first page channel).
+pub fn cutting_on(to: String, nth: usize, cut: Cut) -> Relay {
     let forward = move |mut a: TcpStream, mut b: TcpStream| {
         let mut buf = vec![0u8; 64 << 10];
         let mut seen = 0usize;
@@ -122,7 +127,7 @@ pub fn cutting(to: String, cut: Cut) -> Relay {
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
     };
-    relay_with(to, forward, |mut b, mut a| {
+    relay_on(to, nth, forward, |mut b, mut a| {
         let _ = std::io::copy(&mut b, &mut a);
     })
 }

@@ -6,6 +6,7 @@
 //!
 //! Needs KVM; `netns` also needs root and iproute2. Nothing skips.
 
+mod channels;
 mod cpu_models;
 mod dump;
 mod faults;

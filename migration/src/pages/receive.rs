@@ -12,6 +12,7 @@ use devstate::PAGE_SIZE;
 use devstate::wire::RamKind;
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
@@ -128,6 +129,9 @@ fn collect(
 /// The destination's page-channel threads of one migration.
 pub(crate) struct Receivers<'scope> {
     handles: Vec<(u16, ScopedJoinHandle<'scope, Result<(), MigrationError>>)>,
+    /// The channel that failed first (0: none). The others fail after it, as a consequence
+    /// of the sockets being shut.
+    first_failed: Arc<AtomicU16>,
 }
 
 impl<'scope> Receivers<'scope> {
@@ -139,26 +143,34 @@ impl<'scope> Receivers<'scope> {
         torn: &'env Torn,
         progress: &'env Progress,
     ) -> Receivers<'scope> {
+        let first_failed = Arc::new(AtomicU16::new(0));
         let handles = channels
             .into_iter()
             .map(|(index, ch)| {
+                let first = first_failed.clone();
                 let h = scope.spawn(move || {
                     let res = serve(index, ch, ram, torn, progress);
                     if let Err(e) = &res {
+                        let _ =
+                            first.compare_exchange(0, index, Ordering::SeqCst, Ordering::SeqCst);
                         error!(channel = index, error = %crate::chain(e), "page channel failed");
                         // Wake the migration thread (and the other channels) at once.
-                        progress.shutdown_sockets();
+                        progress.stop_reading();
                     }
                     res
                 });
                 (index, h)
             })
             .collect();
-        Receivers { handles }
+        Receivers {
+            handles,
+            first_failed,
+        }
     }
 
-    /// Wait for every thread; the first channel's error, if any, named by channel.
+    /// Wait for every thread; the error of the channel that failed first, named by channel.
     pub fn join(self) -> Result<(), MigrationError> {
+        let failed_first = self.first_failed.load(Ordering::SeqCst);
         let mut first = None;
         for (index, h) in self.handles {
             let res = h.join().unwrap_or_else(|_| {
@@ -167,7 +179,7 @@ impl<'scope> Receivers<'scope> {
                 ))
             });
             if let Err(e) = res
-                && first.is_none()
+                && (first.is_none() || index == failed_first)
             {
                 first = Some(MigrationError::PageChannel {
                     index,

@@ -358,6 +358,7 @@ impl Controller {
                 "mbps": s.mbps,
                 "dirty-sync-count": s.iterations,
                 "page-size": devstate::PAGE_SIZE,
+                "__org.ferry_page-channels": s.page_channels,
             },
         });
         if s.status == Status::Completed {

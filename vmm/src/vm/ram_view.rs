@@ -167,7 +167,9 @@ mod tests {
     fn known_zero_reports_only_pages_never_touched() {
         let ram = GuestRam::new(64 << 20).unwrap();
         let (written, read, untouched) = (8u64 << 20, 24u64 << 20, 16u64 << 20);
-        ram.mem().write_slice(&[7u8; 16], GuestAddress(written)).unwrap();
+        ram.mem()
+            .write_slice(&[7u8; 16], GuestAddress(written))
+            .unwrap();
         let mut seen = [0u8; 16];
         ram.mem().read_slice(&mut seen, GuestAddress(read)).unwrap();
         let view = RamView::of(&ram);
@@ -182,6 +184,9 @@ mod tests {
         assert_eq!(known(read) & 1, 0);
         assert_eq!(known(untouched), 0xffff);
         let mut out = [0u64; 1];
-        assert!(!view.known_zero(1 << 40, 16, &mut out), "outside RAM nothing is known");
+        assert!(
+            !view.known_zero(1 << 40, 16, &mut out),
+            "outside RAM nothing is known"
+        );
     }
 }
