@@ -32,9 +32,24 @@
 //!   median of paired ratios to its own plain runs;
 //! - `QC_FERRY_LOG` (default `warn`): `RUST_LOG` for the Ferry processes (their logs are kept
 //!   with `QC_KEEP`).
+//! - `QC_LEVERS=1`: ablation. One more Ferry run per speed lever of `migration::levers`, with
+//!   that lever off (`FERRY_LEVERS_OFF=LEVER` in the environment of both Ferry processes):
+//!   `-prefault`, `-known-zero`, `-direct-send`, `-direct-receive`. The summary gives each
+//!   one's `lever cost` as the median of paired ratios to plain `ferry` of the same rounds
+//!   (total, blackout, downtime; above 1 means the lever saves that much);
+//! - `QC_FERRY_CHANNELS=0,1,4`: one more Ferry run per listed page-channel count
+//!   (`ferry-ch0`, `ferry-ch1`, ...: `multifd-channels` N, 0 to 8, on both sides; plain
+//!   `ferry` has Ferry's default of 2), reported like the levers against plain `ferry`;
+//! - `QC_SCALING=1`: the scaling cases, per size S of `QC_SIZES` (default `1,2,4,8`, in GiB;
+//!   sizes over a third of `MemAvailable` are skipped with a note): `scale-idle-Sg` (like
+//!   `4g-idle`: one page written, then ticking) and `scale-dense-Sg` (like `1g-dense256`:
+//!   256 MiB rewritten each pass) in an S GiB guest. Without `QC_CASES` only these run. The
+//!   summary adds a table of medians per size, kind and hypervisor and an SVG plot of total
+//!   time against size, written to `QC_PLOT` (default `DIR/scaling.svg` with `QC_KEEP=DIR`,
+//!   else `qemu_compare_scaling.svg` in the cargo target directory; the path is printed).
 //!
-//! Runs are interleaved: run r of every case runs Ferry, QEMU and QEMU multifd in turn, who
-//! goes first rotating with r. Each run of Ferry is paired with the run of each baseline in
+//! Runs are interleaved: run r of every case runs Ferry, QEMU and QEMU multifd (and the
+//! variants asked for) in turn, who goes first rotating with r. Each run of Ferry is paired with the run of each baseline in
 //! the same round; the summary gives the median of those paired ratios (not a ratio of
 //! medians) next to the medians of the absolute figures. Every side gets `downtime-limit`
 //! 300 ms and `max-bandwidth` 100 GiB/s. Per run: total time, source-side downtime and bytes
@@ -57,6 +72,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use migration::levers::Lever;
 use serde_json::{Value, json};
 use vmm::guest::bootsector::{AbBootblock, FAIL, PASS, TICK, Workload};
 use vmm::qmp::client::QmpClient;
@@ -102,6 +118,55 @@ struct Case {
     check_passes: usize,
     /// How long before `migrate` the destination starts.
     dst_lead: Duration,
+    /// For the `QC_SCALING` cases: guest size in GiB and kind (`idle` or `dense`).
+    scale: Option<(u64, &'static str)>,
+}
+
+/// A dense guest writing [1 MiB, `end`): each pass, or once and then ticking.
+fn dense(end: u64, once: bool) -> AbBootblock {
+    AbBootblock {
+        start: MIB,
+        end,
+        workload: Workload::Dense {
+            pages_per_tick: DENSE_PAGES_PER_TICK,
+            once,
+        },
+        spin_loops: DENSE_SPIN_LOOPS,
+    }
+}
+
+/// The `QC_SCALING` cases: per size, an idle guest like `4g-idle` and a dense one rewriting
+/// 256 MiB like `1g-dense256`.
+fn scaling_cases(sizes: &[u64]) -> Vec<Case> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut v = Vec::new();
+    for &g in sizes {
+        v.push(Case {
+            name: leak(format!("scale-idle-{g}g")),
+            group: Group::Dense,
+            memory: g * GIB,
+            image: dense(MIB + 4096, true),
+            what: leak(format!("{g} GiB, writes one page, then ticks in ring 3")),
+            warm_passes: 1,
+            check_passes: 0,
+            dst_lead: Duration::ZERO,
+            scale: Some((g, "idle")),
+        });
+        v.push(Case {
+            name: leak(format!("scale-dense-{g}g")),
+            group: Group::Dense,
+            memory: g * GIB,
+            image: dense(257 * MIB, false),
+            what: leak(format!(
+                "{g} GiB, checks and rewrites every byte of [1,257) MiB each pass (ring 3)"
+            )),
+            warm_passes: 2,
+            check_passes: 2,
+            dst_lead: Duration::ZERO,
+            scale: Some((g, "dense")),
+        });
+    }
+    v
 }
 
 fn cases() -> Vec<Case> {
@@ -110,15 +175,6 @@ fn cases() -> Vec<Case> {
         end,
         workload,
         spin_loops: SPIN_LOOPS,
-    };
-    let dense = |end: u64, once: bool| AbBootblock {
-        start: MIB,
-        end,
-        workload: Workload::Dense {
-            pages_per_tick: DENSE_PAGES_PER_TICK,
-            once,
-        },
-        spin_loops: DENSE_SPIN_LOOPS,
     };
     let sparse = |name, memory, image, what| Case {
         name,
@@ -129,6 +185,7 @@ fn cases() -> Vec<Case> {
         warm_passes: 0,
         check_passes: 0,
         dst_lead: Duration::ZERO,
+        scale: None,
     };
     let dirty = Workload::Dirty { passes_per_b: 1 };
     vec![
@@ -141,6 +198,7 @@ fn cases() -> Vec<Case> {
             warm_passes: 2,
             check_passes: 2,
             dst_lead: Duration::ZERO,
+            scale: None,
         },
         Case {
             name: "1g-dense256",
@@ -151,6 +209,7 @@ fn cases() -> Vec<Case> {
             warm_passes: 2,
             check_passes: 2,
             dst_lead: Duration::ZERO,
+            scale: None,
         },
         Case {
             name: "2g-dense-once",
@@ -161,6 +220,7 @@ fn cases() -> Vec<Case> {
             warm_passes: 1,
             check_passes: 0,
             dst_lead: Duration::from_secs(10),
+            scale: None,
         },
         Case {
             name: "4g-idle",
@@ -171,6 +231,7 @@ fn cases() -> Vec<Case> {
             warm_passes: 1,
             check_passes: 0,
             dst_lead: Duration::ZERO,
+            scale: None,
         },
         sparse(
             "1g-idle",
@@ -227,21 +288,49 @@ enum Hv {
     FerryTls,
     /// QEMU with mutual TLS (single channel).
     QemuTls,
+    /// Ferry with one speed lever off (`FERRY_LEVERS_OFF` in both processes' environment).
+    FerryLeverOff(Lever),
+    /// Ferry with `multifd-channels` N on both sides (0 to 8).
+    FerryChannels(u8),
 }
 
 impl Hv {
     fn name(self) -> &'static str {
+        const CHANNELS: [&str; 9] = [
+            "ferry-ch0",
+            "ferry-ch1",
+            "ferry-ch2",
+            "ferry-ch3",
+            "ferry-ch4",
+            "ferry-ch5",
+            "ferry-ch6",
+            "ferry-ch7",
+            "ferry-ch8",
+        ];
         match self {
             Hv::Ferry => "ferry",
             Hv::Qemu => "qemu",
             Hv::QemuMultifd => "multifd",
             Hv::FerryTls => "ferry-tls",
             Hv::QemuTls => "qemu-tls",
+            Hv::FerryLeverOff(Lever::Prefault) => "-prefault",
+            Hv::FerryLeverOff(Lever::KnownZero) => "-known-zero",
+            Hv::FerryLeverOff(Lever::DirectSend) => "-direct-send",
+            Hv::FerryLeverOff(Lever::DirectReceive) => "-direct-receive",
+            Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
         }
     }
 
     fn is_ferry(self) -> bool {
-        matches!(self, Hv::Ferry | Hv::FerryTls)
+        matches!(
+            self,
+            Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_)
+        )
+    }
+
+    /// A variant of plain Ferry whose cost the summary gives against `ferry`.
+    fn is_ferry_variant(self) -> bool {
+        matches!(self, Hv::FerryLeverOff(_) | Hv::FerryChannels(_))
     }
 
     fn tls(self) -> bool {
@@ -379,7 +468,7 @@ struct Env {
 
 fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bool) -> Command {
     match hv {
-        Hv::Ferry | Hv::FerryTls => {
+        Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_) => {
             let mut c = Command::new(&env.ferry);
             c.arg("run")
                 .args(["--machine", "ferry", "--memory"])
@@ -396,6 +485,9 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
                 "RUST_LOG",
                 std::env::var("QC_FERRY_LOG").unwrap_or_else(|_| "warn".to_owned()),
             );
+            if let Hv::FerryLeverOff(lever) = hv {
+                c.env("FERRY_LEVERS_OFF", lever.name());
+            }
             c
         }
         Hv::Qemu | Hv::QemuMultifd | Hv::QemuTls => {
@@ -506,6 +598,9 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     if hv == Hv::QemuMultifd {
         dst.exec("migrate-set-parameters", json!({"multifd-channels": 2}))?;
     }
+    if let Hv::FerryChannels(n) = hv {
+        dst.exec("migrate-set-parameters", json!({"multifd-channels": n}))?;
+    }
     dst.exec("migrate-set-parameters", params.clone())?;
     if hv.tls() {
         tls_on(&mut dst, &env.dir, "server")?;
@@ -533,6 +628,9 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     }
     if hv == Hv::QemuMultifd {
         src.exec("migrate-set-parameters", json!({"multifd-channels": 2}))?;
+    }
+    if let Hv::FerryChannels(n) = hv {
+        src.exec("migrate-set-parameters", json!({"multifd-channels": n}))?;
     }
     if hv.is_ferry() && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
         src.exec(
@@ -638,16 +736,21 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     Ok(s)
 }
 
-/// Touch (and free) enough host memory that the runs get pages the machine has backed before.
-fn warm_host_memory(cases: &[Case]) {
-    let avail = std::fs::read_to_string("/proc/meminfo")
+/// `MemAvailable` in bytes (0 if unknown).
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemAvailable:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
-        .map_or(0, |kib| kib << 10);
+        .map_or(0, |kib| kib << 10)
+}
+
+/// Touch (and free) enough host memory that the runs get pages the machine has backed before.
+fn warm_host_memory(cases: &[Case]) {
+    let avail = mem_available();
     let largest = cases.iter().map(|c| c.memory).max().unwrap_or(0);
     let want = match std::env::var("QC_WARM_GIB")
         .ok()
@@ -669,6 +772,183 @@ fn warm_host_memory(cases: &[Case]) {
         bytes / MIB,
         t.elapsed().as_secs_f64()
     );
+}
+
+/// The scaling table (medians per size, kind and hypervisor) and its plot, written to
+/// `QC_PLOT` (default `DIR/scaling.svg` with `QC_KEEP=DIR`, else next to the bench binary's
+/// `target` directory as `qemu_compare_scaling.svg`).
+fn scaling_summary(cases: &[Case], hvs: &[Hv], samples: &[Vec<Vec<Option<Sample>>>], dir: &Path) {
+    println!();
+    println!("SCALING (medians; idle: one page written, dense: 256 MiB rewritten each pass)");
+    println!(
+        "{:>4} {:<5} {:<15} {:>3} {:>9} {:>8} {:>9}",
+        "GiB", "kind", "hv", "n", "total ms", "down ms", "blackout"
+    );
+    let mut series: Vec<Series> = Vec::new();
+    for kind in ["idle", "dense"] {
+        for (hi, hv) in hvs.iter().enumerate() {
+            let mut pts = Vec::new();
+            for (ci, c) in cases.iter().enumerate() {
+                let Some((g, k)) = c.scale else { continue };
+                if k != kind {
+                    continue;
+                }
+                let s: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
+                let total = col(&s, |x| x.total_ms);
+                println!(
+                    "{g:>4} {kind:<5} {:<15} {:>3} {total:>9.0} {:>8.0} {:>9.1}",
+                    hv.name(),
+                    s.len(),
+                    col(&s, |x| x.downtime_ms),
+                    col(&s, |x| x.blackout_ms),
+                );
+                pts.push((g as f64, total));
+            }
+            if !pts.is_empty() {
+                series.push((kind, hv.name(), pts));
+            }
+        }
+    }
+    let path = match std::env::var_os("QC_PLOT") {
+        Some(p) => PathBuf::from(p),
+        None if std::env::var_os("QC_KEEP").is_some() => dir.join("scaling.svg"),
+        // The binary is TARGET/release/deps/qemu_compare-HASH.
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.ancestors().nth(3)?.join("qemu_compare_scaling.svg")))
+            .unwrap_or_else(|| PathBuf::from("target/qemu_compare_scaling.svg")),
+    };
+    match std::fs::write(&path, scaling_svg(&series)) {
+        Ok(()) => println!(
+            "scaling plot: {}",
+            std::path::absolute(&path).unwrap_or(path).display()
+        ),
+        Err(e) => println!("scaling plot {}: {e}", path.display()),
+    }
+}
+
+/// One line of the scaling plot: kind (`idle` or `dense`), hypervisor, and its points
+/// (guest GiB, median total ms).
+type Series = (&'static str, &'static str, Vec<(f64, f64)>);
+
+/// Total migration time against guest size as SVG text: a panel per kind, a line per
+/// hypervisor, log2 x axis, linear y axis from 0.
+fn scaling_svg(series: &[Series]) -> String {
+    const COLOURS: [&str; 10] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf",
+    ];
+    let (pw, ph) = (440.0, 320.0);
+    let mut hvs: Vec<&str> = Vec::new();
+    let mut sizes: Vec<f64> = Vec::new();
+    for (_, hv, pts) in series {
+        if !hvs.contains(hv) {
+            hvs.push(*hv);
+        }
+        sizes.extend(pts.iter().map(|p| p.0));
+    }
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    let (mut x0, mut x1) = (
+        sizes.first().map_or(0.0, |g| g.log2()),
+        sizes.last().map_or(1.0, |g| g.log2()),
+    );
+    if x1 - x0 < 1e-9 {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
+    }
+    let height = ph + 20.0 + 18.0 * hvs.len().div_ceil(4) as f64;
+    let mut o = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        2.0 * pw
+    );
+    for (k, kind) in ["idle", "dense"].into_iter().enumerate() {
+        let (l, r, t, b) = (
+            k as f64 * pw + 70.0,
+            (k + 1) as f64 * pw - 20.0,
+            40.0,
+            ph - 50.0,
+        );
+        let top = series
+            .iter()
+            .filter(|s| s.0 == kind)
+            .flat_map(|s| s.2.iter().map(|p| p.1))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max);
+        // Round the y range up to 1, 2 or 5 times a power of ten.
+        let mag = 10f64.powf(top.max(1.0).log10().floor());
+        let ymax = [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .map(|m| m * mag)
+            .find(|v| *v >= top)
+            .unwrap_or(10.0 * mag);
+        let px = |g: f64| l + (g.log2() - x0) / (x1 - x0) * (r - l);
+        let py = |v: f64| b - v / ymax * (b - t);
+        o += &format!(
+            "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{kind} guest: migration total time</text>\n",
+            (l + r) / 2.0
+        );
+        for i in 0..=4 {
+            let v = ymax * f64::from(i) / 4.0;
+            o += &format!(
+                "<line x1=\"{l}\" x2=\"{r}\" y1=\"{0}\" y2=\"{0}\" stroke=\"#ddd\"/><text x=\"{1}\" y=\"{2}\" text-anchor=\"end\">{v:.0}</text>\n",
+                py(v),
+                l - 6.0,
+                py(v) + 4.0
+            );
+        }
+        for &g in &sizes {
+            o += &format!(
+                "<line x1=\"{0}\" x2=\"{0}\" y1=\"{b}\" y2=\"{1}\" stroke=\"#000\"/><text x=\"{0}\" y=\"{2}\" text-anchor=\"middle\">{g}</text>\n",
+                px(g),
+                b + 5.0,
+                b + 18.0
+            );
+        }
+        o += &format!("<path d=\"M{l} {t}V{b}H{r}\" fill=\"none\" stroke=\"#000\"/>\n");
+        o += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">guest memory (GiB, log scale)</text>\n",
+            (l + r) / 2.0,
+            b + 38.0
+        );
+        o += &format!(
+            "<text transform=\"translate({},{}) rotate(-90)\" text-anchor=\"middle\">median total time (ms)</text>\n",
+            l - 50.0,
+            (t + b) / 2.0
+        );
+        for (_, hv, pts) in series.iter().filter(|s| s.0 == kind) {
+            let c = COLOURS[hvs.iter().position(|h| h == hv).unwrap_or(0) % COLOURS.len()];
+            let pts: Vec<(f64, f64)> = pts
+                .iter()
+                .filter(|p| p.1.is_finite())
+                .map(|p| (px(p.0), py(p.1)))
+                .collect();
+            let line: Vec<String> = pts
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", p.0, p.1))
+                .collect();
+            o += &format!(
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>\n",
+                line.join(" ")
+            );
+            for (x, y) in pts {
+                o += &format!("<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{c}\"/>\n");
+            }
+        }
+    }
+    for (i, hv) in hvs.iter().enumerate() {
+        let (x, y) = (
+            70.0 + (i % 4) as f64 * 200.0,
+            ph + 10.0 + (i / 4) as f64 * 18.0,
+        );
+        let c = COLOURS[i % COLOURS.len()];
+        o += &format!(
+            "<line x1=\"{x}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{hv}</text>\n",
+            x + 24.0,
+            x + 30.0,
+            y + 4.0
+        );
+    }
+    o + "</svg>\n"
 }
 
 fn median(v: &mut Vec<f64>) -> f64 {
@@ -716,13 +996,34 @@ fn main() {
     let wanted: Option<Vec<String>> = std::env::var("QC_CASES")
         .ok()
         .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
-    let cases: Vec<Case> = cases()
+    let scaling = std::env::var("QC_SCALING").is_ok_and(|v| v == "1");
+    // With QC_SCALING and no QC_CASES, only the scaling cases run.
+    let mut cases: Vec<Case> = cases()
         .into_iter()
         .filter(|c| match &wanted {
             Some(w) => w.iter().any(|n| n == c.name),
-            None => c.group == Group::Dense,
+            None => c.group == Group::Dense && !scaling,
         })
         .collect();
+    if scaling {
+        let avail = mem_available();
+        let sizes: Vec<u64> = std::env::var("QC_SIZES")
+            .unwrap_or_else(|_| "1,2,4,8".to_owned())
+            .split(',')
+            .filter_map(|v| v.trim().parse().ok())
+            .filter(|&g: &u64| {
+                let fits = g * GIB <= avail / 3;
+                if !fits {
+                    println!(
+                        "NOTE: scaling size {g} GiB skipped: over a third of MemAvailable ({} MiB)",
+                        avail / MIB
+                    );
+                }
+                fits && g > 0
+            })
+            .collect();
+        cases.extend(scaling_cases(&sizes));
+    }
     let qemu = std::env::var("QC_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_owned());
     let have_qemu = Command::new(&qemu)
         .arg("--version")
@@ -762,11 +1063,30 @@ fn main() {
             hvs.push(Hv::QemuTls);
         }
     }
+    if std::env::var("QC_LEVERS").is_ok_and(|v| v == "1") {
+        hvs.extend(Lever::ALL.map(Hv::FerryLeverOff));
+    }
+    if let Ok(list) = std::env::var("QC_FERRY_CHANNELS") {
+        for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+            match v.parse::<u8>() {
+                Ok(n) if n <= 8 => hvs.push(Hv::FerryChannels(n)),
+                _ => println!("NOTE: QC_FERRY_CHANNELS entry {v:?} skipped (0 to 8)"),
+            }
+        }
+    }
+    // Column widths for case and hypervisor names.
+    let cw = cases
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(13);
+    let hw = hvs.iter().map(|h| h.name().len()).max().unwrap_or(0).max(7);
     let mut imgs = Vec::new();
     for c in &cases {
         let p = dir.join(format!("{}.img", c.name));
         std::fs::write(&p, c.image.build().expect("boot sector")).expect("write image");
-        println!("case {:<13} {}", c.name, c.what);
+        println!("case {:<cw$} {}", c.name, c.what);
         imgs.push(p);
     }
     warm_host_memory(&cases);
@@ -782,7 +1102,7 @@ fn main() {
                 match run_once(&env, hv, c, &imgs[ci], &tag) {
                     Ok(s) => {
                         println!(
-                            "run {r:>2} {:<13} {:<7} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
+                            "run {r:>2} {:<cw$} {:<hw$} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
                             c.name,
                             hv.name(),
                             s.total_ms,
@@ -804,7 +1124,7 @@ fn main() {
                         samples[ci][hi].push(Some(s));
                     }
                     Err(e) => {
-                        println!("run {r:>2} {:<13} {:<7} FAILED: {e}", c.name, hv.name());
+                        println!("run {r:>2} {:<cw$} {:<hw$} FAILED: {e}", c.name, hv.name());
                         samples[ci][hi].push(None);
                     }
                 }
@@ -825,7 +1145,7 @@ fn main() {
             ),
         }
         println!(
-            "{:<13} {:<7} {:>3} {:>9} {:>8} {:>8} {:>10} {:>9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>5} {:>6}",
+            "{:<cw$} {:<hw$} {:>3} {:>9} {:>8} {:>8} {:>10} {:>9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>5} {:>6}",
             "case",
             "hv",
             "n",
@@ -846,7 +1166,7 @@ fn main() {
             for (hi, hv) in hvs.iter().enumerate() {
                 let s: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
                 println!(
-                    "{:<13} {:<7} {:>3} {:>9.0} {:>8.0} {:>8.0} {:>10.1} {:>9.1} {:>7.2} {:>8.2} {:>9.2} {:>9.0} {:>6.1} {:>5} {:>6}",
+                    "{:<cw$} {:<hw$} {:>3} {:>9.0} {:>8.0} {:>8.0} {:>10.1} {:>9.1} {:>7.2} {:>8.2} {:>9.2} {:>9.0} {:>6.1} {:>5} {:>6}",
                     c.name,
                     hv.name(),
                     s.len(),
@@ -865,10 +1185,13 @@ fn main() {
                 );
             }
             for (hi, hv) in hvs.iter().enumerate().skip(1) {
+                if hv.is_ferry_variant() {
+                    continue;
+                }
                 let (f, b) = (&samples[ci][0], &samples[ci][hi]);
                 let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, f, b, g);
                 println!(
-                    "{:<13} ferry/{:<7} median of paired ratios: {}  {}  {}",
+                    "{:<cw$} ferry/{:<hw$} median of paired ratios: {}  {}  {}",
                     c.name,
                     hv.name(),
                     show("total", |x| x.total_ms),
@@ -887,7 +1210,7 @@ fn main() {
                 let (x, y) = (&samples[ci][a], &samples[ci][b]);
                 let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, x, y, g);
                 println!(
-                    "{:<13} TLS cost {}/{}: {}  {}  {}  {}",
+                    "{:<cw$} TLS cost {}/{}: {}  {}  {}  {}",
                     c.name,
                     with.name(),
                     without.name(),
@@ -897,7 +1220,28 @@ fn main() {
                     show("RAM rate", |v| v.ram_gbit),
                 );
             }
+            // What each lever or channel count is worth, against plain Ferry of the same rounds.
+            for (hi, hv) in hvs.iter().enumerate() {
+                let what = match hv {
+                    Hv::FerryLeverOff(_) => "lever cost",
+                    Hv::FerryChannels(_) => "channels",
+                    _ => continue,
+                };
+                let (x, y) = (&samples[ci][hi], &samples[ci][0]);
+                let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, x, y, g);
+                println!(
+                    "{:<cw$} {what} {}/ferry: {}  {}  {}",
+                    c.name,
+                    hv.name(),
+                    show("total", |v| v.total_ms),
+                    show("blackout", |v| v.blackout_ms),
+                    show("downtime", |v| v.downtime_ms),
+                );
+            }
         }
+    }
+    if cases.iter().any(|c| c.scale.is_some()) {
+        scaling_summary(&cases, &hvs, &samples, &dir);
     }
     println!(
         "(up to {runs} interleaved rounds per case; {:.0} s in all)",
