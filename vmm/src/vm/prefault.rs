@@ -1,6 +1,6 @@
 //! Destination: guest RAM populated in the background from the moment the VMM waits for a
 //! migration, so the first touch of each page (costly where the host is itself virtualised)
-//! leaves the receive path. `MADV_POPULATE_WRITE` maps every page writable (huge pages where
+//! leaves the receive path. [`RamView::populate`] maps every page writable (huge pages where
 //! `MADV_HUGEPAGE` got them) without changing a byte, so it may race with the page channels
 //! writing received pages.
 
@@ -8,9 +8,6 @@ use super::ram_view::RamView;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
-
-/// Bytes populated per `madvise` call: small enough that a stop request is honoured quickly.
-const CHUNK: usize = 8 << 20;
 
 /// A background thread populating guest RAM; it stops when this handle is dropped.
 #[derive(Debug)]
@@ -50,35 +47,19 @@ fn populate(view: &RamView, stop: &AtomicBool, populated: &AtomicU64) {
     // SAFETY: setpriority only lowers the scheduling priority of this thread (Linux applies
     // PRIO_PROCESS with a thread id to that thread alone).
     unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
-    let mut done = 0usize;
-    for range in view.host_ranges() {
-        let mut off = 0;
-        while off < range.len() {
-            if stop.load(Ordering::Relaxed) {
-                tracing::debug!(mib = done >> 20, "RAM prefault stopped");
-                return;
-            }
-            let len = CHUNK.min(range.len() - off);
-            let at = range.bytes()[off..].as_ptr();
-            // SAFETY: `[at, at + len)` lies in a live anonymous mapping of guest RAM that `view`
-            // keeps mapped; MADV_POPULATE_WRITE only faults its pages in and changes no byte.
-            let ret =
-                unsafe { libc::madvise(at as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-            if ret != 0 {
-                let e = std::io::Error::last_os_error();
-                tracing::warn!(error = %e, "cannot populate guest RAM ahead of the migration; pages are touched as they arrive");
-                return;
-            }
-            off += len;
-            done += len;
-            populated.fetch_add(len as u64, Ordering::Release);
-        }
+    let mut stopped = false;
+    view.populate(|done| {
+        populated.store(done, Ordering::Release);
+        stopped = stop.load(Ordering::Relaxed);
+        !stopped
+    });
+    let mib = populated.load(Ordering::Acquire) >> 20;
+    let ms = started.elapsed().as_millis() as u64;
+    if stopped {
+        tracing::debug!(mib, ms, "RAM prefault stopped");
+    } else {
+        tracing::info!(mib, ms, "guest RAM populated");
     }
-    tracing::info!(
-        mib = done >> 20,
-        ms = started.elapsed().as_millis() as u64,
-        "guest RAM populated"
-    );
 }
 
 #[cfg(test)]

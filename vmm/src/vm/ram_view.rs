@@ -8,8 +8,11 @@ use crate::guest::PAGE_SIZE;
 use migration::{HostRange, SharedRam};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU8, Ordering};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileMemory,
+};
 
 /// Every RAM mapping of a VM.
 #[derive(Debug)]
@@ -61,6 +64,35 @@ impl RamView {
             }
         }
         out
+    }
+
+    /// Maps every page writable without changing a byte, lowest guest address first: an
+    /// atomic OR of 0 into each page's first byte, which a concurrent writer cannot lose. The
+    /// fault runs under the mapping's own lock, not the process-wide one `MADV_POPULATE_WRITE`
+    /// holds (a starved holder of that stalls every thread that maps memory). `go` gets the
+    /// bytes done after each 2 MiB and returns false to stop there.
+    pub fn populate(&self, mut go: impl FnMut(u64) -> bool) {
+        const STEP: usize = 2 << 20;
+        let mut done = 0u64;
+        for r in self.mems.iter().flat_map(|m| m.iter()) {
+            let Ok(slice) = r.as_volatile_slice() else {
+                continue;
+            };
+            let mut off = 0;
+            while off < slice.len() {
+                let end = (off + STEP).min(slice.len());
+                for page in (off..end).step_by(PAGE_SIZE as usize) {
+                    if let Ok(b) = slice.get_atomic_ref::<AtomicU8>(page) {
+                        b.fetch_or(0, Ordering::Relaxed);
+                    }
+                }
+                done += (end - off) as u64;
+                off = end;
+                if !go(done) {
+                    return;
+                }
+            }
+        }
     }
 
     /// The mapping and region holding all of `[gpa, gpa + len)`, with the offset in it.
