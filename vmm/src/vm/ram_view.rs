@@ -67,7 +67,8 @@ impl RamView {
     }
 
     /// Maps every page writable without changing a byte, lowest guest address first: an
-    /// atomic OR of 0 into each page's first byte, which a concurrent writer cannot lose. The
+    /// atomic compare-exchange of 0 with 0 on each page's first byte, which a concurrent
+    /// writer cannot lose. The
     /// fault runs under the mapping's own lock, not the process-wide one `MADV_POPULATE_WRITE`
     /// holds (a starved holder of that stalls every thread that maps memory). `go` gets the
     /// bytes done after each 2 MiB and returns false to stop there.
@@ -83,7 +84,10 @@ impl RamView {
                 let end = (off + STEP).min(slice.len());
                 for page in (off..end).step_by(PAGE_SIZE as usize) {
                     if let Ok(b) = slice.get_atomic_ref::<AtomicU8>(page) {
-                        b.fetch_or(0, Ordering::Relaxed);
+                        // A write whatever the outcome (x86 `lock cmpxchg` writes back what it
+                        // read on failure), so the fault maps the page writable; an idempotent
+                        // `fetch_or(0)` is compiled into a load and faults nothing in.
+                        let _ = b.compare_exchange(0, 0, Ordering::Relaxed, Ordering::Relaxed);
                     }
                 }
                 done += (end - off) as u64;
