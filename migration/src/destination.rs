@@ -2,6 +2,7 @@
 
 use crate::config::{ConfigRecord, SwitchoverRecord};
 use crate::pages::{Book, Grant, MAX_CHANNELS, Receivers, Torn};
+use crate::progress::Patient;
 use crate::progress::{Progress, Status};
 use crate::protocol::{
     ACCEPTED_PROTOCOLS, FEATURE_PAGE_CHANNELS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind,
@@ -175,6 +176,8 @@ fn run<V: DestinationVm>(
     };
     let mut catalog = vm.catalog();
     crate::config::register(&mut catalog);
+    // With page channels the main stream is silent for the whole RAM transfer.
+    let reader = Patient::new(reader, progress, granted.is_some());
     let mut stream = StreamReader::new(
         TeeReader::new(BufReader::with_capacity(256 << 10, reader), dump),
         Some(&catalog),

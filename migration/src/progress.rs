@@ -328,3 +328,51 @@ impl Progress {
             .push(s);
     }
 }
+
+/// A connection of a migration with page channels, which may rightly stay silent while the
+/// others carry the pages: the main stream during the whole RAM transfer, a channel that has
+/// done its share of a pass until every other channel has done theirs. A read that times out
+/// is retried as long as pages keep arriving on some channel; when every connection is quiet
+/// the timeout ends the migration as before.
+pub(crate) struct Patient<'a, R> {
+    inner: R,
+    progress: &'a Progress,
+    on: bool,
+}
+
+impl<'a, R> Patient<'a, R> {
+    /// `on`: page channels are in use (otherwise reads time out as they always did).
+    pub(crate) fn new(inner: R, progress: &'a Progress, on: bool) -> Self {
+        Patient {
+            inner,
+            progress,
+            on,
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        let s = self.progress.snapshot();
+        s.normal_pages + s.zero_pages
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Patient<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let before = if self.on { self.pages() } else { 0 };
+            match self.inner.read(buf) {
+                Err(e)
+                    if self.on
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        )
+                        && self.pages() != before =>
+                {
+                    tracing::trace!("connection quiet while pages arrive elsewhere; waiting on");
+                }
+                r => return r,
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Page channels between two real `ferry` processes: the destination grants at most what it
 //! is configured for (none: pages travel in the main stream), and a page channel that breaks
-//! fails the whole migration, named, with the source running on.
+//! fails the whole migration, named, with the source running on; a main stream that stays
+//! silent while the channels carry the pages is not a stalled link.
 
 use ferry_tests::relay::{self, Cut};
 use ferry_tests::*;
@@ -103,6 +104,37 @@ fn a_broken_page_channel_fails_the_migration_naming_it() {
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = s.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "completed", "{info}");
+    d.wait_migration(&["completed"]);
+    d.verify();
+}
+
+/// With page channels the main stream carries nothing during the RAM transfer, and a channel
+/// that has done its share of a pass waits for the others. A pass longer than twice the I/O
+/// timeout of both sides (here 1 s; a 3 MiB/s cap on 8 MiB of whole pages takes about 3 s)
+/// still completes, because pages keep moving.
+#[test]
+fn a_ram_transfer_longer_than_the_io_timeout_completes() {
+    let dir = tempdir();
+    let mut d = dst(dir.path(), "dst", 2);
+    d.ok(
+        "migrate-set-parameters",
+        json!({"__org.ferry_io-timeout": 1000}),
+    );
+    let port = d.incoming_port();
+    let mut s = src(dir.path(), 2);
+    s.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 3 << 20, "__org.ferry_sparse-pages": false, "__org.ferry_io-timeout": 1000}),
+    );
+    s.wait_pass(2);
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(channels_used(&info), 2, "{info}");
+    assert!(
+        info["total-time"].as_u64().unwrap_or(0) > 2000,
+        "the RAM transfer must outlast twice the 1 s I/O timeout to test anything: {info}"
+    );
     d.wait_migration(&["completed"]);
     d.verify();
 }

@@ -709,13 +709,24 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         .chain(&dst_chars)
         .filter(|c| c.1 == FAIL)
         .count();
-    let total_ms = info["total-time"].as_f64().unwrap_or(f64::NAN);
+    // QEMU multifd now and then reports a completed migration with total-time and downtime 0:
+    // unknown, so left out of medians and ratios rather than counted as instant.
+    let reported = info["total-time"].as_f64().filter(|t| *t > 0.0);
+    if reported.is_none() {
+        println!(
+            "NOTE: no total-time in the source's query-migrate; this run's times are left out"
+        );
+    }
+    let total_ms = reported.unwrap_or(f64::NAN);
     let bytes = info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN);
     let pages = info["ram"]["normal"].as_f64().unwrap_or(f64::NAN)
         + info["ram"]["duplicate"].as_f64().unwrap_or(f64::NAN);
     let s = Sample {
         total_ms,
-        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: match reported {
+            Some(_) => info["downtime"].as_f64().unwrap_or(f64::NAN),
+            None => f64::NAN,
+        },
         setup_ms: info["setup-time"].as_f64().unwrap_or(f64::NAN),
         bytes,
         gbit: bytes * 8.0 / (total_ms / 1000.0) / 1e9,

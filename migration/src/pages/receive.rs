@@ -4,7 +4,7 @@
 use super::{ChannelHello, Next, Torn, read_next};
 use crate::MigrationError;
 use crate::levers::Lever;
-use crate::progress::Progress;
+use crate::progress::{Patient, Progress};
 use crate::protocol::{Kind, Msg};
 use crate::ram::SharedRam;
 use crate::transport::Channel;
@@ -202,7 +202,7 @@ fn serve(
     let _s = info_span!("page-channel", index).entered();
     let io = |phase| move |source| MigrationError::Io { phase, source };
     let mut ret = ch.try_clone().map_err(io("RAM transfer"))?;
-    let mut r = BufReader::with_capacity(256 << 10, ch);
+    let mut r = BufReader::with_capacity(256 << 10, Patient::new(ch, progress, true));
     let direct = Lever::DirectReceive.on();
     let mut buf = Vec::new();
     let mut offset = 24u64;

@@ -186,17 +186,27 @@ impl<'scope> Senders<'scope> {
                 }));
             }
         }
-        let deadline = Instant::now() + self.timeout * 2;
+        // A pass may take far longer than the I/O timeout (a capped link, a large guest):
+        // give up only when no page went out for a whole timeout.
+        let mut sent = self.meter.pages.load(Ordering::SeqCst);
         let mut torn = Vec::new();
-        for _ in 0..self.jobs.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.acks.recv_timeout(left) {
-                Ok(Ok(t)) => torn.extend(t),
+        let mut confirmed = 0;
+        while confirmed < self.jobs.len() {
+            match self.acks.recv_timeout(self.timeout) {
+                Ok(Ok(t)) => {
+                    torn.extend(t);
+                    confirmed += 1;
+                }
                 Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Timeout)
+                    if self.meter.pages.load(Ordering::SeqCst) != sent =>
+                {
+                    sent = self.meter.pages.load(Ordering::SeqCst);
+                }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::Protocol(format!(
-                        "page channels did not confirm pass {pass} within {} s",
-                        (self.timeout * 2).as_secs()
+                        "page channels did not confirm pass {pass}: no page went out for {} ms",
+                        self.timeout.as_millis()
                     )));
                 }
             }

@@ -248,6 +248,9 @@ impl Controller {
                 },
                 _ => return,
             };
+            if let Some(p) = lock(&self.prefault).as_ref() {
+                p.yield_to_migration(true);
+            }
             let progress = first
                 .take()
                 .unwrap_or_else(|| Arc::new(Progress::new(Some(self.progress_listener()))));
@@ -278,6 +281,9 @@ impl Controller {
                 }
                 Err(e) => {
                     error!(error = %migration::chain(&e), "incoming migration failed; waiting for another attempt");
+                    if let Some(p) = lock(&self.prefault).as_ref() {
+                        p.yield_to_migration(false);
+                    }
                     if acceptor.is_none() {
                         return;
                     }

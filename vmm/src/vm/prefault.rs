@@ -14,19 +14,32 @@ use std::time::Instant;
 pub struct Prefault {
     stop: Arc<AtomicBool>,
     populated: Arc<AtomicU64>,
+    yielding: Arc<AtomicBool>,
 }
 
 impl Prefault {
-    /// Starts populating every RAM range of `view`, lowest address first, at the lowest CPU
-    /// priority so migration threads come first.
+    /// Starts populating every RAM range of `view`, lowest address first, at normal CPU
+    /// priority: before a migration arrives the destination has nothing else to do (as
+    /// QEMU's `-mem-prealloc`, but in the background).
     pub fn start(view: RamView) -> std::io::Result<Prefault> {
         let stop = Arc::new(AtomicBool::new(false));
         let populated = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (stop.clone(), populated.clone());
+        let yielding = Arc::new(AtomicBool::new(false));
+        let (flag, count, low) = (stop.clone(), populated.clone(), yielding.clone());
         std::thread::Builder::new()
             .name("ram-prefault".into())
-            .spawn(move || populate(&view, &flag, &count))?;
-        Ok(Prefault { stop, populated })
+            .spawn(move || populate(&view, &flag, &count, &low))?;
+        Ok(Prefault {
+            stop,
+            populated,
+            yielding,
+        })
+    }
+
+    /// While a migration streams in, the thread runs at the lowest priority (nice 19) so the
+    /// page channels come first; `false` when the migration failed and the next is awaited.
+    pub fn yield_to_migration(&self, yes: bool) {
+        self.yielding.store(yes, Ordering::Relaxed);
     }
 
     /// Bytes populated so far.
@@ -42,14 +55,20 @@ impl Drop for Prefault {
     }
 }
 
-fn populate(view: &RamView, stop: &AtomicBool, populated: &AtomicU64) {
+fn populate(view: &RamView, stop: &AtomicBool, populated: &AtomicU64, yielding: &AtomicBool) {
     let started = Instant::now();
-    // SAFETY: setpriority only lowers the scheduling priority of this thread (Linux applies
-    // PRIO_PROCESS with a thread id to that thread alone).
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    let mut nice = 0;
     let mut stopped = false;
     view.populate(|done| {
         populated.store(done, Ordering::Release);
+        let want = if yielding.load(Ordering::Relaxed) {
+            19
+        } else {
+            0
+        };
+        if want != nice && set_nice(want) {
+            nice = want;
+        }
         stopped = stop.load(Ordering::Relaxed);
         !stopped
     });
@@ -60,6 +79,17 @@ fn populate(view: &RamView, stop: &AtomicBool, populated: &AtomicU64) {
     } else {
         tracing::info!(mib, ms, "guest RAM populated");
     }
+}
+
+/// Sets this thread's nice value; raising it back may be refused (`RLIMIT_NICE`).
+fn set_nice(nice: i32) -> bool {
+    // SAFETY: setpriority changes the scheduling priority of this thread only (Linux applies
+    // PRIO_PROCESS with a thread id to that thread alone); no memory is passed.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if ret != 0 {
+        tracing::debug!(nice, error = %std::io::Error::last_os_error(), "RAM prefault keeps its priority");
+    }
+    ret == 0
 }
 
 #[cfg(test)]
