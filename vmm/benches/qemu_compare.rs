@@ -998,6 +998,16 @@ fn ratio(name: &str, a: &[Option<Sample>], b: &[Option<Sample>], f: fn(&Sample) 
     format!("{name} {m:.2}x [{}]", list.join(" "))
 }
 
+/// Total, blackout and downtime of `a` against `b`, each as [`ratio`] gives it.
+fn time_ratios(a: &[Option<Sample>], b: &[Option<Sample>]) -> String {
+    format!(
+        "{}  {}  {}",
+        ratio("total", a, b, |x| x.total_ms),
+        ratio("blackout", a, b, |x| x.blackout_ms),
+        ratio("downtime", a, b, |x| x.downtime_ms),
+    )
+}
+
 fn main() {
     let runs: usize = std::env::var("QC_RUNS")
         .ok()
@@ -1200,15 +1210,11 @@ fn main() {
                 if hv.is_ferry_variant() {
                     continue;
                 }
-                let (f, b) = (&samples[ci][0], &samples[ci][hi]);
-                let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, f, b, g);
                 println!(
-                    "{:<cw$} ferry/{:<hw$} median of paired ratios: {}  {}  {}",
+                    "{:<cw$} ferry/{:<hw$} median of paired ratios: {}",
                     c.name,
                     hv.name(),
-                    show("total", |x| x.total_ms),
-                    show("blackout", |x| x.blackout_ms),
-                    show("downtime", |x| x.downtime_ms),
+                    time_ratios(&samples[ci][0], &samples[ci][hi]),
                 );
             }
             // What TLS costs each hypervisor, against its own plain runs of the same rounds.
@@ -1220,16 +1226,13 @@ fn main() {
                     continue;
                 };
                 let (x, y) = (&samples[ci][a], &samples[ci][b]);
-                let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, x, y, g);
                 println!(
-                    "{:<cw$} TLS cost {}/{}: {}  {}  {}  {}",
+                    "{:<cw$} TLS cost {}/{}: {}  {}",
                     c.name,
                     with.name(),
                     without.name(),
-                    show("total", |v| v.total_ms),
-                    show("blackout", |v| v.blackout_ms),
-                    show("downtime", |v| v.downtime_ms),
-                    show("RAM rate", |v| v.ram_gbit),
+                    time_ratios(x, y),
+                    ratio("RAM rate", x, y, |v| v.ram_gbit),
                 );
             }
             // What each lever or channel count is worth, against plain Ferry of the same rounds.
@@ -1239,15 +1242,11 @@ fn main() {
                     Hv::FerryChannels(_) => "channels",
                     _ => continue,
                 };
-                let (x, y) = (&samples[ci][hi], &samples[ci][0]);
-                let show = |name: &str, g: fn(&Sample) -> f64| ratio(name, x, y, g);
                 println!(
-                    "{:<cw$} {what} {}/ferry: {}  {}  {}",
+                    "{:<cw$} {what} {}/ferry: {}",
                     c.name,
                     hv.name(),
-                    show("total", |v| v.total_ms),
-                    show("blackout", |v| v.blackout_ms),
-                    show("downtime", |v| v.downtime_ms),
+                    time_ratios(&samples[ci][hi], &samples[ci][0]),
                 );
             }
         }
