@@ -2,8 +2,7 @@
 
 use crate::config::{ConfigRecord, SwitchoverRecord};
 use crate::pages::{Book, Grant, MAX_CHANNELS, Receivers, Torn};
-use crate::progress::Patient;
-use crate::progress::{Progress, Status};
+use crate::progress::{Patient, Progress, Status};
 use crate::protocol::{
     ACCEPTED_PROTOCOLS, FEATURE_PAGE_CHANNELS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind,
     Msg, PROGRESS_PAGES, PROTOCOL_VERSION, SUPPORTED_FEATURES,

@@ -332,22 +332,28 @@ impl Progress {
 /// A connection of a migration with page channels, which may rightly stay silent while the
 /// others carry the pages: the main stream during the whole RAM transfer, a channel that has
 /// done its share of a pass until every other channel has done theirs. A read that times out
-/// is retried as long as pages keep arriving on some channel; when every connection is quiet
-/// the timeout ends the migration as before.
+/// is retried while pages keep arriving on some channel: it fails once the page count has not
+/// moved since the previous timeout (after one to two timeouts of silence everywhere). The
+/// count is read only on a timeout, never on the page path.
 pub(crate) struct Patient<'a, R> {
     inner: R,
     progress: &'a Progress,
     on: bool,
+    /// Pages written when the last timeout was seen.
+    seen: u64,
 }
 
 impl<'a, R> Patient<'a, R> {
     /// `on`: page channels are in use (otherwise reads time out as they always did).
     pub(crate) fn new(inner: R, progress: &'a Progress, on: bool) -> Self {
-        Patient {
+        let mut p = Patient {
             inner,
             progress,
             on,
-        }
+            seen: 0,
+        };
+        p.seen = p.pages();
+        p
     }
 
     fn pages(&self) -> u64 {
@@ -359,16 +365,19 @@ impl<'a, R> Patient<'a, R> {
 impl<R: std::io::Read> std::io::Read for Patient<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
-            let before = if self.on { self.pages() } else { 0 };
             match self.inner.read(buf) {
                 Err(e)
                     if self.on
                         && matches!(
                             e.kind(),
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        )
-                        && self.pages() != before =>
+                        ) =>
                 {
+                    let now = self.pages();
+                    if now == self.seen {
+                        return Err(e);
+                    }
+                    self.seen = now;
                     tracing::trace!("connection quiet while pages arrive elsewhere; waiting on");
                 }
                 r => return r,

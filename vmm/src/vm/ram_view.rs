@@ -53,24 +53,11 @@ impl RamView {
         }
     }
 
-    /// Every RAM region's host mapping.
-    pub fn host_ranges(&self) -> Vec<HostRange<'_>> {
-        let mut out = Vec::new();
-        for r in self.mems.iter().flat_map(|m| m.iter()) {
-            if let Ok(ptr) = r.get_host_address(MemoryRegionAddress(0)) {
-                // SAFETY: a whole region of a mapping this view holds a reference to, so it
-                // stays mapped (readable and writable) while `self` lives.
-                out.push(unsafe { HostRange::new(ptr, r.len() as usize) });
-            }
-        }
-        out
-    }
-
     /// Maps every page writable without changing a byte, lowest guest address first: an
     /// atomic compare-exchange of 0 with 0 on each page's first byte, which a concurrent
-    /// writer cannot lose. The
-    /// fault runs under the mapping's own lock, not the process-wide one `MADV_POPULATE_WRITE`
-    /// holds (a starved holder of that stalls every thread that maps memory). `go` gets the
+    /// writer cannot lose. The fault runs under the mapping's own lock, not the process-wide
+    /// one `MADV_POPULATE_WRITE` holds (a starved holder of that stalls every thread that maps
+    /// memory). `go` gets the
     /// bytes done after each 2 MiB and returns false to stop there.
     pub fn populate(&self, mut go: impl FnMut(u64) -> bool) {
         const STEP: usize = 2 << 20;
