@@ -45,6 +45,20 @@ pub enum MigrationError {
         /// The limit.
         limit_ms: u64,
     },
+    /// The stall rule ended pre-copy: nothing brought the switchover closer.
+    #[error(
+        "Migration stalled: the expected downtime of {expected_ms} ms came no closer to the allowed {allowed_ms} ms for {passes} passes ({seconds:.1} s); enable auto-converge, raise downtime-limit or max-bandwidth, or slow the guest's writes"
+    )]
+    Stalled {
+        /// Passes without progress.
+        passes: u64,
+        /// Seconds without progress.
+        seconds: f64,
+        /// Downtime the last pass predicted.
+        expected_ms: u64,
+        /// Downtime allowed at that pass.
+        allowed_ms: u64,
+    },
     /// `migrate_cancel` arrived before COMMIT.
     #[error("Migration cancelled")]
     Cancelled,

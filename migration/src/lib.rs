@@ -18,6 +18,7 @@
 
 mod accept;
 mod config;
+pub mod converge;
 mod destination;
 mod error;
 pub mod levers;
@@ -31,6 +32,7 @@ mod vm;
 
 pub use accept::Acceptor;
 pub use config::{ConfigRecord, DeviceDesc, RegionDesc, SwitchoverRecord, register};
+pub use converge::ConvergeParams;
 pub use destination::{Accepted, Incoming, receive};
 pub use error::{MigrationError, chain};
 pub use levers::Lever;
@@ -101,6 +103,8 @@ pub struct Params {
     /// grants at most this many; 0 keeps pages in the main stream. Never with `dump_stream`
     /// (a capture holds the main stream only).
     pub page_channels: u16,
+    /// Auto-converge, the downtime ramp and stall detection.
+    pub converge: ConvergeParams,
 }
 
 impl Default for Params {
@@ -115,6 +119,7 @@ impl Default for Params {
             sparse_pages: true,
             tls: None,
             page_channels: DEFAULT_PAGE_CHANNELS,
+            converge: ConvergeParams::default(),
         }
     }
 }

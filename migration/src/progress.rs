@@ -90,6 +90,12 @@ pub struct Snapshot {
     pub mbps: f64,
     /// Page channels in use besides the main stream (0: pages travel in the main stream).
     pub page_channels: u16,
+    /// vCPU throttle of auto-converge in percent (0: not throttled).
+    pub cpu_throttle_percentage: u8,
+    /// Highest throttle this migration applied (stays after it ends).
+    pub cpu_throttle_peak: u8,
+    /// Downtime the last pass was measured against (the limit, raised by the ramp).
+    pub downtime_allowed_ms: u64,
 }
 
 /// Something that wants to hear about status changes and passes (QMP events).

@@ -1,6 +1,7 @@
 //! The source side: handshake, RAM pre-copy, stop-and-copy, switchover.
 
 use crate::config::SwitchoverRecord;
+use crate::converge::Converge;
 use crate::pages::Senders;
 use crate::progress::{Progress, Status};
 use crate::protocol::{
@@ -456,6 +457,7 @@ pub fn send<V: SourceVm>(
         }
         Err(e) => {
             error!(error = %e, "migration failed");
+            end_throttle(vm, progress);
             if logging && !committed {
                 let _ = vm.stop_dirty_log();
             }
@@ -475,6 +477,18 @@ pub fn send<V: SourceVm>(
         }
     }
     res
+}
+
+/// Let the vCPUs run at full speed again if auto-converge throttled them.
+fn end_throttle<V: SourceVm>(vm: &mut V, progress: &Progress) {
+    if progress.snapshot().cpu_throttle_percentage == 0 {
+        return;
+    }
+    progress.update(|s| s.cpu_throttle_percentage = 0);
+    match vm.set_throttle(0) {
+        Ok(()) => info!("auto-converge: throttling ended"),
+        Err(e) => error!(error = %e, "could not end vCPU throttling"),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -775,6 +789,7 @@ fn transfer<'v, V: SourceVm>(
         channel_bytes: 0,
         data_base: 0,
     };
+    let mut converge = Converge::new(params.converge, Instant::now());
     // Pass 0: all of RAM.
     let mut iteration = 0u64;
     {
@@ -833,7 +848,9 @@ fn transfer<'v, V: SourceVm>(
             measured_mbps = measured * 8.0 / 1e6,
             "pre-copy pass done"
         );
-        if est.fits(progress.downtime_limit_ms()) {
+        let allowed_ms = converge.allowed_ms(progress.downtime_limit_ms(), iteration);
+        progress.update(|s| s.downtime_allowed_ms = allowed_ms);
+        if est.fits(allowed_ms) {
             // Converged: these pages go in stop-and-copy, with whatever dirties meanwhile.
             break dirty;
         }
@@ -847,10 +864,47 @@ fn transfer<'v, V: SourceVm>(
                     return Err(MigrationError::NotConverged {
                         iterations: iteration,
                         expected_ms,
-                        limit_ms: progress.downtime_limit_ms(),
+                        limit_ms: allowed_ms,
                     });
                 }
             }
+        }
+        let sent = (tx.pages_sent - tx.iter_pages) * PAGE_SIZE as u64;
+        let step = converge.after_pass(
+            iteration,
+            sent,
+            remaining,
+            expected_ms,
+            allowed_ms,
+            Instant::now(),
+        );
+        if let Some(stall) = step.stall {
+            match params.switchover_policy {
+                SwitchoverPolicy::Force => {
+                    warn!(
+                        iteration,
+                        expected_ms, "pre-copy stalled; forcing switchover"
+                    );
+                    break dirty;
+                }
+                SwitchoverPolicy::Cancel => {
+                    return Err(MigrationError::Stalled {
+                        passes: stall.passes,
+                        seconds: stall.since.as_secs_f64(),
+                        expected_ms: stall.expected_ms,
+                        allowed_ms: stall.allowed_ms,
+                    });
+                }
+            }
+        }
+        if let Some(pct) = step.throttle {
+            info!(percent = pct, "auto-converge: throttling vCPUs");
+            // Recorded first, so a failure here still ends the throttle.
+            progress.update(|s| {
+                s.cpu_throttle_percentage = pct;
+                s.cpu_throttle_peak = s.cpu_throttle_peak.max(pct);
+            });
+            tx.vm.set_throttle(pct).map_err(MigrationError::Vm)?;
         }
         let _s = info_span!("iteration", n = iteration).entered();
         progress.pass(iteration);
@@ -865,6 +919,8 @@ fn transfer<'v, V: SourceVm>(
         tx.vm.pause().map_err(MigrationError::Vm)?;
     }
     *paused = true;
+    // The guest is stopped: throttling has done its job, whatever happens next.
+    end_throttle(tx.vm, progress);
     progress.set_status(Status::Device);
     // The throttle's window starts afresh: the pause pays for its own bytes at the cap, as
     // estimated, not for a pre-copy burst (or a cap lowered during the last pass).

@@ -44,6 +44,11 @@ pub trait SourceVm {
     /// Every device section, encoded for machine type `m` with `devstate::encode_section`
     /// (vCPUs paused).
     fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, VmError>;
+    /// Throttle every vCPU to `100 - percent` percent of its run time; 0 ends throttling
+    /// (auto-converge).
+    fn set_throttle(&mut self, _percent: u8) -> Result<(), VmError> {
+        Err("This VMM cannot throttle vCPUs".to_owned())
+    }
     /// The guest is now the destination's: tear down nothing, but never run again.
     fn handed_over(&mut self) {}
     /// Guest RAM for page-channel threads to read (none: pages stay in the main stream).

@@ -7,6 +7,7 @@
 //! Needs KVM; `netns` also needs root and iproute2. Nothing skips.
 
 mod channels;
+mod converge;
 mod cpu_models;
 mod dump;
 mod faults;

@@ -278,6 +278,10 @@ impl SourceVm for VmMigration<'_> {
         all_sections(self.vm, m).map_err(words)
     }
 
+    fn set_throttle(&mut self, percent: u8) -> Result<(), String> {
+        self.vm.set_throttle(percent).map_err(words)
+    }
+
     fn handed_over(&mut self) {
         self.vm.set_run_state(RunState::PostMigrate);
         tracing::info!("guest handed over; this VM stays stopped (postmigrate)");

@@ -310,3 +310,44 @@ fn dense_bootsector_checks_and_rewrites_pages_in_ring3() {
     assert_eq!(status(&vm, 4), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_throttle_keeps_vcpus_out_of_kvm_run_until_it_ends() {
+    let _kvm = kvm_test();
+    // vCPU 1 halts inside KVM_RUN: the throttle must kick it out too.
+    let vm = boot(&config(32, 2), &GuestSpec::dirty_mib(2));
+    wait_pass(&vm, 1);
+    assert_eq!(vm.throttled(), Duration::ZERO);
+    vm.set_throttle(50).expect("start throttling");
+    assert_eq!(vm.throttle_percent(), 50);
+    // 50 %: each vCPU sleeps 10 ms per 20 ms period.
+    let deadline = std::time::Instant::now() + PROGRESS_TIMEOUT;
+    while vm.throttled() < Duration::from_millis(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPUs slept only {:?} for a 50 % throttle",
+            vm.throttled()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Raised to the maximum, a sleep of 990 ms: a pause does not wait for it.
+    vm.set_throttle(99).unwrap();
+    assert_eq!(vm.throttle_percent(), 99);
+    vm.pause().expect("pause while throttled");
+    vm.resume().unwrap();
+    vm.set_throttle(0).expect("end throttling");
+    assert_eq!(vm.throttle_percent(), 0);
+    // Parked once more, every vCPU has accounted for its last sleep; none follows.
+    vm.pause().unwrap();
+    let slept = vm.throttled();
+    vm.resume().unwrap();
+    let p = vm.progress().last_pass();
+    wait_pass(&vm, p + 3);
+    vm.pause().unwrap();
+    assert_eq!(
+        vm.throttled(),
+        slept,
+        "a vCPU slept after the throttle ended"
+    );
+    vm.verify_guest_pattern().expect("pattern after throttling");
+}

@@ -5,7 +5,6 @@ use super::Controller;
 use crate::qmp::{Args, QmpError};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 type Arguments = Map<String, Value>;
 
@@ -104,8 +103,7 @@ pub(super) const COMMANDS: &[Command] = &[
         name: "query-migrate-capabilities",
         run: |c, a| {
             no_args(a)?;
-            let on = c.events_cap.load(Ordering::SeqCst);
-            Ok(json!([{"capability": "events", "state": on}]))
+            Ok(c.query_capabilities())
         },
     },
     Command {

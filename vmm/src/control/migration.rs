@@ -14,6 +14,9 @@ use migration::{
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+/// Migration capabilities Ferry has (`migrate-set-capabilities` refuses the rest by name).
+const CAPABILITIES: &[&str] = &["events", "auto-converge"];
 use std::time::Duration;
 use tracing::{error, info};
 
@@ -370,6 +373,13 @@ impl Controller {
         if s.status == Status::Completed {
             v["downtime"] = json!(s.downtime_ms);
         }
+        if lock(&self.params).converge.auto_converge || s.cpu_throttle_percentage > 0 {
+            v["cpu-throttle-percentage"] = json!(s.cpu_throttle_percentage);
+            v["__org.ferry_cpu-throttle-peak"] = json!(s.cpu_throttle_peak);
+        }
+        if s.downtime_allowed_ms > 0 {
+            v["__org.ferry_downtime-allowed"] = json!(s.downtime_allowed_ms);
+        }
         if let Some(e) = s.error {
             v["error-desc"] = json!(e);
         }
@@ -395,22 +405,34 @@ impl Controller {
             let name = ca.required_str("capability")?;
             let state = ca.required_bool("state")?;
             ca.finish()?;
-            if name != "events" {
+            if !CAPABILITIES.contains(&name.as_str()) {
                 return Err(QmpError::generic(format!(
                     "Capability '{name}' is not supported by Ferry"
                 )));
             }
-            parsed.push(state);
+            parsed.push((name, state));
         }
         if let Some(p) = lock(&self.progress).as_ref()
             && p.status().is_active()
         {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
-        for s in parsed {
-            self.events_cap.store(s, Ordering::SeqCst);
+        for (name, on) in parsed {
+            match name.as_str() {
+                "events" => self.events_cap.store(on, Ordering::SeqCst),
+                _ => lock(&self.params).converge.auto_converge = on,
+            }
         }
         Ok(json!({}))
+    }
+
+    /// `query-migrate-capabilities`: every capability Ferry has, in [`CAPABILITIES`] order.
+    pub(super) fn query_capabilities(&self) -> Value {
+        let auto = lock(&self.params).converge.auto_converge;
+        json!([
+            {"capability": "events", "state": self.events_cap.load(Ordering::SeqCst)},
+            {"capability": "auto-converge", "state": auto},
+        ])
     }
 
     pub(super) fn set_parameters(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
@@ -425,6 +447,42 @@ impl Controller {
         let tls_creds = str_or_null(&mut a, "tls-creds")?;
         let tls_hostname = str_or_null(&mut a, "tls-hostname")?;
         let tls_authz = str_or_null(&mut a, "tls-authz")?;
+        let mut conv = lock(&self.params).converge;
+        let pct = |a: &mut Args, name: &str, min: u64, max: u64| -> Result<Option<u8>, QmpError> {
+            match a.optional_u64(name)? {
+                Some(v) if !(min..=max).contains(&v) => Err(QmpError::generic(format!(
+                    "Parameter '{name}' expects {min} to {max}"
+                ))),
+                v => Ok(v.map(|v| v as u8)),
+            }
+        };
+        if let Some(v) = pct(&mut a, "cpu-throttle-initial", 1, 99)? {
+            conv.throttle_initial = v;
+        }
+        if let Some(v) = pct(&mut a, "cpu-throttle-increment", 1, 99)? {
+            conv.throttle_increment = v;
+        }
+        if let Some(v) = pct(&mut a, "max-cpu-throttle", 1, 99)? {
+            conv.max_throttle = v;
+        }
+        if let Some(v) = pct(&mut a, "throttle-trigger-threshold", 1, 100)? {
+            conv.trigger_threshold = v;
+        }
+        if let Some(v) = a.optional_bool("cpu-throttle-tailslow")? {
+            conv.throttle_tailslow = v;
+        }
+        if let Some(v) = a.optional_u64("__org.ferry_downtime-step")? {
+            conv.downtime_step_ms = v.min(2_000_000);
+        }
+        if let Some(v) = a.optional_u64("__org.ferry_downtime-ceiling")? {
+            conv.downtime_ceiling_ms = v.min(2_000_000);
+        }
+        if let Some(v) = a.optional_u64("__org.ferry_stall-passes")? {
+            conv.stall_passes = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = a.optional_u64("__org.ferry_stall-timeout")? {
+            conv.stall_timeout = Duration::from_millis(v);
+        }
         a.finish()?;
         if downtime.is_some_and(|d| d > 2_000_000) {
             return Err(QmpError::generic(
@@ -458,6 +516,7 @@ impl Controller {
             }
         }
         let mut p = lock(&self.params);
+        p.converge = conv;
         if let Some(d) = downtime {
             p.downtime_limit_ms = d;
         }
@@ -535,6 +594,15 @@ impl Controller {
             "__org.ferry_io-timeout": p.io_timeout.as_millis() as u64,
             "__org.ferry_sparse-pages": p.sparse_pages,
             "multifd-channels": p.page_channels,
+            "cpu-throttle-initial": p.converge.throttle_initial,
+            "cpu-throttle-increment": p.converge.throttle_increment,
+            "cpu-throttle-tailslow": p.converge.throttle_tailslow,
+            "max-cpu-throttle": p.converge.max_throttle,
+            "throttle-trigger-threshold": p.converge.trigger_threshold,
+            "__org.ferry_downtime-step": p.converge.downtime_step_ms,
+            "__org.ferry_downtime-ceiling": p.converge.downtime_ceiling_ms,
+            "__org.ferry_stall-passes": p.converge.stall_passes,
+            "__org.ferry_stall-timeout": p.converge.stall_timeout.as_millis() as u64,
         })
     }
 }
@@ -592,6 +660,9 @@ impl<H: SourceVm> SourceVm for Side<'_, H> {
     }
     fn save_devices(&mut self, m: &MachineType) -> Result<Vec<Vec<u8>>, String> {
         self.inner.save_devices(m)
+    }
+    fn set_throttle(&mut self, percent: u8) -> Result<(), String> {
+        self.inner.set_throttle(percent)
     }
     fn handed_over(&mut self) {
         self.inner.handed_over();

@@ -13,10 +13,12 @@
 //! - [`cpuid`]: the masked guest CPUID.
 //! - [`longmode`]: GDT, page tables and boot registers.
 //! - [`persist`]: the plain vCPU state.
+//! - [`throttle`]: auto-converge's CPU throttle (vCPUs sleep outside `KVM_RUN`).
 
 pub mod cpuid;
 pub mod longmode;
 pub mod persist;
+pub mod throttle;
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
@@ -177,6 +179,12 @@ struct Control {
     target: Target,
     parked: bool,
     exited: Option<String>,
+    /// The vCPU thread while its run loop runs: kicks from other threads go there.
+    thread: Option<libc::pthread_t>,
+    /// Throttled: stay outside `KVM_RUN` until then (unless asked to park).
+    sleep_until: Option<Instant>,
+    /// Time spent asleep for the throttle, all told.
+    throttled: Duration,
 }
 
 #[derive(Debug)]
@@ -306,6 +314,9 @@ impl Vcpu {
                     target: Target::Pause,
                     parked: true,
                     exited: None,
+                    thread: None,
+                    sleep_until: None,
+                    throttled: Duration::ZERO,
                 }),
                 changed: Condvar::new(),
             }),
@@ -443,8 +454,15 @@ impl Vcpu {
             if c.target == Target::Run {
                 c.target = Target::Pause;
             }
+            // A throttled vCPU sleeps on the condition variable, not in `KVM_RUN`.
+            self.ctl.changed.notify_all();
         }
         self.kick()
+    }
+
+    /// A handle that can make this vCPU sleep outside `KVM_RUN` (CPU throttling).
+    pub fn throttle_handle(&self) -> throttle::Sleeper {
+        throttle::Sleeper(Arc::clone(&self.ctl))
     }
 
     /// Waits until the vCPU is parked (or its thread has ended), re-kicking it until `deadline`.
@@ -488,6 +506,11 @@ impl Vcpu {
         c.target = Target::Run;
         self.ctl.changed.notify_all();
         Ok(())
+    }
+
+    /// Time this vCPU has spent asleep for the CPU throttle.
+    pub fn throttled(&self) -> Duration {
+        self.ctl.lock().throttled
     }
 
     /// Whether the vCPU is outside `KVM_RUN` for good or until resumed.
@@ -684,6 +707,8 @@ fn run_loop(index: u8, fd: &Mutex<VcpuFd>, ctl: &VcpuControl, ctx: &RunContext) 
         let p: *mut u8 = &mut g.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(p));
     }
+    // SAFETY: `pthread_self` has no preconditions and always succeeds.
+    ctl.lock().thread = Some(unsafe { libc::pthread_self() });
     let mut pending_exit = false;
     let outcome: Result<(), String> = loop {
         let mut c = ctl.lock();
@@ -701,6 +726,27 @@ fn run_loop(index: u8, fd: &Mutex<VcpuFd>, ctl: &VcpuControl, ctx: &RunContext) 
             }
             if c.target == Target::Exit {
                 break Ok(());
+            }
+        }
+        if c.sleep_until.is_some() {
+            // Throttled: sleep outside KVM_RUN, waking early to park or exit, or when the
+            // throttle ends (it clears `sleep_until`).
+            let slept = Instant::now();
+            while let Some(until) = c.sleep_until {
+                let now = Instant::now();
+                if now >= until || c.target != Target::Run {
+                    break;
+                }
+                c = ctl
+                    .changed
+                    .wait_timeout(c, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            c.sleep_until = None;
+            c.throttled += slept.elapsed();
+            if c.target != Target::Run {
+                continue;
             }
         }
         // Cleared under the same lock that saw `Run`, so a pauser either sees us parked
@@ -753,6 +799,7 @@ fn run_loop(index: u8, fd: &Mutex<VcpuFd>, ctl: &VcpuControl, ctx: &RunContext) 
     };
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
     let mut c = ctl.lock();
+    c.thread = None;
     match outcome {
         Ok(()) => c.exited = Some("stopped by the VMM".to_string()),
         Err(reason) => {

@@ -31,6 +31,7 @@ use crate::devices::{Bus, BusError, ProgressDevice, ProgressMonitor, Uart};
 use crate::guest::{self, GuestError, Mailbox, PatternError, layout};
 use crate::runstate::RunState;
 use crate::vcpu::persist::VcpuState;
+use crate::vcpu::throttle::Throttle;
 use crate::vcpu::{PAUSE_TIMEOUT, RunContext, Vcpu, VcpuError, cpuid, longmode};
 pub use memory::{DirtyBitmap, GuestMem, GuestRam, MemoryError};
 pub use persist::{ClockState, IrqchipState, PitState, VmState, catalog, full_catalog};
@@ -49,6 +50,9 @@ pub enum VmError {
     /// `/dev/kvm` cannot be opened.
     #[error("/dev/kvm is not available")]
     KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// The CPU throttle thread could not start.
+    #[error("Cannot start the CPU throttle")]
+    Throttle(#[source] io::Error),
     /// A VM-level KVM call failed.
     #[error("{op} failed")]
     Kvm {
@@ -120,7 +124,9 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// A KVM virtual machine.
 #[derive(Debug)]
 pub struct Vm {
-    // Field order is drop order: vCPU threads stop before the VM fd and RAM go away.
+    // Field order is drop order: the throttle and the vCPU threads stop before the VM fd
+    // and RAM go away.
+    throttle: Mutex<Option<Throttle>>,
     vcpus: Vec<Vcpu>,
     hp: hotplug::VmHotplug,
     config: VmConfig,
@@ -220,6 +226,7 @@ impl Vm {
             "VM created"
         );
         Ok(Vm {
+            throttle: Mutex::new(None),
             vcpus,
             hp,
             config: config.clone(),
@@ -483,6 +490,37 @@ impl Vm {
         *state = RunState::Running;
         tracing::debug!("VM running");
         Ok(())
+    }
+
+    /// Throttles every vCPU, hot-added ones included, to `100 - percent` percent of its run
+    /// time (auto-converge); 0 ends throttling.
+    pub fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        let mut t = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        match (t.as_ref(), percent) {
+            (_, 0) => *t = None,
+            (Some(t), p) => t.set(p),
+            (None, p) => {
+                let vcpus = self
+                    .vcpus
+                    .iter()
+                    .map(Vcpu::throttle_handle)
+                    .chain(self.hp.throttle_handles())
+                    .collect();
+                *t = Some(Throttle::start(vcpus, p).map_err(VmError::Throttle)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The throttle percentage now (0: not throttled).
+    pub fn throttle_percent(&self) -> u8 {
+        let t = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        t.as_ref().map_or(0, Throttle::percent)
+    }
+
+    /// Time the boot vCPUs have spent asleep for the throttle, summed.
+    pub fn throttled(&self) -> Duration {
+        self.vcpus.iter().map(Vcpu::throttled).sum()
     }
 
     /// Whether every vCPU is parked outside `KVM_RUN`.

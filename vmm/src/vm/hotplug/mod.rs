@@ -394,6 +394,14 @@ impl VmHotplug {
         Ok(())
     }
 
+    /// Throttle handles of the hot-added vCPUs.
+    pub(super) fn throttle_handles(&self) -> Vec<crate::vcpu::throttle::Sleeper> {
+        self.cores
+            .values()
+            .map(|c| c.vcpu.throttle_handle())
+            .collect()
+    }
+
     /// Whether every hot-added vCPU is outside `KVM_RUN`.
     pub(super) fn all_parked(&self) -> bool {
         self.cores.values().all(|c| c.vcpu.is_parked())

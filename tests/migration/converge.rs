@@ -1,0 +1,217 @@
+//! A guest that dirties its working set faster than a capped link carries it: without help
+//! pre-copy stalls and the stall rule ends it by name; auto-converge (vCPU throttling) and
+//! the downtime ramp each bring it to a switchover; throttling ends with the migration.
+//!
+//! The link cap is a tenth of the guest's own sweep rate, measured first, so the guest
+//! outruns the link tenfold on any host, and a guest throttled to 99 % runs a tenth as fast
+//! as the link.
+
+use ferry_tests::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const WS_PAGES: u64 = 4096;
+const SHAPE: [&str; 6] = [
+    "--machine",
+    "ferry-2.0",
+    "--memory",
+    "64M",
+    "--guest",
+    "dirty:16",
+];
+
+/// Pages per second the guest sweeps, over about a second of its own progress.
+fn sweep_rate(s: &mut Ferry) -> f64 {
+    let read = |s: &mut Ferry| {
+        let g = s.ok("__org.ferry_query-guest", json!({}));
+        let pass = g["pass"].as_u64().expect("pass");
+        let page = g["page"].as_u64().expect("page");
+        (pass * WS_PAGES + page, Instant::now())
+    };
+    s.wait_pass(1);
+    let (p0, t0) = read(s);
+    std::thread::sleep(Duration::from_secs(1));
+    let (p1, t1) = read(s);
+    let rate = (p1 - p0) as f64 / (t1 - t0).as_secs_f64();
+    assert!(rate > 0.0, "the guest made no progress in a second");
+    rate
+}
+
+/// A source and destination with a link of a tenth of the guest's sweep rate; returns them
+/// with the full-working-set pass time in ms.
+fn pair(dir: &std::path::Path) -> (Ferry, Ferry, u64) {
+    let mut args = SHAPE.to_vec();
+    args.extend(["--incoming", "tcp:127.0.0.1:0"]);
+    let d = Ferry::spawn(dir, "dst", &args);
+    let mut s = Ferry::spawn(dir, "src", &SHAPE);
+    let rate = sweep_rate(&mut s);
+    let cap = ((rate / 10.0) as u64 * 4096).max(1 << 20);
+    let pass_ms = WS_PAGES * 4096 * 1000 / cap;
+    s.ok(
+        "migrate-set-parameters",
+        json!({
+            "max-bandwidth": cap,
+            // Every page costs its full size on the link.
+            "__org.ferry_sparse-pages": false,
+            "multifd-channels": 0,
+            "downtime-limit": (pass_ms / 4).max(1),
+            "__org.ferry_max-iterations": 10000,
+        }),
+    );
+    (s, d, pass_ms)
+}
+
+fn migrate(s: &mut Ferry, d: &mut Ferry) {
+    let port = d.incoming_port();
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+}
+
+fn throttle(info: &Value) -> u64 {
+    info["cpu-throttle-percentage"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("query-migrate shows no cpu-throttle-percentage: {info}"))
+}
+
+#[test]
+fn a_guest_outrunning_the_link_stalls_and_the_source_runs_on() {
+    let dir = tempdir();
+    let (mut s, mut d, _) = pair(dir.path());
+    s.ok(
+        "migrate-set-parameters",
+        json!({"__org.ferry_stall-passes": 3}),
+    );
+    migrate(&mut s, &mut d);
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("Migration stalled: the expected downtime")
+            && why.contains("for 3 passes")
+            && why.contains("enable auto-converge"),
+        "{info}"
+    );
+    assert!(info.get("cpu-throttle-percentage").is_none(), "{info}");
+    assert_eq!(s.status(), "running");
+    let p = s.pass();
+    s.wait_pass(p + 2);
+}
+
+#[test]
+fn auto_converge_throttles_the_guest_until_it_switches_over() {
+    let dir = tempdir();
+    let (mut s, mut d, _) = pair(dir.path());
+    s.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+    );
+    s.ok(
+        "migrate-set-parameters",
+        json!({"cpu-throttle-initial": 90, "cpu-throttle-increment": 9}),
+    );
+    migrate(&mut s, &mut d);
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(
+        info["__org.ferry_cpu-throttle-peak"].as_u64() >= Some(90),
+        "converged without throttling: {info}"
+    );
+    assert_eq!(
+        throttle(&info),
+        0,
+        "throttling outlived the migration: {info}"
+    );
+    d.wait_migration(&["completed"]);
+    d.verify();
+}
+
+#[test]
+fn throttling_ends_when_the_migration_is_cancelled() {
+    let dir = tempdir();
+    let (mut s, mut d, _) = pair(dir.path());
+    s.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+    );
+    // Half speed leaves the guest five times faster than the link: it never converges.
+    s.ok(
+        "migrate-set-parameters",
+        json!({"cpu-throttle-initial": 50, "max-cpu-throttle": 50}),
+    );
+    migrate(&mut s, &mut d);
+    s.poll(
+        TIMEOUT,
+        &|f| format!("never throttled: {}", f.ok("query-migrate", json!({}))),
+        |f| {
+            let info = f.ok("query-migrate", json!({}));
+            assert!(
+                info["status"] == "setup" || info["status"] == "active",
+                "{info}"
+            );
+            (throttle(&info) == 50).then_some(())
+        },
+    );
+    s.ok("migrate_cancel", json!({}));
+    let info = s.wait_migration(&["cancelled", "failed", "completed"]);
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert_eq!(throttle(&info), 0, "{info}");
+    assert_eq!(info["__org.ferry_cpu-throttle-peak"], 50, "{info}");
+    assert_eq!(s.status(), "running");
+    let p = s.pass();
+    s.wait_pass(p + 2);
+}
+
+#[test]
+fn the_downtime_ramp_reaches_a_switchover_the_limit_alone_cannot() {
+    let dir = tempdir();
+    let (mut s, mut d, pass_ms) = pair(dir.path());
+    let step = (pass_ms / 4).max(1);
+    s.ok(
+        "migrate-set-parameters",
+        json!({"__org.ferry_downtime-step": step, "__org.ferry_downtime-ceiling": pass_ms * 4}),
+    );
+    migrate(&mut s, &mut d);
+    let info = s.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "completed", "{info}");
+    let allowed = info["__org.ferry_downtime-allowed"].as_u64().unwrap_or(0);
+    assert!(
+        allowed > step && allowed <= pass_ms * 4,
+        "the ramp did not raise the allowed downtime ({step} ms start): {info}"
+    );
+    assert!(info.get("cpu-throttle-percentage").is_none(), "{info}");
+    d.wait_migration(&["completed"]);
+    d.verify();
+}
+
+#[test]
+fn convergence_parameters_out_of_range_are_refused_and_change_nothing() {
+    let dir = tempdir();
+    let mut s = Ferry::spawn(dir.path(), "src", &SHAPE);
+    let before = s.ok("query-migrate-parameters", json!({}));
+    for (name, v) in [
+        ("cpu-throttle-initial", 0),
+        ("cpu-throttle-increment", 100),
+        ("max-cpu-throttle", 100),
+        ("throttle-trigger-threshold", 0),
+    ] {
+        let e = s.err(
+            "migrate-set-parameters",
+            json!({name: v, "downtime-limit": 1, "cpu-throttle-tailslow": true}),
+        );
+        assert!(e.contains(&format!("Parameter '{name}' expects")), "{e}");
+    }
+    assert_eq!(s.ok("query-migrate-parameters", json!({})), before);
+    let e = s.err(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+    );
+    assert!(e.contains("'postcopy-ram' is not supported"), "{e}");
+    s.ok(
+        "migrate-set-parameters",
+        json!({"cpu-throttle-initial": 30, "cpu-throttle-tailslow": true, "__org.ferry_stall-timeout": 5000}),
+    );
+    let p = s.ok("query-migrate-parameters", json!({}));
+    assert_eq!(p["cpu-throttle-initial"], 30);
+    assert_eq!(p["cpu-throttle-tailslow"], true);
+    assert_eq!(p["__org.ferry_stall-timeout"], 5000);
+    assert_eq!(p["max-cpu-throttle"], 99);
+}
