@@ -4,8 +4,8 @@ use crate::config::{ConfigRecord, SwitchoverRecord};
 use crate::pages::{Book, Grant, MAX_CHANNELS, Receivers, Torn};
 use crate::progress::{Patient, Progress, Status};
 use crate::protocol::{
-    ACCEPTED_PROTOCOLS, FEATURE_PAGE_CHANNELS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind,
-    Msg, PROGRESS_PAGES, PROTOCOL_VERSION, SUPPORTED_FEATURES,
+    ACCEPTED_PROTOCOLS, FEATURE_PAGE_CHANNELS, FEATURE_POSTCOPY, FEATURE_PROGRESS,
+    FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION, SUPPORTED_FEATURES,
 };
 use crate::transport::{Channel, TeeReader, close_gracefully};
 use crate::vm::DestinationVm;
@@ -93,6 +93,12 @@ pub fn receive<V: DestinationVm>(
                     close_gracefully(r);
                 }
             }
+            if progress.status() == Status::PostcopyActive {
+                // The guest runs here on what arrived; it must never read a missing page.
+                vm.postcopy_paused(&crate::chain(e));
+                progress.fail(Status::PostcopyPaused, crate::chain(e));
+                return res;
+            }
             vm.abort_incoming(&crate::chain(e));
             progress.fail(Status::Failed, crate::chain(e));
         }
@@ -120,6 +126,8 @@ fn run<V: DestinationVm>(
         None => None,
     };
     let mut report_progress = false;
+    // Post-copy may follow COMMIT.
+    let mut postcopy_ok = false;
     // SPARSE records only where the handshake negotiated them; a file has no handshake (a
     // `--dump-stream` capture of a connection that negotiated them holds them legitimately).
     let mut sparse_ok = true;
@@ -147,6 +155,11 @@ fn run<V: DestinationVm>(
             }
             if let Some(r) = ret.as_mut() {
                 let mut accepted = hello.features & SUPPORTED_FEATURES;
+                if !params.postcopy || matches!(r, Channel::Tls(_)) || params.dump_stream.is_some()
+                {
+                    accepted &= !FEATURE_POSTCOPY;
+                }
+                postcopy_ok = accepted & FEATURE_POSTCOPY != 0;
                 report_progress = accepted & FEATURE_PROGRESS != 0;
                 sparse_ok = accepted & FEATURE_SPARSE_PAGES != 0;
                 let count = hello.channels.min(params.page_channels).min(MAX_CHANNELS);
@@ -297,6 +310,39 @@ fn run<V: DestinationVm>(
             "expected Commit, got {:?}",
             m.kind
         )));
+    }
+    match m.value {
+        0 => {}
+        1 if postcopy_ok => {
+            let pc = vm.postcopy_ram().ok_or_else(|| {
+                MigrationError::Vm("this VMM cannot receive pages after the switchover".into())
+            })?;
+            let mut requests = r.try_clone().map_err(io_err("post-copy"))?;
+            let run = switchover.source_running;
+            let mut start = || -> Result<(), MigrationError> {
+                vm.commit(run).map_err(MigrationError::Vm)?;
+                info!(
+                    ms = end_at.elapsed().as_secs_f64() * 1e3,
+                    "committed; post-copy"
+                );
+                Msg::new(Kind::Committed, 0)
+                    .write(r)
+                    .map_err(io_err("post-copy"))
+            };
+            return crate::postcopy::receive_pages(
+                &*pc,
+                &src_config.memory,
+                &mut rest,
+                &mut requests,
+                progress,
+                &mut start,
+            );
+        }
+        v => {
+            return Err(MigrationError::Protocol(format!(
+                "COMMIT with value {v}, but post-copy was not negotiated"
+            )));
+        }
     }
     vm.commit(switchover.source_running)
         .map_err(MigrationError::Vm)?;

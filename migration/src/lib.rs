@@ -23,6 +23,7 @@ mod destination;
 mod error;
 pub mod levers;
 pub mod pages;
+pub mod postcopy;
 mod progress;
 pub mod protocol;
 mod ram;
@@ -105,6 +106,10 @@ pub struct Params {
     pub page_channels: u16,
     /// Auto-converge, the downtime ramp and stall detection.
     pub converge: ConvergeParams,
+    /// Capability `postcopy-ram`: offer (source) or accept (destination) post-copy.
+    pub postcopy: bool,
+    /// `max-postcopy-bandwidth`: cap on background post-copy pages in bytes/s (0: none).
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for Params {
@@ -120,6 +125,8 @@ impl Default for Params {
             tls: None,
             page_channels: DEFAULT_PAGE_CHANNELS,
             converge: ConvergeParams::default(),
+            postcopy: false,
+            max_postcopy_bandwidth: 0,
         }
     }
 }

@@ -26,6 +26,11 @@ pub enum Status {
     Cancelling,
     /// Cancelled; the source runs on.
     Cancelled,
+    /// Post-copy: the guest runs on the destination while the rest of its RAM follows.
+    PostcopyActive,
+    /// Post-copy lost its link: the destination's guest waits for its missing pages, the
+    /// source keeps them; neither side can run the guest alone.
+    PostcopyPaused,
 }
 
 impl Status {
@@ -40,6 +45,8 @@ impl Status {
             Status::Failed => "failed",
             Status::Cancelling => "cancelling",
             Status::Cancelled => "cancelled",
+            Status::PostcopyActive => "postcopy-active",
+            Status::PostcopyPaused => "postcopy-paused",
         }
     }
 
@@ -47,7 +54,12 @@ impl Status {
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            Status::Setup | Status::Active | Status::Device | Status::Cancelling
+            Status::Setup
+                | Status::Active
+                | Status::Device
+                | Status::Cancelling
+                | Status::PostcopyActive
+                | Status::PostcopyPaused
         )
     }
 
@@ -96,6 +108,15 @@ pub struct Snapshot {
     pub cpu_throttle_peak: u8,
     /// Downtime the last pass was measured against (the limit, raised by the ramp).
     pub downtime_allowed_ms: u64,
+    /// Post-copy: pages the destination asked for (source: served).
+    pub postcopy_requests: u64,
+    /// Post-copy: pages that moved after the switchover.
+    pub postcopy_pages: u64,
+    /// Post-copy, destination: microseconds from a page request to the page in place,
+    /// summed and at most.
+    pub postcopy_latency_sum_us: u64,
+    /// See `postcopy_latency_sum_us`.
+    pub postcopy_latency_max_us: u64,
 }
 
 /// Something that wants to hear about status changes and passes (QMP events).
@@ -118,6 +139,8 @@ pub struct Progress {
     snap: Mutex<Snapshot>,
     changed: Condvar,
     cancel: AtomicBool,
+    /// `migrate-start-postcopy` was issued.
+    postcopy: AtomicBool,
     /// Live-tunable limits: `migrate-set-parameters` during a migration takes effect at once.
     max_bandwidth: std::sync::atomic::AtomicU64,
     downtime_limit_ms: std::sync::atomic::AtomicU64,
@@ -147,6 +170,7 @@ impl Progress {
             snap: Mutex::new(Snapshot::default()),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
+            postcopy: AtomicBool::new(false),
             max_bandwidth: std::sync::atomic::AtomicU64::new(0),
             downtime_limit_ms: std::sync::atomic::AtomicU64::new(300),
             sockets: Mutex::new(Vec::new()),
@@ -183,6 +207,15 @@ impl Progress {
             status: s.status,
             ..Snapshot::default()
         };
+    }
+
+    /// `migrate-start-postcopy`: switch to post-copy after the current pass.
+    pub fn start_postcopy(&self) {
+        self.postcopy.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.postcopy.load(Ordering::SeqCst)
     }
 
     pub(crate) fn elapsed_ms(&self) -> u64 {

@@ -19,6 +19,9 @@
 //!   |                                 <---   | Committed   (destination resumes)
 //! ```
 //!
+//! With [`FEATURE_POSTCOPY`], COMMIT's value 1 means the pages still dirty follow it (see
+//! [`crate::postcopy`]).
+//!
 //! Any failure before COMMIT resumes the source. After COMMIT the source stays stopped
 //! (`postmigrate`); if `Committed` never arrives its status is failed with "destination state
 //! unknown" and it still does not resume, so the guest never runs twice.
@@ -40,8 +43,12 @@ pub const FEATURE_PROGRESS: u32 = 2;
 /// for a number of them, the [`Kind::HelloAck`] grants at most that many (bits 16..32 of its
 /// value) and carries the token the channels present (its text, in decimal).
 pub const FEATURE_PAGE_CHANNELS: u32 = 4;
+/// Feature bit: post-copy may follow COMMIT ([`crate::postcopy`]); offered and accepted only
+/// with capability `postcopy-ram` on each side.
+pub const FEATURE_POSTCOPY: u32 = 8;
 /// Features this build can receive.
-pub const SUPPORTED_FEATURES: u32 = FEATURE_SPARSE_PAGES | FEATURE_PROGRESS | FEATURE_PAGE_CHANNELS;
+pub const SUPPORTED_FEATURES: u32 =
+    FEATURE_SPARSE_PAGES | FEATURE_PROGRESS | FEATURE_PAGE_CHANNELS | FEATURE_POSTCOPY;
 /// The destination sends [`Kind::Received`] each time it has written this many more pages.
 pub const PROGRESS_PAGES: u64 = 4096;
 /// Longest text a control message may carry.
@@ -70,6 +77,10 @@ pub enum Kind {
     Received = 8,
     /// Destination, on a page channel: every record before SYNC `value` is written.
     Synced = 9,
+    /// Destination, during post-copy: a vCPU waits for the page at `value`.
+    PageRequest = 10,
+    /// Destination: every post-copy page (`value` of them) is in place.
+    PostcopyDone = 11,
 }
 
 impl Kind {
@@ -84,6 +95,8 @@ impl Kind {
             7 => Kind::Committed,
             8 => Kind::Received,
             9 => Kind::Synced,
+            10 => Kind::PageRequest,
+            11 => Kind::PostcopyDone,
             _ => return None,
         })
     }
@@ -179,7 +192,7 @@ impl Msg {
     }
 
     /// Layout: u16 kind | u16 reserved | u32 text length | u64 value | text.
-    pub fn write(&self, w: &mut impl Write) -> io::Result<()> {
+    pub fn write(&self, w: &mut (impl Write + ?Sized)) -> io::Result<()> {
         let mut b = Vec::with_capacity(16 + self.text.len());
         b.extend_from_slice(&(self.kind as u16).to_le_bytes());
         b.extend_from_slice(&[0, 0]);

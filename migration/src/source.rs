@@ -3,10 +3,11 @@
 use crate::config::SwitchoverRecord;
 use crate::converge::Converge;
 use crate::pages::Senders;
+use crate::postcopy::PageSet;
 use crate::progress::{Progress, Status};
 use crate::protocol::{
-    FEATURE_PAGE_CHANNELS, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg,
-    PROGRESS_PAGES, PROTOCOL_VERSION,
+    FEATURE_PAGE_CHANNELS, FEATURE_POSTCOPY, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind,
+    Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
 };
 use crate::ram::SharedRam;
 use crate::transport::{self, Channel, TeeWriter, Uri, close_gracefully};
@@ -470,6 +471,9 @@ pub fn send<V: SourceVm>(
             }
             let status = if matches!(e, MigrationError::Cancelled) {
                 Status::Cancelled
+            } else if progress.status() == Status::PostcopyActive {
+                // The guest runs on the destination on what it has; the rest stays here.
+                Status::PostcopyPaused
             } else {
                 Status::Failed
             };
@@ -550,6 +554,11 @@ fn run<V: SourceVm>(
                     }
                     | if ram.is_some() {
                         FEATURE_PAGE_CHANNELS
+                    } else {
+                        0
+                    }
+                    | if params.postcopy && params.tls.is_none() && params.dump_stream.is_none() {
+                        FEATURE_POSTCOPY
                     } else {
                         0
                     },
@@ -661,9 +670,10 @@ fn run<V: SourceVm>(
             sparse,
             reports,
             senders.as_mut(),
+            features & FEATURE_POSTCOPY != 0,
         )
     });
-    let (tx, pause_at) = match res {
+    let (tx, pause_at, postcopy) = match res {
         Ok(x) => x,
         Err(mut e) => {
             // A broken link seen here may be the consequence of another channel breaking:
@@ -727,9 +737,23 @@ fn run<V: SourceVm>(
     *logging = false;
     *committed = true;
     tx.vm.handed_over();
-    Msg::new(Kind::Commit, 0)
+    Msg::new(Kind::Commit, u64::from(postcopy.is_some()))
         .write(&mut ret)
         .map_err(MigrationError::StateUnknown)?;
+    if let Some(set) = &postcopy {
+        // The destination drops its stale copies of these pages before it runs the guest.
+        let mut frames = set.discard_frames();
+        frames.push(crate::postcopy::Frame {
+            kind: crate::postcopy::FrameKind::DiscardEnd,
+            value: set.len(),
+            payload: Vec::new(),
+        });
+        let mut w = std::io::BufWriter::new(&mut ret);
+        for f in &frames {
+            f.write(&mut w).map_err(MigrationError::StateUnknown)?;
+        }
+        w.flush().map_err(MigrationError::StateUnknown)?;
+    }
     match read_reply(&mut ret) {
         Ok(m) if m.kind == Kind::Committed => {}
         Ok(m) => {
@@ -745,6 +769,28 @@ fn run<V: SourceVm>(
         "stop-and-copy: destination committed"
     );
     progress.update(|s| s.downtime_ms = downtime.as_millis() as u64);
+    let Some(set) = postcopy else {
+        return Ok(());
+    };
+    // The guest runs on the destination; what it has not got yet follows.
+    progress.set_status(Status::PostcopyActive);
+    let pages = set.len();
+    info!(pages, "post-copy: sending the rest");
+    let reader = ret.try_clone().map_err(io_err("post-copy"))?;
+    ret.socket().set_read_timeout(None).ok();
+    let vm = tx.vm;
+    let mut read = |gpa: u64, buf: &mut [u8]| vm.read_ram(gpa, buf);
+    let mut w = std::io::BufWriter::with_capacity(256 << 10, &mut ret);
+    crate::postcopy::send_pages(
+        set,
+        &mut read,
+        &mut w,
+        reader,
+        progress,
+        params.io_timeout,
+        params.max_postcopy_bandwidth,
+    )?;
+    info!(pages, "post-copy: every page placed at the destination");
     Ok(())
 }
 
@@ -765,7 +811,8 @@ fn transfer<'v, V: SourceVm>(
     sparse: bool,
     mut reports: Option<&mut Channel>,
     mut channels: Option<&mut Senders<'_>>,
-) -> Result<(Sender<'v, V>, Instant), MigrationError> {
+    postcopy_ok: bool,
+) -> Result<(Sender<'v, V>, Instant, Option<PageSet>), MigrationError> {
     vm.start_dirty_log().map_err(MigrationError::Vm)?;
     *logging = true;
     progress.update(|s| s.setup_time_ms = progress.elapsed_ms());
@@ -803,6 +850,8 @@ fn transfer<'v, V: SourceVm>(
             }
         }
     }
+    // Switch to post-copy instead of copying the last pages while the guest is stopped.
+    let mut postcopy = false;
     // Dirty passes until the rest fits in the downtime limit.
     let pending = loop {
         // A destination that reports progress is waited for: what it has not written yet
@@ -848,6 +897,17 @@ fn transfer<'v, V: SourceVm>(
             measured_mbps = measured * 8.0 / 1e6,
             "pre-copy pass done"
         );
+        if progress.postcopy_requested() {
+            if !postcopy_ok {
+                return Err(MigrationError::Refused(
+                    "post-copy was requested, but the destination did not enable postcopy-ram"
+                        .into(),
+                ));
+            }
+            info!(iteration, dirty_pages = dirty_n, "switching to post-copy");
+            postcopy = true;
+            break dirty;
+        }
         let allowed_ms = converge.allowed_ms(progress.downtime_limit_ms(), iteration);
         progress.update(|s| s.downtime_allowed_ms = allowed_ms);
         if est.fits(allowed_ms) {
@@ -879,6 +939,14 @@ fn transfer<'v, V: SourceVm>(
             Instant::now(),
         );
         if let Some(stall) = step.stall {
+            if postcopy_ok {
+                info!(
+                    iteration,
+                    expected_ms, "pre-copy stalled; switching to post-copy"
+                );
+                postcopy = true;
+                break dirty;
+            }
             match params.switchover_policy {
                 SwitchoverPolicy::Force => {
                     warn!(
@@ -928,7 +996,11 @@ fn transfer<'v, V: SourceVm>(
     let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
     merge(&mut dirty, &pending);
     let last_pages = dirty_pages(&dirty);
-    tx.send_dirty(out, &dirty, channels.as_deref_mut())?;
+    // Post-copy: these pages follow COMMIT instead.
+    let postcopy = postcopy.then(|| crate::postcopy::from_dirty(&config.memory, &dirty));
+    if postcopy.is_none() {
+        tx.send_dirty(out, &dirty, channels.as_deref_mut())?;
+    }
     if let Some(c) = channels {
         // Every page is in guest memory at the destination before the device state follows;
         // pages that arrived torn go again (the guest is stopped: they arrive whole).
@@ -971,7 +1043,7 @@ fn transfer<'v, V: SourceVm>(
         0,
     )
     .map_err(io_err("device state"))?;
-    Ok((tx, pause_at))
+    Ok((tx, pause_at, postcopy))
 }
 
 /// Connect one page channel like the main one (TLS included) and register its socket for

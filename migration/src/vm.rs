@@ -94,6 +94,14 @@ pub trait DestinationVm {
     fn shared_ram(&self) -> Option<Arc<dyn SharedRam>> {
         None
     }
+    /// Guest RAM for post-copy (none: post-copy is refused at the handshake). Stops
+    /// anything that populates guest RAM in the background.
+    fn postcopy_ram(&mut self) -> Option<Arc<dyn crate::postcopy::PostcopyRam>> {
+        None
+    }
+    /// Post-copy lost its link: the guest runs on what it has and waits for the rest; keep
+    /// the registration (never let a missing page read as zero).
+    fn postcopy_paused(&mut self, _why: &str) {}
     /// The incoming migration failed: discard what was loaded, allow hotplug again.
     fn abort_incoming(&mut self, why: &str);
 }

@@ -461,6 +461,23 @@ impl DestinationVm for VmMigration<'_> {
         Ok(())
     }
 
+    fn postcopy_ram(&mut self) -> Option<std::sync::Arc<dyn migration::postcopy::PostcopyRam>> {
+        match self.vm.postcopy_ram() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %words(e), "no post-copy");
+                None
+            }
+        }
+    }
+
+    fn postcopy_paused(&mut self, why: &str) {
+        tracing::error!(
+            reason = why,
+            "post-copy link lost; the guest waits for each missing page it touches"
+        );
+    }
+
     fn abort_incoming(&mut self, why: &str) {
         let started = std::mem::replace(&mut self.incoming, false);
         self.failure = Some(why.to_owned());

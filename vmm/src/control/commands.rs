@@ -85,7 +85,14 @@ pub(super) const COMMANDS: &[Command] = &[
         name: "migrate_cancel",
         run: |c, a| {
             no_args(a)?;
-            Ok(c.migrate_cancel())
+            c.migrate_cancel()
+        },
+    },
+    Command {
+        name: "migrate-start-postcopy",
+        run: |c, a| {
+            no_args(a)?;
+            c.start_postcopy()
         },
     },
     Command {

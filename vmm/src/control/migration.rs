@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Migration capabilities Ferry has (`migrate-set-capabilities` refuses the rest by name).
-const CAPABILITIES: &[&str] = &["events", "auto-converge"];
+const CAPABILITIES: &[&str] = &["events", "auto-converge", "postcopy-ram"];
 use std::time::Duration;
 use tracing::{error, info};
 
@@ -331,13 +331,19 @@ impl Controller {
         Ok(json!({}))
     }
 
-    pub(super) fn migrate_cancel(&self) -> Value {
-        if let Some(p) = lock(&self.progress).as_ref()
-            && p.status().is_active()
-        {
-            p.cancel();
+    pub(super) fn migrate_cancel(&self) -> Result<Value, QmpError> {
+        if let Some(p) = lock(&self.progress).as_ref() {
+            match p.status() {
+                Status::PostcopyActive | Status::PostcopyPaused => {
+                    return Err(QmpError::generic(
+                        "Post-copy cannot be cancelled: the guest runs on the destination",
+                    ));
+                }
+                s if s.is_active() => p.cancel(),
+                _ => {}
+            }
         }
-        json!({})
+        Ok(json!({}))
     }
 
     pub(super) fn query_migrate(&self) -> Value {
@@ -376,6 +382,15 @@ impl Controller {
         if lock(&self.params).converge.auto_converge || s.cpu_throttle_percentage > 0 {
             v["cpu-throttle-percentage"] = json!(s.cpu_throttle_percentage);
             v["__org.ferry_cpu-throttle-peak"] = json!(s.cpu_throttle_peak);
+        }
+        if s.postcopy_pages > 0 || s.postcopy_requests > 0 {
+            v["ram"]["postcopy-requests"] = json!(s.postcopy_requests);
+            v["ram"]["__org.ferry_postcopy-pages"] = json!(s.postcopy_pages);
+            if s.postcopy_requests > 0 && s.postcopy_latency_sum_us > 0 {
+                v["__org.ferry_postcopy-latency-avg-us"] =
+                    json!(s.postcopy_latency_sum_us / s.postcopy_requests);
+                v["__org.ferry_postcopy-latency-max-us"] = json!(s.postcopy_latency_max_us);
+            }
         }
         if s.downtime_allowed_ms > 0 {
             v["__org.ferry_downtime-allowed"] = json!(s.downtime_allowed_ms);
@@ -420,6 +435,7 @@ impl Controller {
         for (name, on) in parsed {
             match name.as_str() {
                 "events" => self.events_cap.store(on, Ordering::SeqCst),
+                "postcopy-ram" => lock(&self.params).postcopy = on,
                 _ => lock(&self.params).converge.auto_converge = on,
             }
         }
@@ -428,11 +444,35 @@ impl Controller {
 
     /// `query-migrate-capabilities`: every capability Ferry has, in [`CAPABILITIES`] order.
     pub(super) fn query_capabilities(&self) -> Value {
-        let auto = lock(&self.params).converge.auto_converge;
+        let p = lock(&self.params);
         json!([
             {"capability": "events", "state": self.events_cap.load(Ordering::SeqCst)},
-            {"capability": "auto-converge", "state": auto},
+            {"capability": "auto-converge", "state": p.converge.auto_converge},
+            {"capability": "postcopy-ram", "state": p.postcopy},
         ])
+    }
+
+    /// `migrate-start-postcopy`: switch the running outgoing migration to post-copy after its
+    /// current pass.
+    pub(super) fn start_postcopy(&self) -> Result<Value, QmpError> {
+        if !lock(&self.params).postcopy {
+            return Err(QmpError::generic(
+                "Enable postcopy with migrate_set_capability before the start of migration",
+            ));
+        }
+        let progress = lock(&self.progress).clone();
+        match progress {
+            Some(p)
+                if matches!(p.status(), Status::Setup | Status::Active)
+                    && self.run_state() != RunState::InMigrate =>
+            {
+                p.start_postcopy();
+                Ok(json!({}))
+            }
+            _ => Err(QmpError::generic(
+                "Postcopy must be started after migration has been started",
+            )),
+        }
     }
 
     pub(super) fn set_parameters(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
@@ -483,6 +523,7 @@ impl Controller {
         if let Some(v) = a.optional_u64("__org.ferry_stall-timeout")? {
             conv.stall_timeout = Duration::from_millis(v);
         }
+        let postcopy_bw = a.optional_u64("max-postcopy-bandwidth")?;
         a.finish()?;
         if downtime.is_some_and(|d| d > 2_000_000) {
             return Err(QmpError::generic(
@@ -517,6 +558,9 @@ impl Controller {
         }
         let mut p = lock(&self.params);
         p.converge = conv;
+        if let Some(b) = postcopy_bw {
+            p.max_postcopy_bandwidth = b;
+        }
         if let Some(d) = downtime {
             p.downtime_limit_ms = d;
         }
@@ -603,6 +647,7 @@ impl Controller {
             "__org.ferry_downtime-ceiling": p.converge.downtime_ceiling_ms,
             "__org.ferry_stall-passes": p.converge.stall_passes,
             "__org.ferry_stall-timeout": p.converge.stall_timeout.as_millis() as u64,
+            "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
         })
     }
 }
@@ -727,6 +772,14 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
             self.ctl.set_state(RunState::Paused);
         }
         Ok(())
+    }
+    fn postcopy_ram(&mut self) -> Option<Arc<dyn migration::postcopy::PostcopyRam>> {
+        // Prefault would map the pages post-copy is about to drop: stop it first.
+        lock(&self.ctl.prefault).take();
+        self.inner.postcopy_ram()
+    }
+    fn postcopy_paused(&mut self, why: &str) {
+        self.inner.postcopy_paused(why);
     }
     fn abort_incoming(&mut self, why: &str) {
         self.inner.abort_incoming(why);

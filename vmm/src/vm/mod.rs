@@ -7,8 +7,10 @@
 pub mod hotplug;
 pub mod memory;
 pub mod persist;
+pub mod postcopy;
 pub mod prefault;
 pub mod ram_view;
+pub mod uffd;
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +52,9 @@ pub enum VmError {
     /// `/dev/kvm` cannot be opened.
     #[error("/dev/kvm is not available")]
     KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// No userfaultfd for post-copy.
+    #[error("Cannot open a userfaultfd for post-copy")]
+    Userfault(#[source] io::Error),
     /// The CPU throttle thread could not start.
     #[error("Cannot start the CPU throttle")]
     Throttle(#[source] io::Error),
@@ -128,6 +133,9 @@ pub struct Vm {
     // and RAM go away.
     throttle: Mutex<Option<Throttle>>,
     vcpus: Vec<Vcpu>,
+    /// An incoming post-copy's registration: kept until every page is in, and for good if
+    /// the link broke (a missing page must never read as zero).
+    postcopy: Mutex<Option<std::sync::Arc<postcopy::UffdRam>>>,
     hp: hotplug::VmHotplug,
     config: VmConfig,
     fd: Arc<VmFd>,
@@ -227,6 +235,7 @@ impl Vm {
         );
         Ok(Vm {
             throttle: Mutex::new(None),
+            postcopy: Mutex::new(None),
             vcpus,
             hp,
             config: config.clone(),
@@ -510,6 +519,15 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Guest RAM for an incoming post-copy, held by the VM from now on.
+    pub fn postcopy_ram(&self) -> Result<std::sync::Arc<postcopy::UffdRam>, VmError> {
+        let ram = std::sync::Arc::new(
+            postcopy::UffdRam::new(&ram_view::RamView::new(self)).map_err(VmError::Userfault)?,
+        );
+        *self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(ram.clone());
+        Ok(ram)
     }
 
     /// The throttle percentage now (0: not throttled).

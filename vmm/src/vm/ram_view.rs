@@ -86,6 +86,17 @@ impl RamView {
         }
     }
 
+    /// Every region as `(gpa, host address, length)`, and the mappings that keep them.
+    pub(super) fn regions(&self) -> (Vec<(u64, u64, u64)>, Vec<GuestMem>) {
+        let mut out = Vec::new();
+        for r in self.mems.iter().flat_map(|m| m.iter()) {
+            if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
+                out.push((r.start_addr().0, host as u64, r.len()));
+            }
+        }
+        (out, self.mems.clone())
+    }
+
     /// The mapping and region holding all of `[gpa, gpa + len)`, with the offset in it.
     fn find(&self, gpa: u64, len: usize) -> Result<(&GuestMem, MemoryRegionAddress), String> {
         for m in &self.mems {
