@@ -852,6 +852,9 @@ fn transfer<'v, V: SourceVm>(
     }
     // Switch to post-copy instead of copying the last pages while the guest is stopped.
     let mut postcopy = false;
+    // Pages the last pass delivered torn: resent whole in stop-and-copy even for post-copy
+    // (the destination refuses to load with torn pages left).
+    let mut last_torn;
     // Dirty passes until the rest fits in the downtime limit.
     let pending = loop {
         // A destination that reports progress is waited for: what it has not written yet
@@ -877,6 +880,7 @@ fn transfer<'v, V: SourceVm>(
         };
         let mut dirty = tx.vm.take_dirty().map_err(MigrationError::Vm)?;
         add_ranges(&mut dirty, &torn);
+        last_torn = torn;
         let dirty_n = dirty_pages(&dirty);
         iteration += 1;
         let remaining = dirty_n * PAGE_SIZE as u64;
@@ -1000,6 +1004,10 @@ fn transfer<'v, V: SourceVm>(
     let postcopy = postcopy.then(|| crate::postcopy::from_dirty(&config.memory, &dirty));
     if postcopy.is_none() {
         tx.send_dirty(out, &dirty, channels.as_deref_mut())?;
+    } else if !last_torn.is_empty() {
+        let mut again = Vec::new();
+        add_ranges(&mut again, &last_torn);
+        tx.send_dirty(out, &again, channels.as_deref_mut())?;
     }
     if let Some(c) = channels {
         // Every page is in guest memory at the destination before the device state follows;

@@ -99,9 +99,11 @@ pub trait DestinationVm {
     fn postcopy_ram(&mut self) -> Option<Arc<dyn crate::postcopy::PostcopyRam>> {
         None
     }
-    /// Post-copy lost its link: the guest runs on what it has and waits for the rest; keep
-    /// the registration (never let a missing page read as zero).
-    fn postcopy_paused(&mut self, _why: &str) {}
+    /// Post-copy lost its link: pause the guest (a vCPU waiting for a missing page waits on)
+    /// and keep the registration (a missing page must never read as zero); true if paused.
+    fn postcopy_paused(&mut self, _why: &str) -> bool {
+        false
+    }
     /// The incoming migration failed: discard what was loaded, allow hotplug again.
     fn abort_incoming(&mut self, why: &str);
 }

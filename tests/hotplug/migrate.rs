@@ -18,6 +18,17 @@ fn devices() -> Vec<Value> {
 
 #[test]
 fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination() {
+    hotplugged_guest_migrates(false);
+}
+
+/// The same in post-copy: the guest runs on the destination while its pages (hot-plugged
+/// block included) follow, hotplug refused on both sides until every page is in.
+#[test]
+fn hotplugged_guest_migrates_in_post_copy_and_a_pending_unplug_completes_on_the_destination() {
+    hotplugged_guest_migrates(true);
+}
+
+fn hotplugged_guest_migrates(postcopy: bool) {
     let dir = tempdir();
     // mem0's unplug stays pending across the migration until the test tells the guest to
     // answer: the unplug timer (15 s by default) must not fire first on a slow host.
@@ -57,43 +68,39 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
     }
     let port = d.incoming_port();
 
-    // Both sides stay mid-stream until the test lets go, however long its checks take: a
-    // downtime limit of 0 never fits while the guest dirties pages, the iteration bound is
-    // out of reach, and the cap keeps each pass long. (A cap alone is a time budget: at
-    // 16 MiB/s the default 30 passes end the migration, not converged, after about 16 s on
-    // an idle debug build, sooner on a faster host.)
-    s.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000}),
-    );
-    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    s.wait_migration(&["active"]);
-    let e = s.err(
-        "device_add",
-        json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
-    );
-    assert_eq!(e, "GenericError: device_add not allowed while migrating");
-    let e = s.err("device_del", json!({"id": "core1"}));
-    assert_eq!(e, "GenericError: device_del not allowed while migrating");
-    d.wait_migration(&["active"]);
-    let e = d.err(
-        "device_add",
-        json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
-    );
-    assert_eq!(e, "GenericError: device_add not allowed while migrating");
-    let e = d.err("device_del", json!({"id": "core1"}));
-    assert_eq!(e, "GenericError: device_del not allowed while migrating");
-    assert_eq!(
-        s.ok("query-migrate", json!({}))["status"],
-        "active",
-        "the migration was held for the checks above"
-    );
-    // Let go: no cap, and switch over at the end of the next pass (the iteration bound and
-    // the policy were fixed at the start; a downtime limit this large fits any estimate).
-    s.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 0, "downtime-limit": 600_000}),
-    );
+    if postcopy {
+        for f in [&mut s, &mut d] {
+            f.ok(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+            );
+        }
+        // Pass 0 at 16 MiB/s, then post-copy at once; the rest at 4 MiB/s leaves seconds to
+        // look at both sides.
+        s.ok(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 16 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000, "max-postcopy-bandwidth": 4 << 20}),
+        );
+        s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+        s.ok("migrate-start-postcopy", json!({}));
+        let info = d.wait_migration(&["postcopy-active", "completed", "failed"]);
+        assert_eq!(info["status"], "postcopy-active", "{info}");
+        for f in [&mut s, &mut d] {
+            let e = f.err(
+                "device_add",
+                json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
+            );
+            assert_eq!(e, "GenericError: device_add not allowed while migrating");
+            let e = f.err("device_del", json!({"id": "core1"}));
+            assert_eq!(e, "GenericError: device_del not allowed while migrating");
+        }
+        assert_eq!(
+            d.ok("query-migrate", json!({}))["status"],
+            "postcopy-active"
+        );
+    } else {
+        hold_and_check_precopy(&mut s, &mut d, &port);
+    }
 
     let info = s.wait_migration(&["completed", "failed"]);
     assert_eq!(info["status"], "completed", "{info}\n{}", read(&d.log));
@@ -140,6 +147,47 @@ fn hotplugged_guest_migrates_and_a_pending_unplug_completes_on_the_destination()
     );
     d.ok("stop", json!({}));
     assert_eq!(d.ok("__org.ferry_verify-guest", json!({}))["ok"], true);
+}
+
+/// Pre-copy held mid-stream: hotplug refused on both sides, then let go.
+fn hold_and_check_precopy(s: &mut Ferry, d: &mut Ferry, port: &str) {
+    // Both sides stay mid-stream until the test lets go, however long its checks take: a
+    // downtime limit of 0 never fits while the guest dirties pages, the iteration bound is
+    // out of reach, and the cap keeps each pass long. (A cap alone is a time budget: at
+    // 16 MiB/s the default 30 passes end the migration, not converged, after about 16 s on
+    // an idle debug build, sooner on a faster host.)
+    s.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "downtime-limit": 0, "__org.ferry_max-iterations": 10000}),
+    );
+    s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    s.wait_migration(&["active"]);
+    let e = s.err(
+        "device_add",
+        json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
+    );
+    assert_eq!(e, "GenericError: device_add not allowed while migrating");
+    let e = s.err("device_del", json!({"id": "core1"}));
+    assert_eq!(e, "GenericError: device_del not allowed while migrating");
+    d.wait_migration(&["active"]);
+    let e = d.err(
+        "device_add",
+        json!({"driver": "ferry-cpu-core", "id": "core2", "core-id": 2}),
+    );
+    assert_eq!(e, "GenericError: device_add not allowed while migrating");
+    let e = d.err("device_del", json!({"id": "core1"}));
+    assert_eq!(e, "GenericError: device_del not allowed while migrating");
+    assert_eq!(
+        s.ok("query-migrate", json!({}))["status"],
+        "active",
+        "the migration was held for the checks above"
+    );
+    // Let go: no cap, and switch over at the end of the next pass (the iteration bound and
+    // the policy were fixed at the start; a downtime limit this large fits any estimate).
+    s.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 0, "downtime-limit": 600_000}),
+    );
 }
 
 /// With `ferry-1.0` a configured connector is not in the stream, so the destination's own

@@ -202,9 +202,9 @@ fn convergence_parameters_out_of_range_are_refused_and_change_nothing() {
     assert_eq!(s.ok("query-migrate-parameters", json!({})), before);
     let e = s.err(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
     );
-    assert!(e.contains("'postcopy-ram' is not supported"), "{e}");
+    assert!(e.contains("'xbzrle' is not supported"), "{e}");
     s.ok(
         "migrate-set-parameters",
         json!({"cpu-throttle-initial": 30, "cpu-throttle-tailslow": true, "__org.ferry_stall-timeout": 5000}),

@@ -14,5 +14,6 @@ mod faults;
 mod faults_more;
 mod hostile_streams;
 mod netns;
+mod postcopy;
 mod snapshot;
 mod tls;

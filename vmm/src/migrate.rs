@@ -471,11 +471,17 @@ impl DestinationVm for VmMigration<'_> {
         }
     }
 
-    fn postcopy_paused(&mut self, why: &str) {
-        tracing::error!(
-            reason = why,
-            "post-copy link lost; the guest waits for each missing page it touches"
-        );
+    fn postcopy_paused(&mut self, why: &str) -> bool {
+        tracing::error!(reason = why, "post-copy link lost; pausing the guest");
+        let waiting = self.vm.pause_postcopy();
+        if !waiting.is_empty() {
+            tracing::warn!(
+                ?waiting,
+                "these vCPUs wait for a missing page and park when it arrives"
+            );
+        }
+        self.vm.set_run_state(RunState::Paused);
+        true
     }
 
     fn abort_incoming(&mut self, why: &str) {

@@ -124,6 +124,11 @@ impl Controller {
         };
         let res = migration::send(&mut side, uri, params, progress);
         drop(vm);
+        if progress.status() == Status::PostcopyPaused {
+            // Half the guest's RAM is still here: no hotplug until a recovery.
+            error!("post-copy paused: this side keeps the guest's remaining RAM");
+            return;
+        }
         if let Err(e) = res {
             error!(error = %migration::chain(&e), "outgoing migration failed");
             if self.run_state() != RunState::PostMigrate {
@@ -266,6 +271,11 @@ impl Controller {
             };
             let res = migration::receive(&mut side, incoming, &params, &progress);
             drop(vm);
+            if progress.status() == Status::PostcopyPaused {
+                // The guest has part of its RAM: no hotplug and no other incoming stream.
+                error!("post-copy paused: the guest waits for pages that cannot arrive");
+                return;
+            }
             {
                 let mut m = lock(&self.hp);
                 m.set_migration_in_progress(false);
@@ -778,8 +788,13 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
         lock(&self.ctl.prefault).take();
         self.inner.postcopy_ram()
     }
-    fn postcopy_paused(&mut self, why: &str) {
-        self.inner.postcopy_paused(why);
+    fn postcopy_paused(&mut self, why: &str) -> bool {
+        let paused = self.inner.postcopy_paused(why);
+        if paused {
+            self.ctl.set_state(RunState::Paused);
+            self.ctl.events.emit("STOP", None);
+        }
+        paused
     }
     fn abort_incoming(&mut self, why: &str) {
         self.inner.abort_incoming(why);

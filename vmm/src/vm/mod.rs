@@ -481,6 +481,29 @@ impl Vm {
         Ok(())
     }
 
+    /// Pauses after post-copy lost its link. A vCPU waiting inside `KVM_RUN` for a page that
+    /// cannot come does not see its kick until the page is placed (the wait is not
+    /// interruptible), then parks before running guest code: such vCPUs are returned, the
+    /// others are parked, and the VM is `paused`.
+    pub fn pause_postcopy(&self) -> Vec<u8> {
+        let mut state = self.state_lock();
+        for v in &self.vcpus {
+            let _ = v.request_pause();
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let waiting = self
+            .vcpus
+            .iter()
+            .filter(|v| v.wait_parked(deadline).is_err())
+            .map(Vcpu::index)
+            .collect();
+        let _ = self.hp.pause(deadline);
+        if *state == RunState::Running {
+            *state = RunState::Paused;
+        }
+        waiting
+    }
+
     /// Lets every vCPU run; the VM becomes `running`. Refused after shutdown.
     pub fn resume(&self) -> Result<(), VmError> {
         let mut state = self.state_lock();
