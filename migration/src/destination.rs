@@ -75,7 +75,16 @@ pub fn receive<V: DestinationVm>(
         Incoming::File(_) => None,
     };
     let mut started = false;
-    let res = run(vm, incoming, params, progress, &mut ret, &mut started);
+    let mut paused = None;
+    let res = run(
+        vm,
+        incoming,
+        params,
+        progress,
+        &mut ret,
+        &mut started,
+        &mut paused,
+    );
     progress.set_socket(None);
     match &res {
         Ok(()) => {
@@ -93,9 +102,9 @@ pub fn receive<V: DestinationVm>(
                     close_gracefully(r);
                 }
             }
-            if progress.status() == Status::PostcopyActive {
-                // The guest runs here on what arrived; it must never read a missing page.
-                vm.postcopy_paused(&crate::chain(e));
+            if let Some(state) = paused {
+                // The guest has part of its RAM; it must never read a missing page.
+                vm.postcopy_paused(&crate::chain(e), state);
                 progress.fail(Status::PostcopyPaused, crate::chain(e));
                 return res;
             }
@@ -120,6 +129,7 @@ fn run<V: DestinationVm>(
     progress: &Progress,
     ret: &mut Option<Channel>,
     started: &mut bool,
+    paused: &mut Option<crate::postcopy::Paused>,
 ) -> Result<(), MigrationError> {
     let dump = match &params.dump_stream {
         Some(p) => Some(crate::transport::create_capture(p)?),
@@ -330,12 +340,13 @@ fn run<V: DestinationVm>(
                     .map_err(io_err("post-copy"))
             };
             return crate::postcopy::receive_pages(
-                &*pc,
+                pc,
                 &src_config.memory,
                 &mut rest,
                 &mut requests,
                 progress,
                 &mut start,
+                paused,
             );
         }
         v => {

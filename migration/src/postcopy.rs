@@ -25,12 +25,13 @@
 
 use crate::config::RegionDesc;
 use crate::protocol::{Kind, Msg};
+use crate::transport::Channel;
 use crate::vm::{DirtyRegion, VmError};
 use crate::{MigrationError, Progress};
 use devstate::PAGE_SIZE;
 use std::io::{self, Read, Write};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -52,6 +53,8 @@ pub enum FrameKind {
     Zero = 4,
     /// Every page of P has been sent.
     Done = 5,
+    /// The post-copy session's id (first frame after COMMIT), which a resume must present.
+    Session = 6,
 }
 
 /// One frame.
@@ -110,6 +113,7 @@ impl Frame {
             3 => FrameKind::Page,
             4 => FrameKind::Zero,
             5 => FrameKind::Done,
+            6 => FrameKind::Session,
             k => return Err(bad(format!("unknown post-copy frame kind {k}"))),
         };
         let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
@@ -453,41 +457,108 @@ struct Pending {
     asked: Vec<(u64, Instant)>,
 }
 
-/// Destination, after COMMIT(1): read the Discard frames, drop those pages, register RAM,
-/// then `run` (which starts the guest and acknowledges COMMIT); place every page as it
-/// arrives, asking for the ones the guest touches first. `ret` writes the return path.
+/// What a destination keeps when post-copy loses its link: the registered RAM, the pages
+/// still missing and the session a resume must present.
+pub struct Paused {
+    ram: Arc<dyn PostcopyRam>,
+    missing: PageSet,
+    session: u64,
+}
+
+impl std::fmt::Debug for Paused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Paused")
+            .field("missing", &self.missing.len())
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Paused {
+    /// Pages the guest still waits for.
+    pub fn missing(&self) -> u64 {
+        self.missing.len()
+    }
+}
+
+/// A fresh session id for a post-copy (not secret: it tells a resume from a stranger).
+pub fn new_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
+
+/// Destination, after COMMIT(1): read the session and the Discard frames, drop those pages,
+/// register RAM, then `run` (which starts the guest and acknowledges COMMIT); place every
+/// page as it arrives, asking for the ones the guest touches first. `ret` writes the return
+/// path. On a failure after `run`, `paused` gets what a resume needs.
 pub fn receive_pages(
-    ram: &dyn PostcopyRam,
+    ram: Arc<dyn PostcopyRam>,
     regions: &[RegionDesc],
     fwd: &mut dyn Read,
     ret: &mut (dyn Write + Send),
     progress: &Progress,
     run: &mut dyn FnMut() -> Result<(), MigrationError>,
+    paused: &mut Option<Paused>,
 ) -> Result<(), MigrationError> {
-    let mut missing = PageSet::new(regions);
+    let first = Frame::read(fwd).map_err(io_err("post-copy discard"))?;
+    if first.kind != FrameKind::Session || first.value == 0 {
+        return Err(MigrationError::Protocol(format!(
+            "post-copy {:?} frame where the session was due",
+            first.kind
+        )));
+    }
+    let missing = read_page_set(fwd, regions, Some(&*ram))?;
+    info!(
+        pages = missing.len(),
+        "post-copy: pages to follow discarded"
+    );
+    ram.start().map_err(MigrationError::Vm)?;
+    run()?;
+    progress.set_status(crate::Status::PostcopyActive);
+    serve(ram, missing, first.value, fwd, ret, progress, paused)
+}
+
+/// Reads Discard frames up to DiscardEnd into a set over `regions`, dropping each page from
+/// `ram` when given.
+fn read_page_set(
+    r: &mut dyn Read,
+    regions: &[RegionDesc],
+    ram: Option<&dyn PostcopyRam>,
+) -> Result<PageSet, MigrationError> {
+    let mut set = PageSet::new(regions);
     loop {
-        let f = Frame::read(fwd).map_err(io_err("post-copy discard"))?;
+        let f = Frame::read(r).map_err(io_err("post-copy discard"))?;
         match f.kind {
             FrameKind::Discard => {
                 for (w, chunk) in f.payload.chunks_exact(8).enumerate() {
                     let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                     for b in (0..64).filter(|b| word >> b & 1 == 1) {
                         let gpa = f.value + (w as u64 * 64 + b) * PAGE;
-                        if !missing.insert(gpa) {
+                        if !set.insert(gpa) {
                             return Err(MigrationError::Protocol(format!(
                                 "post-copy discard of page {gpa:#x}, which is not guest RAM"
                             )));
                         }
-                        ram.discard(gpa, 1).map_err(MigrationError::Vm)?;
+                        if let Some(ram) = ram {
+                            ram.discard(gpa, 1).map_err(MigrationError::Vm)?;
+                        }
                     }
                 }
             }
-            FrameKind::DiscardEnd if f.value == missing.len() => break,
+            FrameKind::DiscardEnd if f.value == set.len() => return Ok(set),
             FrameKind::DiscardEnd => {
                 return Err(MigrationError::Protocol(format!(
                     "post-copy DiscardEnd says {} pages, the discards named {}",
                     f.value,
-                    missing.len()
+                    set.len()
                 )));
             }
             k => {
@@ -497,11 +568,34 @@ pub fn receive_pages(
             }
         }
     }
+}
+
+/// `set` as Discard frames and DiscardEnd, flushed.
+fn write_page_set(set: &PageSet, w: &mut dyn Write) -> io::Result<()> {
+    let mut w = io::BufWriter::new(w);
+    for f in set.discard_frames() {
+        f.write(&mut w)?;
+    }
+    Frame {
+        kind: FrameKind::DiscardEnd,
+        value: set.len(),
+        payload: Vec::new(),
+    }
+    .write(&mut w)?;
+    w.flush()
+}
+
+/// Places the pages of `missing` as they arrive, asking for faulted ones first, until Done.
+fn serve(
+    ram: Arc<dyn PostcopyRam>,
+    missing: PageSet,
+    session: u64,
+    fwd: &mut dyn Read,
+    ret: &mut (dyn Write + Send),
+    progress: &Progress,
+    paused: &mut Option<Paused>,
+) -> Result<(), MigrationError> {
     let total = missing.len();
-    info!(pages = total, "post-copy: pages to follow discarded");
-    ram.start().map_err(MigrationError::Vm)?;
-    run()?;
-    progress.set_status(crate::Status::PostcopyActive);
     let pending = Mutex::new(Pending {
         missing,
         asked: Vec::new(),
@@ -509,8 +603,8 @@ pub fn receive_pages(
     let lock = || pending.lock().unwrap_or_else(|e| e.into_inner());
     let over = AtomicBool::new(false);
     let (ret_tx, ret_rx) = std::sync::mpsc::channel::<Msg>();
-    std::thread::scope(|sc| {
-        let (over, lock) = (&over, &lock);
+    let res = std::thread::scope(|sc| {
+        let (over, lock, ram) = (&over, &lock, &*ram);
         let requests = ret_tx.clone();
         let faults = sc.spawn(move || -> Result<(), MigrationError> {
             while !over.load(Ordering::SeqCst) {
@@ -565,7 +659,192 @@ pub fn receive_pages(
             phase: "post-copy page requests",
             source,
         })
-    })
+    });
+    if res.is_err() {
+        let missing = pending
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .missing;
+        if !missing.is_empty() {
+            *paused = Some(Paused {
+                ram,
+                missing,
+                session,
+            });
+        }
+    }
+    res
+}
+
+/// The 16 bytes a source presents to resume: magic and session.
+pub const RESUME_MAGIC: [u8; 8] = *b"FERRYRES";
+
+/// Destination, `migrate-recover`: check that `ch` comes from the source of the paused
+/// session, send it the pages still missing, `resume` the guest, place the pages. A stranger
+/// is refused by name and the paused state stays for the next attempt.
+/// The status ends `completed`, or `postcopy-paused` with the reason.
+pub fn recover(
+    ch: Channel,
+    paused: &mut Option<Paused>,
+    progress: &Progress,
+    io_timeout: Duration,
+    resume: &mut dyn FnMut() -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let span = tracing::info_span!("migration", side = "destination", recovery = true);
+    let _g = span.enter();
+    let res = recover_inner(ch, paused, progress, io_timeout, resume);
+    finish_status(progress, &res);
+    res
+}
+
+fn finish_status(progress: &Progress, res: &Result<(), MigrationError>) {
+    match res {
+        Ok(()) => progress.set_status(crate::Status::Completed),
+        Err(e) => progress.fail(crate::Status::PostcopyPaused, crate::chain(e)),
+    }
+}
+
+fn recover_inner(
+    mut ch: Channel,
+    paused: &mut Option<Paused>,
+    progress: &Progress,
+    io_timeout: Duration,
+    resume: &mut dyn FnMut() -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let s = ch.socket();
+    s.set_read_timeout(Some(io_timeout)).ok();
+    s.set_write_timeout(Some(io_timeout)).ok();
+    s.set_nodelay(true).ok();
+    let Some(state) = paused.take() else {
+        return Err(MigrationError::Protocol(
+            "no paused post-copy to resume".into(),
+        ));
+    };
+    let mut h = [0u8; 16];
+    let hello = ch.read_exact(&mut h).map_err(io_err("post-copy resume"));
+    let session = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+    let refusal = match hello {
+        Err(e) => Some(e),
+        Ok(()) if h[..8] != RESUME_MAGIC => Some(MigrationError::Protocol(
+            "not a post-copy resume (bad magic)".into(),
+        )),
+        Ok(()) if session != state.session => Some(MigrationError::Refused(format!(
+            "resume from a different source: session {session:#018x}, this destination waits for {:#018x}",
+            state.session
+        ))),
+        Ok(()) => None,
+    };
+    if let Some(e) = refusal {
+        if let MigrationError::Refused(why) = &e {
+            let _ = Msg::with_text(Kind::Refuse, why).write(&mut ch);
+            crate::transport::close_gracefully(&mut ch);
+        }
+        *paused = Some(state);
+        return Err(e);
+    }
+    let missing = state.missing.len();
+    info!(pages = missing, "post-copy: resuming");
+    let sent = Msg::new(Kind::Accept, missing)
+        .write(&mut ch)
+        .and_then(|()| write_page_set(&state.missing, &mut ch));
+    if let Err(e) = sent {
+        *paused = Some(state);
+        return Err(io_err("post-copy resume")(e));
+    }
+    let mut fwd = match ch.try_clone() {
+        Ok(c) => io::BufReader::with_capacity(256 << 10, c),
+        Err(e) => {
+            *paused = Some(state);
+            return Err(io_err("post-copy resume")(e));
+        }
+    };
+    if let Err(e) = resume() {
+        *paused = Some(state);
+        return Err(e);
+    }
+    progress.set_status(crate::Status::PostcopyActive);
+    serve(
+        state.ram,
+        state.missing,
+        state.session,
+        &mut fwd,
+        &mut ch,
+        progress,
+        paused,
+    )
+}
+
+/// Source, `migrate` with `resume: true`: present `session` to the destination at `uri`,
+/// learn which pages it still misses, send them (requested ones first).
+/// The status ends `completed`, or `postcopy-paused` with the reason.
+pub fn resume(
+    read: &mut ReadRam<'_>,
+    regions: &[RegionDesc],
+    uri: &str,
+    session: u64,
+    params: &crate::Params,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
+    let span = tracing::info_span!("migration", side = "source", uri, recovery = true);
+    let _g = span.enter();
+    let res = resume_inner(read, regions, uri, session, params, progress);
+    progress.set_socket(None);
+    finish_status(progress, &res);
+    res
+}
+
+fn resume_inner(
+    read: &mut ReadRam<'_>,
+    regions: &[RegionDesc],
+    uri: &str,
+    session: u64,
+    params: &crate::Params,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
+    let uri = crate::transport::Uri::parse(uri)?;
+    if !matches!(uri, crate::transport::Uri::Tcp(_)) {
+        return Err(MigrationError::Protocol(
+            "post-copy resumes over tcp: only".into(),
+        ));
+    }
+    let s = crate::transport::connect(&uri, params.io_timeout)?;
+    s.set_read_timeout(Some(params.io_timeout)).ok();
+    s.set_write_timeout(Some(params.io_timeout)).ok();
+    s.set_nodelay(true).ok();
+    progress.set_socket(s.try_clone().ok());
+    let mut ch = Channel::Plain(s);
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&RESUME_MAGIC);
+    h[8..].copy_from_slice(&session.to_le_bytes());
+    ch.write_all(&h).map_err(io_err("post-copy resume"))?;
+    let m = Msg::read(&mut ch).map_err(io_err("post-copy resume"))?;
+    match m.kind {
+        Kind::Accept => {}
+        Kind::Refuse => return Err(MigrationError::Refused(m.text)),
+        k => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Accept, got {k:?}"
+            )));
+        }
+    }
+    let set = read_page_set(&mut ch, regions, None)?;
+    info!(
+        pages = set.len(),
+        "post-copy: resumed; sending what the destination misses"
+    );
+    progress.set_status(crate::Status::PostcopyActive);
+    let reader = ch.try_clone().map_err(io_err("post-copy resume"))?;
+    ch.socket().set_read_timeout(None).ok();
+    let mut w = io::BufWriter::with_capacity(256 << 10, ch);
+    send_pages(
+        set,
+        read,
+        &mut w,
+        reader,
+        progress,
+        params.io_timeout,
+        params.max_postcopy_bandwidth,
+    )
 }
 
 /// Reads pages until Done, placing each exactly once; returns how many were placed.

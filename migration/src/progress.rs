@@ -141,6 +141,8 @@ pub struct Progress {
     cancel: AtomicBool,
     /// `migrate-start-postcopy` was issued.
     postcopy: AtomicBool,
+    /// The post-copy session a resume presents (0: none).
+    session: std::sync::atomic::AtomicU64,
     /// Live-tunable limits: `migrate-set-parameters` during a migration takes effect at once.
     max_bandwidth: std::sync::atomic::AtomicU64,
     downtime_limit_ms: std::sync::atomic::AtomicU64,
@@ -171,6 +173,7 @@ impl Progress {
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
             postcopy: AtomicBool::new(false),
+            session: std::sync::atomic::AtomicU64::new(0),
             max_bandwidth: std::sync::atomic::AtomicU64::new(0),
             downtime_limit_ms: std::sync::atomic::AtomicU64::new(300),
             sockets: Mutex::new(Vec::new()),
@@ -212,6 +215,15 @@ impl Progress {
     /// `migrate-start-postcopy`: switch to post-copy after the current pass.
     pub fn start_postcopy(&self) {
         self.postcopy.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn set_session(&self, s: u64) {
+        self.session.store(s, Ordering::SeqCst);
+    }
+
+    /// The post-copy session of this migration (0: it did not reach post-copy).
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::SeqCst)
     }
 
     pub(crate) fn postcopy_requested(&self) -> bool {

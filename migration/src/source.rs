@@ -742,7 +742,14 @@ fn run<V: SourceVm>(
         .map_err(MigrationError::StateUnknown)?;
     if let Some(set) = &postcopy {
         // The destination drops its stale copies of these pages before it runs the guest.
-        let mut frames = set.discard_frames();
+        let session = crate::postcopy::new_session();
+        progress.set_session(session);
+        let mut frames = vec![crate::postcopy::Frame {
+            kind: crate::postcopy::FrameKind::Session,
+            value: session,
+            payload: Vec::new(),
+        }];
+        frames.extend(set.discard_frames());
         frames.push(crate::postcopy::Frame {
             kind: crate::postcopy::FrameKind::DiscardEnd,
             value: set.len(),

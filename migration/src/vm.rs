@@ -100,8 +100,9 @@ pub trait DestinationVm {
         None
     }
     /// Post-copy lost its link: pause the guest (a vCPU waiting for a missing page waits on)
-    /// and keep the registration (a missing page must never read as zero); true if paused.
-    fn postcopy_paused(&mut self, _why: &str) -> bool {
+    /// and keep `state` for `migrate-recover` (its registration keeps a missing page from
+    /// ever reading as zero); true if paused.
+    fn postcopy_paused(&mut self, _why: &str, _state: crate::postcopy::Paused) -> bool {
         false
     }
     /// The incoming migration failed: discard what was loaded, allow hotplug again.

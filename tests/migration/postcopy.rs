@@ -56,7 +56,7 @@ fn start(s: &mut Ferry, d: &mut Ferry) {
 
 fn wait_status(f: &mut Ferry, want: &str) -> Value {
     let info = f.wait_migration(&[want, "completed", "failed", "postcopy-paused"]);
-    assert_eq!(info["status"], want, "{}: {info}", f.name);
+    assert_eq!(info["status"], want, "{}: {info}\n{}", f.name, read(&f.log));
     info
 }
 
@@ -189,5 +189,122 @@ fn a_stalled_pre_copy_switches_to_post_copy_when_both_sides_allow_it() {
         "{info}"
     );
     wait_status(&mut d, "completed");
+    d.verify();
+}
+
+/// A relay for the main connection that the test cuts (both ways) when it likes.
+struct Link {
+    addr: String,
+    sockets: Vec<std::net::TcpStream>,
+    accepted: std::sync::mpsc::Receiver<Vec<std::net::TcpStream>>,
+}
+
+impl Link {
+    fn to(port: &str) -> Link {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let addr = l.local_addr().unwrap().to_string();
+        let to = format!("127.0.0.1:{port}");
+        let (tx, accepted) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let Ok((a, _)) = l.accept() else { return };
+            let b = std::net::TcpStream::connect(&to).expect("connect to the destination");
+            let clones = vec![a.try_clone().unwrap(), b.try_clone().unwrap()];
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+            let _ = tx.send(clones);
+        });
+        Link {
+            addr,
+            sockets: Vec::new(),
+            accepted,
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.sockets.is_empty() {
+            self.sockets = self
+                .accepted
+                .recv_timeout(TIMEOUT)
+                .expect("the source never connected through the relay");
+        }
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_post_copy_cut_mid_way_recovers_and_every_byte_arrives() {
+    let dir = tempdir();
+    let (mut s, mut d) = pair(dir.path(), 256 << 10);
+    // One connection, so the relay carries all of it.
+    s.ok("migrate-set-parameters", json!({"multifd-channels": 0}));
+    let port = d.incoming_port();
+    let mut link = Link::to(&port);
+    s.ok("migrate", json!({"uri": format!("tcp:{}", link.addr)}));
+    s.ok("migrate-start-postcopy", json!({}));
+    wait_status(&mut d, "postcopy-active");
+    wait_status(&mut s, "postcopy-active");
+    link.cut();
+    let dinfo = wait_status(&mut d, "postcopy-paused");
+    wait_status(&mut s, "postcopy-paused");
+    assert_eq!(s.status(), "postmigrate");
+    assert!(
+        d.err("migrate-recover", json!({"uri": "file:/tmp/x"}))
+            .contains("tcp: only"),
+        "{dinfo}"
+    );
+    assert_eq!(
+        s.err("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+        "GenericError: There's a migration process in progress"
+    );
+
+    d.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let rport = d.incoming_port();
+    // A stranger presenting another session is refused by name; the destination waits on.
+    let mut stranger = std::net::TcpStream::connect(format!("127.0.0.1:{rport}")).unwrap();
+    let mut hello = b"FERRYRES".to_vec();
+    hello.extend_from_slice(&0x1234u64.to_le_bytes());
+    std::io::Write::write_all(&mut stranger, &hello).unwrap();
+    stranger
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+    let reply = migration::protocol::Msg::read(&mut stranger).expect("a reply to the stranger");
+    assert_eq!(reply.kind, migration::protocol::Kind::Refuse);
+    assert!(
+        reply
+            .text
+            .starts_with("resume from a different source: session 0x0000000000001234"),
+        "{}",
+        reply.text
+    );
+    assert_eq!(
+        d.ok("query-migrate", json!({}))["status"],
+        "postcopy-paused"
+    );
+
+    // The real source resumes, at full speed now.
+    s.ok(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 0}),
+    );
+    s.ok(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{rport}"), "resume": true}),
+    );
+    // Both are postcopy-paused until the resume has done its work.
+    let info = s.wait_migration(&["completed"]);
+    let dinfo = d.wait_migration(&["completed"]);
+    assert_eq!(d.status(), "running", "{dinfo}");
+    assert!(
+        info["ram"]["__org.ferry_postcopy-pages"].as_u64() > Some(0),
+        "{info}"
+    );
+    let p = d.pass();
+    d.wait_pass(p + 2);
     d.verify();
 }

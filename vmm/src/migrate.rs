@@ -471,8 +471,13 @@ impl DestinationVm for VmMigration<'_> {
         }
     }
 
-    fn postcopy_paused(&mut self, why: &str) -> bool {
-        tracing::error!(reason = why, "post-copy link lost; pausing the guest");
+    fn postcopy_paused(&mut self, why: &str, state: migration::postcopy::Paused) -> bool {
+        tracing::error!(
+            reason = why,
+            missing = state.missing(),
+            "post-copy link lost; pausing the guest"
+        );
+        self.vm.keep_postcopy_paused(state);
         let waiting = self.vm.pause_postcopy();
         if !waiting.is_empty() {
             tracing::warn!(

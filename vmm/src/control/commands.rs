@@ -89,6 +89,10 @@ pub(super) const COMMANDS: &[Command] = &[
         },
     },
     Command {
+        name: "migrate-recover",
+        run: |c, a| c.migrate_recover(a),
+    },
+    Command {
         name: "migrate-start-postcopy",
         run: |c, a| {
             no_args(a)?;

@@ -67,7 +67,7 @@ impl Controller {
             return Err(QmpError::generic("Block migration is not supported"));
         }
         if resume == Some(true) {
-            return Err(QmpError::generic("Postcopy resume is not supported"));
+            return self.migrate_resume(uri);
         }
         let parsed = Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
         // TLS protects a TCP channel; a file has no peer to authenticate.
@@ -462,6 +462,144 @@ impl Controller {
         ])
     }
 
+    /// `migrate` with `resume: true`: finish a paused post-copy through a new connection to
+    /// the destination (after its `migrate-recover`).
+    fn migrate_resume(self: &Arc<Self>, uri: String) -> Result<Value, QmpError> {
+        let progress = lock(&self.progress).clone();
+        let Some(progress) = progress.filter(|p| {
+            p.status() == Status::PostcopyPaused && self.run_state() == RunState::PostMigrate
+        }) else {
+            return Err(QmpError::generic(
+                "Cannot resume if there is no paused migration",
+            ));
+        };
+        let params = lock(&self.params).clone();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration-resume".into())
+            .spawn(move || {
+                let mut vm = lock(&me.vm);
+                let side = VmMigration::new(&mut vm);
+                let regions = SourceVm::config(&side).memory;
+                let mut read = |gpa: u64, buf: &mut [u8]| side.read_ram(gpa, buf);
+                let res = migration::postcopy::resume(
+                    &mut read,
+                    &regions,
+                    &uri,
+                    progress.session(),
+                    &params,
+                    &progress,
+                );
+                drop(vm);
+                match res {
+                    Ok(()) => {
+                        info!("post-copy resumed and completed");
+                        me.migrating.store(false, Ordering::SeqCst);
+                        me.wake_hotplug();
+                    }
+                    Err(e) => {
+                        error!(error = %migration::chain(&e), "post-copy resume failed; still paused");
+                    }
+                }
+            })
+            .map_err(|e| QmpError::generic(format!("Cannot start the migration thread: {e}")))?;
+        Ok(json!({}))
+    }
+
+    /// `migrate-recover`: listen on `uri` for the source of the paused post-copy.
+    pub(super) fn migrate_recover(
+        self: &Arc<Self>,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.required_str("uri")?;
+        a.finish()?;
+        let progress = lock(&self.progress).clone();
+        let Some(progress) = progress.filter(|p| {
+            p.status() == Status::PostcopyPaused && lock(&self.vm).postcopy_paused().is_some()
+        }) else {
+            return Err(QmpError::generic(
+                "Migrate recover can only be run when postcopy is paused.",
+            ));
+        };
+        let parsed = Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        if !matches!(parsed, Uri::Tcp(_)) {
+            return Err(QmpError::generic("Post-copy recovers over tcp: only"));
+        }
+        let listener = migration::transport::listen(&parsed)
+            .map_err(|e| QmpError::generic(migration::chain(&e)))?;
+        *lock(&self.listen_addr) = listener.local_addr().ok();
+        let io_timeout = lock(&self.params).io_timeout;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration-recover".into())
+            .spawn(move || me.run_recover(&listener, &progress, io_timeout))
+            .map_err(|e| QmpError::generic(format!("Cannot start the recovery thread: {e}")))?;
+        Ok(json!({}))
+    }
+
+    fn run_recover(
+        &self,
+        listener: &std::net::TcpListener,
+        progress: &Progress,
+        io_timeout: Duration,
+    ) {
+        for conn in listener.incoming() {
+            let s = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(error = %e, "post-copy recovery listener failed");
+                    return;
+                }
+            };
+            info!(peer = ?s.peer_addr().ok(), "post-copy recovery connection");
+            let vm = lock(&self.vm);
+            let mut paused = vm.postcopy_paused();
+            let mut resume = || -> Result<(), migration::MigrationError> {
+                vm.resume()
+                    .map_err(|e| migration::MigrationError::Vm(e.to_string()))?;
+                self.set_state(RunState::Running);
+                self.events.emit("RESUME", None);
+                Ok(())
+            };
+            let res = migration::postcopy::recover(
+                migration::Channel::Plain(s),
+                &mut paused,
+                progress,
+                io_timeout,
+                &mut resume,
+            );
+            match res {
+                Ok(()) => {
+                    drop(paused);
+                    drop(vm);
+                    info!("post-copy recovered and completed");
+                    {
+                        let mut m = lock(&self.hp);
+                        m.set_migration_in_progress(false);
+                        m.complete_pending_releases();
+                    }
+                    self.migrating.store(false, Ordering::SeqCst);
+                    self.wake_hotplug();
+                    return;
+                }
+                Err(e) => {
+                    error!(error = %migration::chain(&e), "post-copy recovery failed; still paused");
+                    if self.run_state() == RunState::Running {
+                        vm.pause_postcopy();
+                        vm.set_run_state(RunState::Paused);
+                        self.set_state(RunState::Paused);
+                        self.events.emit("STOP", None);
+                    }
+                    if paused.is_none() {
+                        // Nothing left to resume from: the state went with the error.
+                        error!("the paused post-copy state is gone; no recovery is possible");
+                    }
+                }
+            }
+        }
+    }
+
     /// `migrate-start-postcopy`: switch the running outgoing migration to post-copy after its
     /// current pass.
     pub(super) fn start_postcopy(&self) -> Result<Value, QmpError> {
@@ -788,8 +926,8 @@ impl<H: DestinationVm> DestinationVm for Side<'_, H> {
         lock(&self.ctl.prefault).take();
         self.inner.postcopy_ram()
     }
-    fn postcopy_paused(&mut self, why: &str) -> bool {
-        let paused = self.inner.postcopy_paused(why);
+    fn postcopy_paused(&mut self, why: &str, state: migration::postcopy::Paused) -> bool {
+        let paused = self.inner.postcopy_paused(why, state);
         if paused {
             self.ctl.set_state(RunState::Paused);
             self.ctl.events.emit("STOP", None);

@@ -133,9 +133,9 @@ pub struct Vm {
     // and RAM go away.
     throttle: Mutex<Option<Throttle>>,
     vcpus: Vec<Vcpu>,
-    /// An incoming post-copy's registration: kept until every page is in, and for good if
-    /// the link broke (a missing page must never read as zero).
-    postcopy: Mutex<Option<std::sync::Arc<postcopy::UffdRam>>>,
+    /// A post-copy whose link broke: its registration (a missing page must never read as
+    /// zero) and what `migrate-recover` needs.
+    postcopy_paused: Mutex<Option<migration::postcopy::Paused>>,
     hp: hotplug::VmHotplug,
     config: VmConfig,
     fd: Arc<VmFd>,
@@ -235,7 +235,7 @@ impl Vm {
         );
         Ok(Vm {
             throttle: Mutex::new(None),
-            postcopy: Mutex::new(None),
+            postcopy_paused: Mutex::new(None),
             vcpus,
             hp,
             config: config.clone(),
@@ -544,13 +544,28 @@ impl Vm {
         Ok(())
     }
 
-    /// Guest RAM for an incoming post-copy, held by the VM from now on.
+    /// Guest RAM for an incoming post-copy.
     pub fn postcopy_ram(&self) -> Result<std::sync::Arc<postcopy::UffdRam>, VmError> {
-        let ram = std::sync::Arc::new(
+        Ok(std::sync::Arc::new(
             postcopy::UffdRam::new(&ram_view::RamView::new(self)).map_err(VmError::Userfault)?,
-        );
-        *self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(ram.clone());
-        Ok(ram)
+        ))
+    }
+
+    /// Keeps a paused post-copy (its registration and missing pages) until a recovery.
+    pub fn keep_postcopy_paused(&self, state: migration::postcopy::Paused) {
+        *self
+            .postcopy_paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    /// The paused post-copy, for `migrate-recover` (it gives it back if that fails).
+    pub fn postcopy_paused(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<migration::postcopy::Paused>> {
+        self.postcopy_paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The throttle percentage now (0: not throttled).
