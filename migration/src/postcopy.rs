@@ -1023,4 +1023,151 @@ mod tests {
         assert!(!s.remove(0x1000));
         assert!(s.is_empty());
     }
+
+    /// Guest RAM in a vector: the engine's checks are what is tested, not userfaultfd.
+    struct Ram {
+        pages: Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+    }
+
+    impl PostcopyRam for Ram {
+        fn discard(&self, gpa: u64, _: u64) -> Result<(), VmError> {
+            self.pages.lock().unwrap().remove(&gpa);
+            Ok(())
+        }
+        fn start(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn next_fault(&self, t: Duration) -> Result<Option<u64>, VmError> {
+            std::thread::sleep(t);
+            Ok(None)
+        }
+        fn place(&self, gpa: u64, data: Option<&[u8]>) -> Result<bool, VmError> {
+            let mut p = self.pages.lock().unwrap();
+            if p.contains_key(&gpa) {
+                return Ok(false);
+            }
+            p.insert(gpa, data.map_or(vec![0; PAGE_SIZE], <[u8]>::to_vec));
+            Ok(true)
+        }
+        fn finish(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+    }
+
+    /// The destination's account of a stream discarding pages 0x1000 and 0x2000 and then
+    /// sending `pages`.
+    fn receive(pages: &[Frame]) -> (Result<(), MigrationError>, Option<Paused>) {
+        let mut set = PageSet::new(&regions());
+        set.insert(0x1000);
+        set.insert(0x2000);
+        let mut wire = Vec::new();
+        Frame {
+            kind: FrameKind::Session,
+            value: 7,
+            payload: vec![],
+        }
+        .write(&mut wire)
+        .unwrap();
+        write_page_set(&set, &mut wire).unwrap();
+        for f in pages {
+            f.write(&mut wire).unwrap();
+        }
+        let ram = Arc::new(Ram {
+            pages: Mutex::new(Default::default()),
+        });
+        let mut paused = None;
+        let res = receive_pages(
+            ram,
+            &regions(),
+            &mut &wire[..],
+            &mut Vec::new(),
+            &Progress::default(),
+            &mut || Ok(()),
+            &mut paused,
+        );
+        (res, paused)
+    }
+
+    fn done(n: u64) -> Frame {
+        Frame {
+            kind: FrameKind::Done,
+            value: n,
+            payload: vec![],
+        }
+    }
+
+    #[test]
+    fn the_destination_places_each_page_once_and_refuses_the_rest_by_name() {
+        let page = [5u8; PAGE_SIZE];
+        let (res, paused) = receive(&[
+            Frame::page(0x1000, &page),
+            Frame::page(0x2000, &[0; PAGE_SIZE]),
+            done(2),
+        ]);
+        assert!(res.is_ok(), "{res:?}");
+        assert!(paused.is_none());
+        let err = |frames: &[Frame]| {
+            let (res, paused) = receive(frames);
+            (crate::chain(&res.unwrap_err()), paused.map(|p| p.missing()))
+        };
+        assert_eq!(
+            err(&[Frame::page(0x1000, &page), Frame::page(0x1000, &page)]),
+            (
+                "Protocol error: post-copy page 0x1000 was not discarded or was sent twice".into(),
+                Some(1)
+            )
+        );
+        assert_eq!(
+            err(&[Frame::page(0x3000, &page)]),
+            (
+                "Protocol error: post-copy page 0x3000 was not discarded or was sent twice".into(),
+                Some(2)
+            )
+        );
+        assert_eq!(
+            err(&[Frame::page(1 << 40, &page)]),
+            (
+                "Protocol error: post-copy page 0x10000000000 is not guest RAM".into(),
+                Some(2)
+            )
+        );
+        assert_eq!(
+            err(&[Frame::page(0x1000, &page), done(2)]).0,
+            "Protocol error: post-copy Done after 1 of 2 pages (source says 2)"
+        );
+        // A link that ends mid-way leaves what a resume needs: the one page still missing.
+        let (res, paused) = receive(&[Frame::page(0x2000, &page)]);
+        assert!(crate::chain(&res.unwrap_err()).contains("post-copy pages"));
+        assert_eq!(paused.map(|p| (p.missing(), p.session)), Some((1, 7)));
+    }
+
+    #[test]
+    fn the_source_refuses_a_request_outside_guest_ram_by_name() {
+        let mut set = PageSet::new(&regions());
+        set.insert(0x1000);
+        let mut ret = Vec::new();
+        Msg::new(Kind::PageRequest, 1 << 40)
+            .write(&mut ret)
+            .unwrap();
+        let mut read = |_: u64, b: &mut [u8]| {
+            b.fill(1);
+            Ok(())
+        };
+        let mut fwd = Vec::new();
+        let e = send_pages(
+            set,
+            &mut read,
+            &mut fwd,
+            &ret[..],
+            &Progress::default(),
+            Duration::from_secs(1),
+            // Slow enough that the request is heard before the only page goes.
+            4096,
+        )
+        .unwrap_err();
+        assert_eq!(
+            crate::chain(&e),
+            "Protocol error: the destination asked for page 0x10000000000, which is not guest RAM"
+        );
+    }
 }
