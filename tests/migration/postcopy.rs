@@ -18,6 +18,12 @@ const SHAPE: [&str; 6] = [
     "dirty:16",
 ];
 
+fn shape(machine: &str) -> Vec<&str> {
+    let mut s = SHAPE.to_vec();
+    s[1] = machine;
+    s
+}
+
 fn postcopy_cap(f: &mut Ferry, on: bool) {
     f.ok(
         "migrate-set-capabilities",
@@ -28,11 +34,15 @@ fn postcopy_cap(f: &mut Ferry, on: bool) {
 /// A destination (post-copy on) and a source (post-copy on, pass 0 capped at 16 MiB/s so
 /// the guest dirties its working set during it, background post-copy pages at `pc_bw`).
 fn pair(dir: &std::path::Path, pc_bw: u64) -> (Ferry, Ferry) {
-    let mut args = SHAPE.to_vec();
+    pair_on(dir, "ferry-2.0", pc_bw)
+}
+
+fn pair_on(dir: &std::path::Path, machine: &str, pc_bw: u64) -> (Ferry, Ferry) {
+    let mut args = shape(machine);
     args.extend(["--incoming", "tcp:127.0.0.1:0"]);
     let mut d = Ferry::spawn(dir, "dst", &args);
     postcopy_cap(&mut d, true);
-    let mut s = Ferry::spawn(dir, "src", &SHAPE);
+    let mut s = Ferry::spawn(dir, "src", &shape(machine));
     postcopy_cap(&mut s, true);
     s.ok(
         "migrate-set-parameters",
@@ -102,6 +112,35 @@ fn post_copy_runs_the_guest_on_the_destination_and_places_every_page() {
     let p = d.pass();
     d.wait_pass(p + 2);
     d.verify();
+}
+
+/// Post-copy needs nothing of the machine type: every one of them moves its guest this way.
+fn post_copy_on(machine: &str) {
+    let dir = tempdir();
+    let (mut s, mut d) = pair_on(dir.path(), machine, 0);
+    start(&mut s, &mut d);
+    let info = wait_status(&mut s, "completed");
+    assert!(
+        info["ram"]["__org.ferry_postcopy-pages"].as_u64() > Some(0),
+        "{machine}: {info}"
+    );
+    wait_status(&mut d, "completed");
+    d.verify();
+}
+
+#[test]
+fn post_copy_on_ferry_1_0() {
+    post_copy_on("ferry-1.0");
+}
+
+#[test]
+fn post_copy_on_ferry_1_1() {
+    post_copy_on("ferry-1.1");
+}
+
+#[test]
+fn post_copy_on_ferry_2_1() {
+    post_copy_on("ferry-2.1");
 }
 
 #[test]
