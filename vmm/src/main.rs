@@ -43,6 +43,16 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write libvirt's CPU map with Ferry's CPU models added, so `virsh domcapabilities`
+    /// lists them (libvirt shows only the models its map describes).
+    LibvirtCpuMap {
+        /// libvirt's map to start from.
+        #[arg(long, default_value = "/usr/share/libvirt/cpu_map")]
+        from: PathBuf,
+        /// Where to write the extended map (may be `--from` itself).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,6 +130,7 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => demo::run(args),
         Command::QemuCompat { args } => qemu::run(&args),
+        Command::LibvirtCpuMap { from, to } => qemu::write_cpu_map(&from, &to),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 //! capability probe: `-machine none` starts a process without a VM that serves QMP.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -68,6 +68,39 @@ pub fn run(argv: &[String]) -> Result<()> {
     backend.wait_quit();
     let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
     runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// `ferry libvirt-cpu-map`: copies libvirt's map from `from` to `to` (unless the same) and
+/// adds a file per Ferry CPU model, included from `index.xml`.
+pub fn write_cpu_map(from: &Path, to: &Path) -> Result<()> {
+    use vmm::libvirt_cpu_map as map;
+    let read = |name: &str| {
+        let p = from.join(name);
+        std::fs::read_to_string(&p).with_context(|| format!("Cannot read {}", p.display()))
+    };
+    let features = map::parse_features(&read("x86_features.xml")?)?;
+    let index = read("index.xml")?;
+    std::fs::create_dir_all(to).with_context(|| format!("Cannot create {}", to.display()))?;
+    if from.canonicalize()? != to.canonicalize()? {
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .with_context(|| format!("Cannot copy {}", e.path().display()))?;
+        }
+    }
+    let probe = Probe::for_host(&[])?;
+    let mut files = Vec::new();
+    for m in machine_types::cpu::ALL_MODELS {
+        let table = probe.model_cpuid(m).map_err(anyhow::Error::msg)?;
+        let name = map::file_name(m);
+        std::fs::write(to.join(&name), map::model_xml(m, &table, &features))
+            .with_context(|| format!("Cannot write {name}"))?;
+        files.push(name);
+    }
+    std::fs::write(to.join("index.xml"), map::add_to_index(&index, &files)?)
+        .context("Cannot write index.xml")?;
+    println!("{}: {}", to.display(), files.join(", "));
     Ok(())
 }
 

@@ -77,6 +77,21 @@ impl Probe {
         }
     }
 
+    /// The guest CPUID of `model` on this host: its fixed table, or for a legacy model KVM's
+    /// supported CPUID masked.
+    pub fn model_cpuid(&self, model: CpuModel) -> Result<Vec<CpuidLeaf>, String> {
+        if let Some(t) = model.fixed_cpuid() {
+            return Ok(t);
+        }
+        let kvm = self
+            .kvm_cpuid
+            .as_ref()
+            .map_err(|e| format!("cannot read KVM's supported CPUID: {e}"))?;
+        cpuid::base_cpuid(model, kvm)
+            .map(|c| cpuid::leaves_from_kvm(&c))
+            .map_err(|e| e.to_string())
+    }
+
     /// `query-machines`: every machine type, with its default CPU model.
     pub(super) fn query_machines(&self) -> Value {
         let list: Vec<Value> = machine_types::all()
@@ -143,19 +158,9 @@ impl Probe {
                 "Ferry has no static CPU models; use expansion type 'full'",
             ));
         }
-        let table = match cpu.fixed_cpuid() {
-            Some(t) => t,
-            None => {
-                let kvm = self.kvm_cpuid.as_ref().map_err(|e| {
-                    QmpError::generic(format!("Cannot read KVM's supported CPUID: {e}"))
-                })?;
-                cpuid::base_cpuid(cpu, kvm)
-                    .map(|c| cpuid::leaves_from_kvm(&c))
-                    .map_err(|e| {
-                        QmpError::generic(format!("Cannot build the CPUID of {name}: {e}"))
-                    })?
-            }
-        };
+        let table = self
+            .model_cpuid(cpu)
+            .map_err(|e| QmpError::generic(format!("Cannot build the CPUID of {name}: {e}")))?;
         let mut out = Map::new();
         for f in FEATURES {
             out.insert(f.name.to_owned(), json!(has_feature(&table, f)));
