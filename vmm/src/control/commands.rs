@@ -33,7 +33,7 @@ pub(super) struct Command {
 }
 
 impl Command {
-    /// Refuses arguments the schema does not declare, then runs the handler.
+    /// Refuses an argument the schema does not declare (before the handler sees any).
     pub(super) fn check_args(&self, a: &Arguments) -> Result<(), QmpError> {
         if self.open {
             return Ok(());
@@ -484,7 +484,7 @@ pub(super) const COMMANDS: &[Command] = &[
             opt("answer", Ty::Bool),
         ]),
         open: false,
-        ret: Ty::Any,
+        ret: EMPTY,
         run: Run::Vm(|c, a| c.guest_hotplug(a)),
     },
     Command {
