@@ -15,7 +15,7 @@ const QMP_DIALECT: (u32, u32, u32) = (7, 2, 0);
 
 pub fn run(argv: &[String]) -> Result<()> {
     let args = vmm::qemu_argv::parse(argv)?;
-    let probe = Probe::for_host(&[])?;
+    let probe = Probe::for_host()?;
     // Fork before any thread exists; the parent exits once the child is serving.
     let ready = if args.daemonize {
         Some(daemonize()?)
@@ -89,7 +89,7 @@ pub fn write_cpu_map(from: &Path, to: &Path) -> Result<()> {
                 .with_context(|| format!("Cannot copy {}", e.path().display()))?;
         }
     }
-    let probe = Probe::for_host(&[])?;
+    let probe = Probe::for_host()?;
     let mut files = Vec::new();
     for m in machine_types::cpu::ALL_MODELS {
         let table = probe.model_cpuid(m).map_err(anyhow::Error::msg)?;

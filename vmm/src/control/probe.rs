@@ -15,9 +15,9 @@ use std::sync::{Arc, Condvar, Mutex};
 /// Reading what this host's KVM offers failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("Cannot open /dev/kvm: {0}")]
+    #[error("Cannot open /dev/kvm")]
     Kvm(#[source] kvm_ioctls::Error),
-    #[error("Cannot read KVM's supported CPUID: {0}")]
+    #[error("Cannot read KVM's supported CPUID")]
     Cpuid(#[source] kvm_ioctls::Error),
 }
 
@@ -33,17 +33,14 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Reads this host's KVM, with `hidden` features treated as absent (the test-only
-    /// `--x-hide-host-features`), as a VM of this host would see it.
-    pub fn for_host(hidden: &[&Feature]) -> Result<Probe, ProbeError> {
+    /// Reads this host's KVM, as a VM of this host would see it.
+    pub fn for_host() -> Result<Probe, ProbeError> {
         let kvm = kvm_ioctls::Kvm::new().map_err(ProbeError::Kvm)?;
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(ProbeError::Cpuid)?;
-        let mut kvm_cpuid = cpuid::leaves_from_kvm(&supported);
-        machine_types::cpu::hide_features(&mut kvm_cpuid, hidden);
-        let (mut host, msrs) = cpuid::host_support_of(&kvm).map_err(ProbeError::Cpuid)?;
-        machine_types::cpu::hide_features(&mut host, hidden);
+        let kvm_cpuid = cpuid::leaves_from_kvm(&supported);
+        let (host, msrs) = cpuid::host_support_of(&kvm).map_err(ProbeError::Cpuid)?;
         let cpu_unavailable = machine_types::cpu::ALL_MODELS
             .iter()
             .map(|&m| (m, m.host_lacks(&host, &msrs)))
