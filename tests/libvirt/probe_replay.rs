@@ -192,6 +192,13 @@ fn replays_libvirts_probe() {
         .filter_map(|e| e["name"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(names("query-commands"), described);
+    // The probe process has no VM, and says so.
+    let reply = mon.request(&json!({"execute": "query-status"}));
+    assert_eq!(
+        reply["error"]["desc"],
+        "query-status needs a VM; this process was started with -machine none",
+        "{reply}"
+    );
     // libvirt asks these only when qom-list-types has sev-guest / sgx-epc (Ferry has
     // neither); answered as QEMU does on a host without them.
     for absent in ["query-sev-capabilities", "query-sgx-capabilities"] {
