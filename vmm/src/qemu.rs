@@ -1,5 +1,6 @@
-//! `ferry qemu-compat`: Ferry behind QEMU's command line, for libvirt. So far only the
-//! capability probe: `-machine none` starts a process without a VM that serves QMP.
+//! Ferry for libvirt: `ferry qemu-compat` takes QEMU's command line (so far only the
+//! capability probe: `-machine none` starts a process without a VM that serves QMP), and
+//! `ferry libvirt-cpu-map` adds Ferry's CPU models to libvirt's CPU map.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
