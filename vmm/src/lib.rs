@@ -10,12 +10,16 @@
 //! - [`runstate`]: the QEMU-style run states.
 //! - [`config`]: machine shape and command-line value parsing.
 //! - [`qmp`]: the QMP control-plane server (protocol only; commands come from [`control`]).
+//! - [`libvirt_cpu_map`]: Ferry's CPU models described for libvirt's CPU map.
+//! - [`qemu_argv`]: QEMU's command line, as `ferry qemu-compat` (libvirt's probe) takes it.
 
 pub mod config;
 pub mod control;
 pub mod devices;
 pub mod guest;
+pub mod libvirt_cpu_map;
 pub mod migrate;
+pub mod qemu_argv;
 pub mod runstate;
 pub mod vcpu;
 pub mod vm;

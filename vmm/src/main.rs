@@ -14,6 +14,7 @@ use vmm::qmp::{EventBus, QmpConfig, QmpServer, VersionInfo};
 use vmm::{RunState, Vm};
 
 mod demo;
+mod qemu;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +36,23 @@ enum Command {
     /// Ferry's main job: live-migrate a running guest between two ferry processes over
     /// loopback and verify the result.
     Demo(demo::DemoArgs),
+    /// Take QEMU's command line, as libvirt runs an emulator (see README "libvirt"); only a
+    /// capability probe (`-machine none`) so far.
+    QemuCompat {
+        /// QEMU's arguments, e.g. `-machine none,accel=kvm -qmp unix:PATH,server=on,wait=off`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Write libvirt's CPU map with Ferry's CPU models added, so `virsh domcapabilities`
+    /// lists them (libvirt shows only the models its map describes).
+    LibvirtCpuMap {
+        /// libvirt's map to start from.
+        #[arg(long, default_value = "/usr/share/libvirt/cpu_map")]
+        from: PathBuf,
+        /// Where to write the extended map (may be `--from` itself).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,6 +129,8 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Demo(args) => demo::run(args),
+        Command::QemuCompat { args } => qemu::run(&args),
+        Command::LibvirtCpuMap { from, to } => qemu::write_cpu_map(&from, &to),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

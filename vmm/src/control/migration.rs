@@ -452,16 +452,6 @@ impl Controller {
         Ok(json!({}))
     }
 
-    /// `query-migrate-capabilities`: every capability Ferry has, in [`CAPABILITIES`] order.
-    pub(super) fn query_capabilities(&self) -> Value {
-        let p = lock(&self.params);
-        json!([
-            {"capability": "events", "state": self.events_cap.load(Ordering::SeqCst)},
-            {"capability": "auto-converge", "state": p.converge.auto_converge},
-            {"capability": "postcopy-ram", "state": p.postcopy},
-        ])
-    }
-
     /// `migrate` with `resume: true`: finish a paused post-copy through a new connection to
     /// the destination (after its `migrate-recover`).
     fn migrate_resume(self: &Arc<Self>, uri: String) -> Result<Value, QmpError> {

@@ -6,15 +6,20 @@
 //! mirror, the migration progress) and never blocks on the VM while a migration runs.
 //!
 //! Layout: this file holds the controller and its run-state lifecycle; `commands` the one
-//! table of QMP commands; `migration`, `hotplug` and `query` the handlers by concern.
+//! table of QMP commands and `schema` its QAPI types (`query-qmp-schema`); `probe` the
+//! queries that need no VM (and the backend of a `-machine none` process); `migration`,
+//! `hotplug` and `query` the handlers by concern.
 
 mod commands;
 mod hotplug;
 mod migration;
 mod objects;
+mod probe;
 mod query;
+mod schema;
 
 pub use objects::parse_object_arg;
+pub use probe::{Probe, ProbeBackend, ProbeError};
 
 use crate::hotplug::HotplugManager;
 use crate::qmp::{EventBus, QmpBackend, QmpError, ShutdownHandle};
@@ -46,7 +51,7 @@ pub struct Controller {
     state: Mutex<RunState>,
     events: EventBus,
     events_cap: Arc<AtomicBool>,
-    params: Mutex<Params>,
+    params: Arc<Mutex<Params>>,
     progress: Mutex<Option<Arc<Progress>>>,
     /// A migration stream is in flight (source: from `migrate`; destination: from stream
     /// start). Hotplug is refused while set.
@@ -68,8 +73,8 @@ pub struct Controller {
     clock: crate::vm::hotplug::GuestClock,
     /// Where the incoming listener actually bound (port 0 resolved).
     listen_addr: Mutex<Option<std::net::SocketAddr>>,
-    /// What each CPU model lacks on this host (`query-cpu-definitions`).
-    cpu_unavailable: Vec<(machine_types::CpuModel, Vec<String>)>,
+    /// The queries that need no VM (machine types, CPU models, QOM types).
+    probe: Probe,
     /// `object-add`'s objects (TLS credentials, authorization lists).
     objects: Mutex<objects::Objects>,
     /// The migration parameters `tls-creds`, `tls-hostname`, `tls-authz` as set.
@@ -119,12 +124,14 @@ impl Controller {
                 r.inspect_err(|e| tracing::warn!(error = %e, "cannot start populating guest RAM"))
                     .ok()
             });
-        let cpu_unavailable = machine_types::cpu::ALL_MODELS
-            .iter()
-            .map(|&m| (m, vm.host_lacks(m)))
-            .collect();
+        let events_cap = Arc::new(AtomicBool::new(false));
+        let params = Arc::new(Mutex::new(Params {
+            dump_stream,
+            ..Params::default()
+        }));
+        let probe = Probe::for_vm(&vm, events_cap.clone(), params.clone());
         Arc::new_cyclic(|me| Controller {
-            cpu_unavailable,
+            probe,
             hp,
             waker,
             clock,
@@ -139,11 +146,8 @@ impl Controller {
             machine,
             state: Mutex::new(state),
             events,
-            events_cap: Arc::new(AtomicBool::new(false)),
-            params: Mutex::new(Params {
-                dump_stream,
-                ..Params::default()
-            }),
+            events_cap,
+            params,
             progress: Mutex::new(None),
             objects: Mutex::default(),
             tls: Mutex::default(),
@@ -326,10 +330,13 @@ impl QmpBackend for Controller {
     }
 
     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-        let me = self.arc();
-        match commands::COMMANDS.iter().find(|c| c.name == command) {
-            Some(c) => (c.run)(&me, arguments),
-            None => Err(QmpError::unknown_command(command)),
+        let Some(c) = commands::find(command) else {
+            return Err(QmpError::unknown_command(command));
+        };
+        c.check_args(&arguments)?;
+        match c.run {
+            commands::Run::Vm(f) => f(&self.arc(), arguments),
+            commands::Run::Host(f) => f(&self.probe, arguments),
         }
     }
 }

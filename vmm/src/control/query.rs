@@ -1,4 +1,4 @@
-//! Read-only queries: machine types, CPU models, hotpluggable CPUs, the test guest.
+//! Read-only queries of the VM: hotpluggable CPUs, the test guest.
 
 use super::{Controller, lock};
 use crate::RunState;
@@ -6,46 +6,6 @@ use crate::qmp::QmpError;
 use serde_json::{Value, json};
 
 impl Controller {
-    pub(super) fn query_machines(&self) -> Value {
-        let list: Vec<Value> = machine_types::all()
-            .iter()
-            .map(|m| {
-                let mut v = json!({
-                    "name": m.name(),
-                    "cpu-max": 255,
-                    "hotpluggable-cpus": true,
-                    "deprecated": false,
-                    "is-default": m.is_newest(),
-                });
-                if m.is_newest() {
-                    v["alias"] = json!(machine_types::ALIAS_NEWEST);
-                }
-                v
-            })
-            .collect();
-        Value::Array(list)
-    }
-
-    /// Every CPU model as QEMU lists them: named models are migration-safe (a fixed table),
-    /// the legacy host-masked ones are not; `unavailable-features` is what this host lacks.
-    pub(super) fn query_cpu_definitions(&self) -> Value {
-        let list: Vec<Value> = self
-            .cpu_unavailable
-            .iter()
-            .map(|(m, lacks)| {
-                json!({
-                    "name": m.name(),
-                    "typename": format!("{}-x86_64-cpu", m.name()),
-                    "unavailable-features": lacks,
-                    "static": false,
-                    "migration-safe": m.is_fixed(),
-                    "deprecated": false,
-                })
-            })
-            .collect();
-        Value::Array(list)
-    }
-
     /// Boot vCPUs (always present) and every CPU-core connector (plugged or free), as
     /// QEMU lists its possible CPUs.
     pub(super) fn query_hotpluggable_cpus(&self) -> Value {

@@ -1,0 +1,174 @@
+//! Ferry for libvirt: `ferry qemu-compat` takes QEMU's command line (so far only the
+//! capability probe: `-machine none` starts a process without a VM that serves QMP), and
+//! `ferry libvirt-cpu-map` adds Ferry's CPU models to libvirt's CPU map.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use vmm::control::{Probe, ProbeBackend};
+use vmm::qmp::{QmpConfig, QmpServer, VersionInfo};
+
+/// The QEMU release whose QMP dialect Ferry speaks (README "libvirt": libvirt refuses
+/// anything older than 4.2.0 and picks its probes by version).
+const QMP_DIALECT: (u32, u32, u32) = (7, 2, 0);
+
+pub fn run(argv: &[String]) -> Result<()> {
+    let args = vmm::qemu_argv::parse(argv)?;
+    let probe = Probe::for_host()?;
+    // Fork before any thread exists; the parent exits once the child is serving.
+    let ready = if args.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("Cannot start the async runtime")?;
+    let backend = ProbeBackend::new(probe);
+    let (major, minor, micro) = QMP_DIALECT;
+    let version = VersionInfo::new(
+        major,
+        minor,
+        micro,
+        concat!("ferry ", env!("CARGO_PKG_VERSION")),
+    );
+    let task = {
+        let _guard = runtime.enter();
+        let server = QmpServer::bind(&args.qmp, backend.clone(), QmpConfig::new(version))
+            .context("Cannot open the QMP socket")?;
+        backend.set_server(server.shutdown_handle());
+        runtime.spawn(server.run())
+    };
+    let _pidfile = args.pidfile.map(PidFile::write).transpose()?;
+    let on_signal = backend.clone();
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        on_signal.request_quit();
+    });
+    tracing::info!(path = args.qmp, "probe process (-machine none) serving QMP");
+    if let Some(mut parent) = ready {
+        detach_stdio()?;
+        parent
+            .write_all(&[1])
+            .context("Cannot tell the parent process")?;
+    }
+    backend.wait_quit();
+    let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// `ferry libvirt-cpu-map`: copies libvirt's map from `from` to `to` (unless the same) and
+/// adds a file per Ferry CPU model, included from `index.xml`.
+pub fn write_cpu_map(from: &Path, to: &Path) -> Result<()> {
+    use vmm::libvirt_cpu_map as map;
+    let read = |name: &str| {
+        let p = from.join(name);
+        std::fs::read_to_string(&p).with_context(|| format!("Cannot read {}", p.display()))
+    };
+    let features = map::parse_features(&read("x86_features.xml")?)?;
+    let index = read("index.xml")?;
+    std::fs::create_dir_all(to).with_context(|| format!("Cannot create {}", to.display()))?;
+    if from.canonicalize()? != to.canonicalize()? {
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .with_context(|| format!("Cannot copy {}", e.path().display()))?;
+        }
+    }
+    let probe = Probe::for_host()?;
+    let mut files = Vec::new();
+    for m in machine_types::cpu::ALL_MODELS {
+        let table = probe.model_cpuid(m).map_err(anyhow::Error::msg)?;
+        let name = map::file_name(m);
+        std::fs::write(to.join(&name), map::model_xml(m, &table, &features))
+            .with_context(|| format!("Cannot write {name}"))?;
+        files.push(name);
+    }
+    std::fs::write(to.join("index.xml"), map::add_to_index(&index, &files)?)
+        .context("Cannot write index.xml")?;
+    println!("{}: {}", to.display(), files.join(", "));
+    Ok(())
+}
+
+/// QEMU's `-daemonize`: the parent exits 0 once the child reports ready (a byte on a pipe),
+/// 1 if the child fails first (its error already on the shared stderr).
+fn daemonize() -> Result<std::io::PipeWriter> {
+    let (mut from_child, to_parent) = std::io::pipe().context("Cannot create a pipe")?;
+    // SAFETY: called before the runtime or any other thread starts, so the child is a full
+    // copy of a single-threaded process and may run any code.
+    match unsafe { libc::fork() } {
+        -1 => bail!("Cannot fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            drop(from_child);
+            // SAFETY: setsid has no memory-safety preconditions.
+            if unsafe { libc::setsid() } == -1 {
+                bail!("Cannot setsid: {}", std::io::Error::last_os_error());
+            }
+            Ok(to_parent)
+        }
+        _ => {
+            drop(to_parent);
+            let mut b = [0u8; 1];
+            let code = match from_child.read(&mut b) {
+                Ok(1) => 0,
+                _ => 1,
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Points stdin, stdout and stderr at /dev/null, as QEMU does once daemonized (libvirt reads
+/// the starting process's output until it is closed).
+fn detach_stdio() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("Cannot open /dev/null")?;
+    for fd in 0..=2 {
+        // SAFETY: both descriptors are open; dup2 only replaces the standard ones, which
+        // nothing else holds as owned Rust handles.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } == -1 {
+            bail!(
+                "Cannot redirect fd {fd}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `-pidfile`: holds this process's id, removed on exit.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: String) -> Result<PidFile> {
+        let path = PathBuf::from(path);
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("Cannot write the pid file {}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
