@@ -25,6 +25,10 @@
 //!   page rate from the migrate to the source's last tick against the same length of time
 //!   before it (passes after the first), and the longest gap between source ticks meanwhile
 //!   (a throttle's sleep); blackout there runs from the source's last tick;
+//! - `QC_POSTCOPY=1`: in the convergence cases, also QEMU with `postcopy-ram` on both sides
+//!   (`qemu-postcopy`, no auto-converge), `migrate-start-postcopy` once its first pass is
+//!   done; its progress counts both guests' ticks up to completion, and a note gives the
+//!   destination's `postcopy-blocktime` (QEMU 7.2 has no per-fault latency);
 //! - `QC_NOAC=0`: no `-noac` runs; `QC_AC_MIBS=N`: `max-bandwidth` N MiB/s on both sides in
 //!   the convergence cases (a link slower than the guest, so that the throttle engages);
 //! - `QC_QEMU` (default `qemu-system-x86_64`); QEMU is skipped with a note if it is absent;
@@ -326,6 +330,9 @@ enum Hv {
     FerryNoAc,
     /// QEMU without auto-converge (convergence cases only).
     QemuNoAc,
+    /// QEMU with `postcopy-ram`, switched to post-copy after its first pass (convergence
+    /// cases only).
+    QemuPostcopy,
 }
 
 impl Hv {
@@ -354,6 +361,7 @@ impl Hv {
             Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
             Hv::FerryNoAc => "ferry-noac",
             Hv::QemuNoAc => "qemu-noac",
+            Hv::QemuPostcopy => "qemu-postcopy",
         }
     }
 
@@ -364,9 +372,14 @@ impl Hv {
         )
     }
 
-    /// Runs only in the convergence cases, with auto-converge off.
+    /// Runs with auto-converge off, bounded by [`NOAC_TIMEOUT`].
     fn no_ac(self) -> bool {
         matches!(self, Hv::FerryNoAc | Hv::QemuNoAc)
+    }
+
+    /// Runs only in the convergence cases.
+    fn converge_only(self) -> bool {
+        self.no_ac() || self == Hv::QemuPostcopy
     }
 
     /// A variant of plain Ferry whose cost the summary gives against `ferry`.
@@ -531,7 +544,7 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
             }
             c
         }
-        Hv::Qemu | Hv::QemuMultifd | Hv::QemuTls | Hv::QemuNoAc => {
+        Hv::Qemu | Hv::QemuMultifd | Hv::QemuTls | Hv::QemuNoAc | Hv::QemuPostcopy => {
             let mut c = Command::new(&env.qemu);
             c.args([
                 "-accel", "kvm", "-cpu", "qemu64", "-machine", "pc", "-smp", "1",
@@ -673,6 +686,13 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     if hv == Hv::QemuMultifd {
         caps.push(json!({"capability": "multifd", "state": true}));
     }
+    if hv == Hv::QemuPostcopy {
+        caps.push(json!({"capability": "postcopy-ram", "state": true}));
+        dst.exec(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
+        )?;
+    }
     if !hv.is_ferry() && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
         caps.push(json!({"capability": "xbzrle", "state": true}));
     }
@@ -717,7 +737,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         src.exec("migrate-set-parameters", json!({"multifd-channels": n}))?;
     }
     if conv {
-        let on = !hv.no_ac();
+        let on = !hv.converge_only();
         src.exec(
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "auto-converge", "state": on}]}),
@@ -766,8 +786,17 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     };
     let deadline = start + timeout;
     let mut throttle_peak = 0.0f64;
+    let mut postcopy_at = None;
     let outcome = loop {
         let info = src.exec("query-migrate", json!({}))?;
+        if hv == Hv::QemuPostcopy
+            && postcopy_at.is_none()
+            && info["status"] == "active"
+            && info["ram"]["dirty-sync-count"].as_u64() >= Some(2)
+        {
+            src.exec("migrate-start-postcopy", json!({}))?;
+            postcopy_at = Some(Instant::now());
+        }
         for k in ["cpu-throttle-percentage", "__org.ferry_cpu-throttle-peak"] {
             throttle_peak = throttle_peak.max(info[k].as_f64().unwrap_or(0.0));
         }
@@ -855,7 +884,23 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         .collect();
     let last_src = *src_ticks.last().ok_or("no source tick")?;
     let end = dst_ticks[AFTER_TICKS - 1];
-    let (rate_before, rate_during, stall_ms) = rates(last_src);
+    let (rate_before, mut rate_during, stall_ms) = rates(last_src);
+    let mut window_end = last_src;
+    if let Some(at) = postcopy_at {
+        // The guest runs on the destination until the source completes: both guests' ticks.
+        let both: Vec<Instant> = src_ticks.iter().chain(&dst_ticks).copied().collect();
+        rate_during = page_rate(&both, start, ended);
+        window_end = ended;
+        let q = dst.exec("query-migrate", json!({}))?;
+        println!(
+            "NOTE: {} {}: post-copy from {:.0} ms after migrate; destination postcopy-blocktime {} ms, per vCPU {}",
+            case.name,
+            hv.name(),
+            ms(at - start),
+            q["postcopy-blocktime"],
+            q["postcopy-vcpu-blocktime"]
+        );
+    }
     // From the last tick before `migrate` to the destination's AFTER_TICKS-th; under
     // auto-converge from the source's last tick (the throttle's sleeps are `stall_ms`).
     let from = if conv {
@@ -919,7 +964,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         rate_before,
         rate_during,
         stall_ms,
-        window_ms: ms(last_src - start),
+        window_ms: ms(window_end - start),
     };
     if env.dir.starts_with(std::env::temp_dir()) && std::env::var_os("QC_KEEP").is_none() {
         drop(src);
@@ -1210,7 +1255,7 @@ fn converge_summary(
         let at = |h: Hv| hvs.iter().position(|&x| x == h);
         let pairs = hvs
             .iter()
-            .filter(|h| !h.is_ferry() && !h.no_ac())
+            .filter(|h| !h.is_ferry() && **h != Hv::QemuNoAc)
             .map(|&h| (Hv::Ferry, h))
             .chain([(Hv::FerryNoAc, Hv::QemuNoAc)]);
         for (a, b) in pairs {
@@ -1365,6 +1410,12 @@ fn main() {
             hvs.push(Hv::QemuNoAc);
         }
     }
+    if have_qemu
+        && cases.iter().any(|c| c.group == Group::Converge)
+        && std::env::var("QC_POSTCOPY").is_ok_and(|v| v == "1")
+    {
+        hvs.push(Hv::QemuPostcopy);
+    }
     if let Ok(list) = std::env::var("QC_FERRY_CHANNELS") {
         for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
             match v.parse::<u8>() {
@@ -1397,7 +1448,7 @@ fn main() {
             for k in 0..hvs.len() {
                 let hi = (k + r) % hvs.len();
                 let hv = hvs[hi];
-                if hv.no_ac() && c.group != Group::Converge {
+                if hv.converge_only() && c.group != Group::Converge {
                     continue;
                 }
                 let tag = format!("{}-{}-{r}", c.name, hv.name());
@@ -1502,7 +1553,7 @@ fn main() {
             "failed"
         );
         for (ci, c) in cases.iter().enumerate().filter(|(_, c)| c.group == group) {
-            for (hi, hv) in hvs.iter().enumerate().filter(|(_, h)| !h.no_ac()) {
+            for (hi, hv) in hvs.iter().enumerate().filter(|(_, h)| !h.converge_only()) {
                 let s: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
                 println!(
                     "{:<cw$} {:<hw$} {:>3} {:>9.0} {:>8.0} {:>8.0} {:>10.1} {:>9.1} {:>7.2} {:>8.2} {:>9.2} {:>9.0} {:>6.1} {:>5} {:>6}",
@@ -1524,7 +1575,7 @@ fn main() {
                 );
             }
             for (hi, hv) in hvs.iter().enumerate().skip(1) {
-                if hv.is_ferry_variant() || hv.no_ac() {
+                if hv.is_ferry_variant() || hv.converge_only() {
                     continue;
                 }
                 println!(
