@@ -23,8 +23,9 @@
 //!   (auto-converge off, cancelled after 60 s: "did not converge"). Per run: converged or
 //!   not, peak `cpu-throttle-percentage` (polled; Ferry also reports its peak), the guest's
 //!   page rate from the migrate to the source's last tick against the same length of time
-//!   before it (passes after the first), and the longest gap between source ticks meanwhile
-//!   (a throttle's sleep); blackout there runs from the source's last tick;
+//!   before it (passes after the first), the guest run time lost (that window times one
+//!   less the ratio), and the longest gap between source ticks meanwhile (a throttle's
+//!   sleep); blackout there runs from the source's last tick;
 //! - `QC_POSTCOPY=1`: in the convergence cases, also QEMU with `postcopy-ram` on both sides
 //!   (`qemu-postcopy`, no auto-converge), `migrate-start-postcopy` once its first pass is
 //!   done; its progress counts both guests' ticks up to completion, and a note gives the
@@ -593,7 +594,8 @@ struct Sample {
     throttle_peak: f64,
     /// Guest pages checked and rewritten per second before `migrate` (source ticks).
     rate_before: f64,
-    /// The same from `migrate` to the source's last tick (or to the cancel).
+    /// The same from `migrate` to the source's last tick (or to the cancel; post-copy: to
+    /// completion, both guests' ticks).
     rate_during: f64,
     /// Largest gap between two source ticks during the migration (a throttle's sleep).
     stall_ms: f64,
