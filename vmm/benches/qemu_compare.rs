@@ -15,7 +15,23 @@
 //!   page written, then ticking). SPARSE-friendly cases, QEMU's a-b-bootblock pattern of
 //!   one byte per page (nearly all-zero pages, which Ferry's SPARSE records carry in 72
 //!   bytes; reported apart as the compression they are): `1g-idle`, `1g-dirty64`,
-//!   `1g-dirty99`, `2g-once`, `1g-dirty512`, `4g-dirty64`, `4g-dirty512`;
+//!   `1g-dirty99`, `2g-once`, `1g-dirty512`, `4g-dirty64`, `4g-dirty512`. Convergence
+//!   (issue 16), only when named: `2g-dense1024-ac`, a 2 GiB dense guest rewriting 1 GiB,
+//!   `downtime-limit` 100 ms, capability `auto-converge` on both hypervisors with QEMU's
+//!   throttle defaults (20/10/99, threshold 50) and Ferry's `__org.ferry_max-iterations` at
+//!   10000 (QEMU's passes are unbounded); each round also runs `ferry-noac` and `qemu-noac`
+//!   (auto-converge off, cancelled after 60 s: "did not converge"). Per run: converged or
+//!   not, peak `cpu-throttle-percentage` (polled; Ferry also reports its peak), the guest's
+//!   page rate from the migrate to the source's last tick against the same length of time
+//!   before it (passes after the first), the guest run time lost (that window times one
+//!   less the ratio), and the longest gap between source ticks meanwhile (a throttle's
+//!   sleep); blackout there runs from the source's last tick;
+//! - `QC_POSTCOPY=1`: in the convergence cases, also QEMU with `postcopy-ram` on both sides
+//!   (`qemu-postcopy`, no auto-converge), `migrate-start-postcopy` once its first pass is
+//!   done; its progress counts both guests' ticks up to completion, and a note gives the
+//!   destination's `postcopy-blocktime` (QEMU 7.2 has no per-fault latency);
+//! - `QC_NOAC=0`: no `-noac` runs; `QC_AC_MIBS=N`: `max-bandwidth` N MiB/s on both sides in
+//!   the convergence cases (a link slower than the guest, so that the throttle engages);
 //! - `QC_QEMU` (default `qemu-system-x86_64`); QEMU is skipped with a note if it is absent;
 //! - `QC_MULTIFD=0`: no QEMU multifd runs;
 //! - `QC_KEEP=DIR`: keep images, logs and serial captures there;
@@ -83,6 +99,11 @@ const GIB: u64 = 1 << 30;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest a migration may take before it is cancelled and counted as failed.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a convergence case runs without auto-converge before it is cancelled and counted
+/// as not converging (QEMU's passes are unbounded).
+const NOAC_TIMEOUT: Duration = Duration::from_secs(60);
+/// `downtime-limit` of the convergence cases (the others have 300 ms).
+const CONVERGE_DOWNTIME_MS: u64 = 100;
 /// Longest the destination guest may take to print what is waited for after completion.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Ticks the source must print (after its warm-up passes) before the migration starts.
@@ -98,11 +119,13 @@ const DENSE_PAGES_PER_TICK: u32 = 64;
 /// natively, ~1 ns per iteration here: ~0.5 ms).
 const DENSE_SPIN_LOOPS: u32 = 1 << 19;
 
-/// Dense pages (the headline) or QEMU's one-byte-per-page pattern, which SPARSE compresses.
+/// Dense pages (the headline), QEMU's one-byte-per-page pattern (which SPARSE compresses), or
+/// a dense guest that outruns the link, migrated with auto-converge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Group {
     Dense,
     Sparse,
+    Converge,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -233,6 +256,18 @@ fn cases() -> Vec<Case> {
             dst_lead: Duration::ZERO,
             scale: None,
         },
+        Case {
+            name: "2g-dense1024-ac",
+            group: Group::Converge,
+            memory: 2 * GIB,
+            image: dense(GIB + MIB, false),
+            what: "2 GiB, checks and rewrites every byte of [1,1025) MiB each pass (ring 3); downtime-limit 100 ms, auto-converge",
+            // Passes 2 and 3 (the first touches every page) give the rate before `migrate`.
+            warm_passes: 3,
+            check_passes: 2,
+            dst_lead: Duration::ZERO,
+            scale: None,
+        },
         sparse(
             "1g-idle",
             GIB,
@@ -292,6 +327,13 @@ enum Hv {
     FerryLeverOff(Lever),
     /// Ferry with `multifd-channels` N on both sides (0 to 8).
     FerryChannels(u8),
+    /// Ferry without auto-converge (convergence cases only).
+    FerryNoAc,
+    /// QEMU without auto-converge (convergence cases only).
+    QemuNoAc,
+    /// QEMU with `postcopy-ram`, switched to post-copy after its first pass (convergence
+    /// cases only).
+    QemuPostcopy,
 }
 
 impl Hv {
@@ -318,14 +360,27 @@ impl Hv {
             Hv::FerryLeverOff(Lever::DirectSend) => "-direct-send",
             Hv::FerryLeverOff(Lever::DirectReceive) => "-direct-receive",
             Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
+            Hv::FerryNoAc => "ferry-noac",
+            Hv::QemuNoAc => "qemu-noac",
+            Hv::QemuPostcopy => "qemu-postcopy",
         }
     }
 
     fn is_ferry(self) -> bool {
         matches!(
             self,
-            Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_)
+            Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNoAc
         )
+    }
+
+    /// Runs with auto-converge off, bounded by [`NOAC_TIMEOUT`].
+    fn no_ac(self) -> bool {
+        matches!(self, Hv::FerryNoAc | Hv::QemuNoAc)
+    }
+
+    /// Runs only in the convergence cases.
+    fn converge_only(self) -> bool {
+        self.no_ac() || self == Hv::QemuPostcopy
     }
 
     /// A variant of plain Ferry whose cost the summary gives against `ferry`.
@@ -468,7 +523,7 @@ struct Env {
 
 fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bool) -> Command {
     match hv {
-        Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_) => {
+        Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNoAc => {
             let mut c = Command::new(&env.ferry);
             c.arg("run")
                 .args(["--machine", "ferry", "--memory"])
@@ -490,7 +545,7 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
             }
             c
         }
-        Hv::Qemu | Hv::QemuMultifd | Hv::QemuTls => {
+        Hv::Qemu | Hv::QemuMultifd | Hv::QemuTls | Hv::QemuNoAc | Hv::QemuPostcopy => {
             let mut c = Command::new(&env.qemu);
             c.args([
                 "-accel", "kvm", "-cpu", "qemu64", "-machine", "pc", "-smp", "1",
@@ -530,6 +585,34 @@ struct Sample {
     passes: f64,
     /// `!` printed by either guest: pages that failed their check.
     fails: usize,
+    /// The migration completed (a convergence case may end cancelled or failed instead; its
+    /// times are then NaN).
+    converged: bool,
+    /// How long a migration that did not converge ran before it was cancelled or failed.
+    gave_up_ms: f64,
+    /// Highest `cpu-throttle-percentage` seen while polling (Ferry also reports its peak).
+    throttle_peak: f64,
+    /// Guest pages checked and rewritten per second before `migrate` (source ticks).
+    rate_before: f64,
+    /// The same from `migrate` to the source's last tick (or to the cancel; post-copy: to
+    /// completion, both guests' ticks).
+    rate_during: f64,
+    /// Largest gap between two source ticks during the migration (a throttle's sleep).
+    stall_ms: f64,
+    /// Length of the window `rate_during` is measured over.
+    window_ms: f64,
+}
+
+impl Sample {
+    /// The guest's page rate during the migration over its rate before it.
+    fn progress(&self) -> f64 {
+        self.rate_during / self.rate_before
+    }
+
+    /// Guest run time lost to the migration: its window times the share of speed lost.
+    fn lost_s(&self) -> f64 {
+        self.window_ms / 1000.0 * (1.0 - self.progress())
+    }
 }
 
 /// Write the CA and both sides' credentials under `dir/pki` (QEMU's layout, read by both).
@@ -562,6 +645,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Guest pages per second from the ticks in (`from`, `to`] (a dense guest's tick is
+/// [`DENSE_PAGES_PER_TICK`] pages).
+fn page_rate(ticks: &[Instant], from: Instant, to: Instant) -> f64 {
+    let n = ticks.iter().filter(|t| **t > from && **t <= to).count();
+    n as f64 * f64::from(DENSE_PAGES_PER_TICK) / (to - from).as_secs_f64()
+}
+
 /// The tick times of a serial capture.
 fn ticks(chars: &[(Instant, u8)]) -> Vec<Instant> {
     chars.iter().filter(|c| c.1 == TICK).map(|c| c.0).collect()
@@ -584,10 +674,26 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         &ds,
         &dir.join("dst.log"),
     )?;
-    let params = json!({"downtime-limit": 300, "max-bandwidth": 100u64 * GIB});
+    let conv = case.group == Group::Converge;
+    let downtime_limit = if conv { CONVERGE_DOWNTIME_MS } else { 300 };
+    let bandwidth = match std::env::var("QC_AC_MIBS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(m) if conv => m * MIB,
+        _ => 100 * GIB,
+    };
+    let params = json!({"downtime-limit": downtime_limit, "max-bandwidth": bandwidth});
     let mut caps = Vec::new();
     if hv == Hv::QemuMultifd {
         caps.push(json!({"capability": "multifd", "state": true}));
+    }
+    if hv == Hv::QemuPostcopy {
+        caps.push(json!({"capability": "postcopy-ram", "state": true}));
+        dst.exec(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
+        )?;
     }
     if !hv.is_ferry() && std::env::var("QC_QEMU_XBZRLE").is_ok_and(|v| v == "1") {
         caps.push(json!({"capability": "xbzrle", "state": true}));
@@ -632,6 +738,27 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     if let Hv::FerryChannels(n) = hv {
         src.exec("migrate-set-parameters", json!({"multifd-channels": n}))?;
     }
+    if conv {
+        let on = !hv.converge_only();
+        src.exec(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "auto-converge", "state": on}]}),
+        )?;
+        // QEMU's defaults, spelled out for both.
+        src.exec(
+            "migrate-set-parameters",
+            json!({"cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+                   "max-cpu-throttle": 99, "throttle-trigger-threshold": 50,
+                   "cpu-throttle-tailslow": false}),
+        )?;
+        if hv.is_ferry() {
+            // Unbounded in effect, as QEMU's passes are (Ferry's default is 30).
+            src.exec(
+                "migrate-set-parameters",
+                json!({"__org.ferry_max-iterations": 10000}),
+            )?;
+        }
+    }
     if hv.is_ferry() && std::env::var("QC_FERRY_SPARSE").is_ok_and(|v| v == "0") {
         src.exec(
             "migrate-set-parameters",
@@ -654,13 +781,31 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         "migrate",
         json!({"uri": format!("tcp:{}:{port}", Ipv4Addr::LOCALHOST)}),
     )?;
-    let deadline = start + MIGRATE_TIMEOUT;
-    let info = loop {
+    let timeout = if hv.no_ac() {
+        NOAC_TIMEOUT
+    } else {
+        MIGRATE_TIMEOUT
+    };
+    let deadline = start + timeout;
+    let mut throttle_peak = 0.0f64;
+    let mut postcopy_at = None;
+    let outcome = loop {
         let info = src.exec("query-migrate", json!({}))?;
+        if hv == Hv::QemuPostcopy
+            && postcopy_at.is_none()
+            && info["status"] == "active"
+            && info["ram"]["dirty-sync-count"].as_u64() >= Some(2)
+        {
+            src.exec("migrate-start-postcopy", json!({}))?;
+            postcopy_at = Some(Instant::now());
+        }
+        for k in ["cpu-throttle-percentage", "__org.ferry_cpu-throttle-peak"] {
+            throttle_peak = throttle_peak.max(info[k].as_f64().unwrap_or(0.0));
+        }
         match info["status"].as_str().unwrap_or("") {
-            "completed" => break info,
+            "completed" => break Ok(info),
             "failed" | "cancelled" => {
-                return Err(format!(
+                break Err(format!(
                     "migration {}: {}",
                     info["status"], info["error-desc"]
                 ));
@@ -669,30 +814,107 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         }
         if Instant::now() >= deadline {
             let _ = src.exec("migrate_cancel", json!({}));
-            return Err(format!(
-                "no convergence within {MIGRATE_TIMEOUT:?}: {}",
+            break Err(format!(
+                "no convergence within {timeout:?} (cancelled): {}",
                 info["ram"]
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let ended = Instant::now();
+    // The guest's own progress: its rate before `migrate`, over as long a window as the
+    // migration took where the warm passes allow (the first pass, which touches every page
+    // first, left out), and its rate during it.
+    let src_chars = src.chars();
+    let src_ticks = ticks(&src_chars);
+    let first_pass = src_chars
+        .iter()
+        .find(|c| c.1 == PASS)
+        .map_or(start, |c| c.0);
+    let rates = |until: Instant| {
+        let len = (until - start).min(start - first_pass);
+        let during: Vec<Instant> = src_ticks
+            .iter()
+            .copied()
+            .filter(|t| *t > start && *t <= until)
+            .collect();
+        let stall = during
+            .windows(2)
+            .map(|w| ms(w[1] - w[0]))
+            .fold(0.0, f64::max);
+        (
+            page_rate(&src_ticks, start - len, start),
+            page_rate(&src_ticks, start, until),
+            stall,
+        )
+    };
+    let info = match outcome {
+        Ok(info) => info,
+        Err(e) if conv => {
+            // Up to the cancel: the throttle ends with it.
+            let (rate_before, rate_during, stall_ms) = rates(ended);
+            println!("NOTE: {} {}: did not converge: {e}", case.name, hv.name());
+            return Ok(Sample {
+                total_ms: f64::NAN,
+                downtime_ms: f64::NAN,
+                setup_ms: f64::NAN,
+                bytes: f64::NAN,
+                gbit: f64::NAN,
+                ram_gbit: f64::NAN,
+                blackout_ms: f64::NAN,
+                switch_ms: f64::NAN,
+                interval_ms: median(&mut gaps),
+                passes: f64::NAN,
+                fails: src_chars.iter().filter(|c| c.1 == FAIL).count(),
+                converged: false,
+                gave_up_ms: ms(ended - start),
+                throttle_peak,
+                rate_before,
+                rate_during,
+                stall_ms,
+                window_ms: ms(ended - start),
+            });
+        }
+        Err(e) => return Err(e),
+    };
     dst.wait_chars(TICK, AFTER_TICKS, start, RESUME_TIMEOUT)?;
     dst.wait_chars(PASS, case.check_passes, start, RESUME_TIMEOUT)?;
-    let (src_chars, dst_chars) = (src.chars(), dst.chars());
-    let src_ticks: Vec<Instant> = ticks(&src_chars);
+    let dst_chars = dst.chars();
     let dst_ticks: Vec<Instant> = ticks(&dst_chars)
         .into_iter()
         .filter(|t| *t >= start)
         .collect();
     let last_src = *src_ticks.last().ok_or("no source tick")?;
     let end = dst_ticks[AFTER_TICKS - 1];
-    // From the last tick before `migrate` to the destination's AFTER_TICKS-th.
-    let from = src_ticks
-        .iter()
-        .rev()
-        .find(|t| **t <= start)
-        .copied()
-        .unwrap_or(start);
+    let (rate_before, mut rate_during, stall_ms) = rates(last_src);
+    let mut window_end = last_src;
+    if let Some(at) = postcopy_at {
+        // The guest runs on the destination until the source completes: both guests' ticks.
+        let both: Vec<Instant> = src_ticks.iter().chain(&dst_ticks).copied().collect();
+        rate_during = page_rate(&both, start, ended);
+        window_end = ended;
+        let q = dst.exec("query-migrate", json!({}))?;
+        println!(
+            "NOTE: {} {}: post-copy from {:.0} ms after migrate; destination postcopy-blocktime {} ms, per vCPU {}",
+            case.name,
+            hv.name(),
+            ms(at - start),
+            q["postcopy-blocktime"],
+            q["postcopy-vcpu-blocktime"]
+        );
+    }
+    // From the last tick before `migrate` to the destination's AFTER_TICKS-th; under
+    // auto-converge from the source's last tick (the throttle's sleeps are `stall_ms`).
+    let from = if conv {
+        last_src
+    } else {
+        src_ticks
+            .iter()
+            .rev()
+            .find(|t| **t <= start)
+            .copied()
+            .unwrap_or(start)
+    };
     let mut window: Vec<Instant> = src_ticks
         .iter()
         .chain(&dst_ticks)
@@ -738,6 +960,13 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         interval_ms: median(&mut gaps),
         passes: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
         fails,
+        converged: true,
+        gave_up_ms: f64::NAN,
+        throttle_peak,
+        rate_before,
+        rate_during,
+        stall_ms,
+        window_ms: ms(window_end - start),
     };
     if env.dir.starts_with(std::env::temp_dir()) && std::env::var_os("QC_KEEP").is_none() {
         drop(src);
@@ -962,6 +1191,93 @@ fn scaling_svg(series: &[Series]) -> String {
     o + "</svg>\n"
 }
 
+/// Pages per second as MiB/s.
+fn mib_s(pages: f64) -> f64 {
+    pages * 4096.0 / MIB as f64
+}
+
+/// The convergence cases: per hypervisor, how many runs converged, medians of the converged
+/// runs, the guest's progress during the migration against before it, and Ferry's paired
+/// ratios to each baseline with auto-converge (and `ferry-noac` to `qemu-noac`).
+fn converge_summary(
+    cases: &[Case],
+    hvs: &[Hv],
+    samples: &[Vec<Vec<Option<Sample>>>],
+    cw: usize,
+    hw: usize,
+) {
+    println!(
+        "CONVERGENCE (downtime-limit {CONVERGE_DOWNTIME_MS} ms; auto-converge on unless -noac; times are medians of converged runs; progress = guest page rate during the migration / before it)"
+    );
+    println!(
+        "{:<cw$} {:<hw$} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9} {:>6} {:>10} {:>8} {:>6} {:>6} {:>9} {:>5}",
+        "case",
+        "hv",
+        "converged",
+        "total ms",
+        "down ms",
+        "blackout",
+        "switch",
+        "stall ms",
+        "peak %",
+        "MiB/s bef",
+        "progress",
+        "lost s",
+        "passes",
+        "MiB sent",
+        "!"
+    );
+    for (ci, c) in cases
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.group == Group::Converge)
+    {
+        for (hi, hv) in hvs.iter().enumerate() {
+            let all: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
+            let done: Vec<Sample> = all.iter().filter(|x| x.converged).cloned().collect();
+            println!(
+                "{:<cw$} {:<hw$} {:>9} {:>9.0} {:>8.0} {:>9.1} {:>8.1} {:>9.1} {:>6.0} {:>10.0} {:>8.2} {:>6.1} {:>6.1} {:>9.0} {:>5}",
+                c.name,
+                hv.name(),
+                format!("{}/{}", done.len(), samples[ci][hi].len()),
+                col(&done, |x| x.total_ms),
+                col(&done, |x| x.downtime_ms),
+                col(&done, |x| x.blackout_ms),
+                col(&done, |x| x.switch_ms),
+                col(&all, |x| x.stall_ms),
+                col(&all, |x| x.throttle_peak),
+                col(&all, |x| mib_s(x.rate_before)),
+                col(&all, Sample::progress),
+                col(&all, Sample::lost_s),
+                col(&done, |x| x.passes),
+                col(&done, |x| x.bytes) / MIB as f64,
+                all.iter().map(|x| x.fails).sum::<usize>(),
+            );
+        }
+        let at = |h: Hv| hvs.iter().position(|&x| x == h);
+        let pairs = hvs
+            .iter()
+            .filter(|h| !h.is_ferry() && **h != Hv::QemuNoAc)
+            .map(|&h| (Hv::Ferry, h))
+            .chain([(Hv::FerryNoAc, Hv::QemuNoAc)]);
+        for (a, b) in pairs {
+            let (Some(x), Some(y)) = (at(a), at(b)) else {
+                continue;
+            };
+            let (x, y) = (&samples[ci][x], &samples[ci][y]);
+            println!(
+                "{:<cw$} {}/{} median of paired ratios: {}  {}  {}",
+                c.name,
+                a.name(),
+                b.name(),
+                time_ratios(x, y),
+                ratio("progress", x, y, Sample::progress),
+                ratio("lost", x, y, Sample::lost_s),
+            );
+        }
+    }
+}
+
 fn median(v: &mut Vec<f64>) -> f64 {
     v.retain(|x| !x.is_nan());
     if v.is_empty() {
@@ -1088,6 +1404,20 @@ fn main() {
     if std::env::var("QC_LEVERS").is_ok_and(|v| v == "1") {
         hvs.extend(Lever::ALL.map(Hv::FerryLeverOff));
     }
+    if cases.iter().any(|c| c.group == Group::Converge)
+        && std::env::var("QC_NOAC").map_or(true, |v| v != "0")
+    {
+        hvs.push(Hv::FerryNoAc);
+        if have_qemu {
+            hvs.push(Hv::QemuNoAc);
+        }
+    }
+    if have_qemu
+        && cases.iter().any(|c| c.group == Group::Converge)
+        && std::env::var("QC_POSTCOPY").is_ok_and(|v| v == "1")
+    {
+        hvs.push(Hv::QemuPostcopy);
+    }
     if let Ok(list) = std::env::var("QC_FERRY_CHANNELS") {
         for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
             match v.parse::<u8>() {
@@ -1120,8 +1450,43 @@ fn main() {
             for k in 0..hvs.len() {
                 let hi = (k + r) % hvs.len();
                 let hv = hvs[hi];
+                if hv.converge_only() && c.group != Group::Converge {
+                    continue;
+                }
                 let tag = format!("{}-{}-{r}", c.name, hv.name());
                 match run_once(&env, hv, c, &imgs[ci], &tag) {
+                    Ok(s) if c.group == Group::Converge => {
+                        println!(
+                            "run {r:>2} {:<cw$} {:<hw$} {}  total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms  throttle peak {:>3.0} %  longest stall {:>6.1} ms  rate before {:>5.0} MiB/s, during {:>5.0} MiB/s ({:.2}x, {:.1} s lost)  {:>6.0} MiB sent  passes {}  fails {}",
+                            c.name,
+                            hv.name(),
+                            if s.converged {
+                                "converged".to_owned()
+                            } else {
+                                format!("NOT converged ({:.0} s)", s.gave_up_ms / 1000.0)
+                            },
+                            s.total_ms,
+                            s.downtime_ms,
+                            s.blackout_ms,
+                            s.switch_ms,
+                            s.throttle_peak,
+                            s.stall_ms,
+                            mib_s(s.rate_before),
+                            mib_s(s.rate_during),
+                            s.progress(),
+                            s.lost_s(),
+                            s.bytes / MIB as f64,
+                            s.passes,
+                            s.fails
+                        );
+                        if s.fails > 0 {
+                            println!(
+                                "  FAIL: the guests printed {} '!' (pages that failed their check)",
+                                s.fails
+                            );
+                        }
+                        samples[ci][hi].push(Some(s));
+                    }
                     Ok(s) => {
                         println!(
                             "run {r:>2} {:<cw$} {:<hw$} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
@@ -1153,11 +1518,15 @@ fn main() {
             }
         }
     }
-    for group in [Group::Dense, Group::Sparse] {
+    for group in [Group::Dense, Group::Sparse, Group::Converge] {
         if !cases.iter().any(|c| c.group == group) {
             continue;
         }
         println!();
+        if group == Group::Converge {
+            converge_summary(&cases, &hvs, &samples, cw, hw);
+            continue;
+        }
         match group {
             Group::Dense => println!(
                 "DENSE pages (every byte of the working set rewritten with pseudo-random data)"
@@ -1165,6 +1534,7 @@ fn main() {
             Group::Sparse => println!(
                 "SPARSE-friendly (one byte per page: Ferry's SPARSE records compress these pages)"
             ),
+            Group::Converge => unreachable!("summarised above"),
         }
         println!(
             "{:<cw$} {:<hw$} {:>3} {:>9} {:>8} {:>8} {:>10} {:>9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>5} {:>6}",
@@ -1185,7 +1555,7 @@ fn main() {
             "failed"
         );
         for (ci, c) in cases.iter().enumerate().filter(|(_, c)| c.group == group) {
-            for (hi, hv) in hvs.iter().enumerate() {
+            for (hi, hv) in hvs.iter().enumerate().filter(|(_, h)| !h.converge_only()) {
                 let s: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
                 println!(
                     "{:<cw$} {:<hw$} {:>3} {:>9.0} {:>8.0} {:>8.0} {:>10.1} {:>9.1} {:>7.2} {:>8.2} {:>9.2} {:>9.0} {:>6.1} {:>5} {:>6}",
@@ -1207,7 +1577,7 @@ fn main() {
                 );
             }
             for (hi, hv) in hvs.iter().enumerate().skip(1) {
-                if hv.is_ferry_variant() {
+                if hv.is_ferry_variant() || hv.converge_only() {
                     continue;
                 }
                 println!(
