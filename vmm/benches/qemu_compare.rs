@@ -26,7 +26,8 @@
 //!   before it (passes after the first), the guest run time lost (that window times one
 //!   less the ratio), and the longest gap between source ticks meanwhile (a throttle's
 //!   sleep); blackout there runs from the source's last tick;
-//! - `QC_POSTCOPY=1`: in the convergence cases, also QEMU with `postcopy-ram` on both sides
+//! - `QC_POSTCOPY=1`: in the convergence cases, also Ferry (`ferry-postcopy`, its fault
+//!   latency from `query-migrate`) and QEMU with `postcopy-ram` on both sides
 //!   (`qemu-postcopy`, no auto-converge), `migrate-start-postcopy` once its first pass is
 //!   done; its progress counts both guests' ticks up to completion, and a note gives the
 //!   destination's `postcopy-blocktime` (QEMU 7.2 has no per-fault latency);
@@ -334,6 +335,9 @@ enum Hv {
     /// QEMU with `postcopy-ram`, switched to post-copy after its first pass (convergence
     /// cases only).
     QemuPostcopy,
+    /// Ferry with `postcopy-ram`, switched to post-copy at the end of its first pass
+    /// (convergence cases only).
+    FerryPostcopy,
 }
 
 impl Hv {
@@ -363,13 +367,19 @@ impl Hv {
             Hv::FerryNoAc => "ferry-noac",
             Hv::QemuNoAc => "qemu-noac",
             Hv::QemuPostcopy => "qemu-postcopy",
+            Hv::FerryPostcopy => "ferry-postcopy",
         }
     }
 
     fn is_ferry(self) -> bool {
         matches!(
             self,
-            Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNoAc
+            Hv::Ferry
+                | Hv::FerryTls
+                | Hv::FerryLeverOff(_)
+                | Hv::FerryChannels(_)
+                | Hv::FerryNoAc
+                | Hv::FerryPostcopy
         )
     }
 
@@ -380,7 +390,12 @@ impl Hv {
 
     /// Runs only in the convergence cases.
     fn converge_only(self) -> bool {
-        self.no_ac() || self == Hv::QemuPostcopy
+        self.no_ac() || self.postcopy()
+    }
+
+    /// Switched to post-copy after the first pass.
+    fn postcopy(self) -> bool {
+        matches!(self, Hv::QemuPostcopy | Hv::FerryPostcopy)
     }
 
     /// A variant of plain Ferry whose cost the summary gives against `ferry`.
@@ -523,7 +538,12 @@ struct Env {
 
 fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bool) -> Command {
     match hv {
-        Hv::Ferry | Hv::FerryTls | Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNoAc => {
+        Hv::Ferry
+        | Hv::FerryTls
+        | Hv::FerryLeverOff(_)
+        | Hv::FerryChannels(_)
+        | Hv::FerryNoAc
+        | Hv::FerryPostcopy => {
             let mut c = Command::new(&env.ferry);
             c.arg("run")
                 .args(["--machine", "ferry", "--memory"])
@@ -688,6 +708,9 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     if hv == Hv::QemuMultifd {
         caps.push(json!({"capability": "multifd", "state": true}));
     }
+    if hv == Hv::FerryPostcopy {
+        caps.push(json!({"capability": "postcopy-ram", "state": true}));
+    }
     if hv == Hv::QemuPostcopy {
         caps.push(json!({"capability": "postcopy-ram", "state": true}));
         dst.exec(
@@ -791,10 +814,13 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     let mut postcopy_at = None;
     let outcome = loop {
         let info = src.exec("query-migrate", json!({}))?;
-        if hv == Hv::QemuPostcopy
+        // QEMU counts the sync before its first pass; Ferry switches at the end of the
+        // pass it is in.
+        let first_pass = if hv.is_ferry() { Some(0) } else { Some(2) };
+        if hv.postcopy()
             && postcopy_at.is_none()
             && info["status"] == "active"
-            && info["ram"]["dirty-sync-count"].as_u64() >= Some(2)
+            && info["ram"]["dirty-sync-count"].as_u64() >= first_pass
         {
             src.exec("migrate-start-postcopy", json!({}))?;
             postcopy_at = Some(Instant::now());
@@ -894,14 +920,27 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         rate_during = page_rate(&both, start, ended);
         window_end = ended;
         let q = dst.exec("query-migrate", json!({}))?;
-        println!(
-            "NOTE: {} {}: post-copy from {:.0} ms after migrate; destination postcopy-blocktime {} ms, per vCPU {}",
-            case.name,
-            hv.name(),
-            ms(at - start),
-            q["postcopy-blocktime"],
-            q["postcopy-vcpu-blocktime"]
-        );
+        if hv.is_ferry() {
+            println!(
+                "NOTE: {} {}: post-copy from {:.0} ms after migrate; destination: {} pages after the switchover, {} requested, fault latency {} us on average, {} us at most",
+                case.name,
+                hv.name(),
+                ms(at - start),
+                q["ram"]["__org.ferry_postcopy-pages"],
+                q["ram"]["postcopy-requests"],
+                q["__org.ferry_postcopy-latency-avg-us"],
+                q["__org.ferry_postcopy-latency-max-us"]
+            );
+        } else {
+            println!(
+                "NOTE: {} {}: post-copy from {:.0} ms after migrate; destination postcopy-blocktime {} ms, per vCPU {}",
+                case.name,
+                hv.name(),
+                ms(at - start),
+                q["postcopy-blocktime"],
+                q["postcopy-vcpu-blocktime"]
+            );
+        }
     }
     // From the last tick before `migrate` to the destination's AFTER_TICKS-th; under
     // auto-converge from the source's last tick (the throttle's sleeps are `stall_ms`).
@@ -1412,11 +1451,13 @@ fn main() {
             hvs.push(Hv::QemuNoAc);
         }
     }
-    if have_qemu
-        && cases.iter().any(|c| c.group == Group::Converge)
+    if cases.iter().any(|c| c.group == Group::Converge)
         && std::env::var("QC_POSTCOPY").is_ok_and(|v| v == "1")
     {
-        hvs.push(Hv::QemuPostcopy);
+        hvs.push(Hv::FerryPostcopy);
+        if have_qemu {
+            hvs.push(Hv::QemuPostcopy);
+        }
     }
     if let Ok(list) = std::env::var("QC_FERRY_CHANNELS") {
         for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
