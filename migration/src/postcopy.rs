@@ -538,6 +538,14 @@ fn read_page_set(
         let f = Frame::read(r).map_err(io_err("post-copy discard"))?;
         match f.kind {
             FrameKind::Discard => {
+                // Pages are dropped a run of neighbours at a time (one madvise each).
+                let mut run: Option<(u64, u64)> = None;
+                let drop_run = |run: Option<(u64, u64)>| match (ram, run) {
+                    (Some(ram), Some((gpa, pages))) => {
+                        ram.discard(gpa, pages).map_err(MigrationError::Vm)
+                    }
+                    _ => Ok(()),
+                };
                 for (w, chunk) in f.payload.chunks_exact(8).enumerate() {
                     let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                     for b in (0..64).filter(|b| word >> b & 1 == 1) {
@@ -547,11 +555,16 @@ fn read_page_set(
                                 "post-copy discard of page {gpa:#x}, which is not guest RAM"
                             )));
                         }
-                        if let Some(ram) = ram {
-                            ram.discard(gpa, 1).map_err(MigrationError::Vm)?;
-                        }
+                        run = match run {
+                            Some((start, n)) if start + n * PAGE == gpa => Some((start, n + 1)),
+                            other => {
+                                drop_run(other)?;
+                                Some((gpa, 1))
+                            }
+                        };
                     }
                 }
+                drop_run(run)?;
             }
             FrameKind::DiscardEnd if f.value == set.len() => return Ok(set),
             FrameKind::DiscardEnd => {

@@ -41,22 +41,32 @@ impl UffdRam {
 
 impl PostcopyRam for UffdRam {
     fn discard(&self, gpa: u64, pages: u64) -> Result<(), String> {
-        let host = self.host(gpa)?;
-        self.host(gpa + (pages - 1) * PAGE_SIZE)?;
-        // SAFETY: the range lies inside one private anonymous guest mapping this object keeps
-        // mapped; dropping its pages only makes them read as missing (then as placed).
-        let r = unsafe {
-            libc::madvise(
-                host as *mut libc::c_void,
-                (pages * PAGE_SIZE) as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if r != 0 {
-            return Err(format!(
-                "Cannot drop stale page {gpa:#x}: {}",
-                std::io::Error::last_os_error()
-            ));
+        let (mut at, end) = (gpa, gpa + pages * PAGE_SIZE);
+        while at < end {
+            // The part of the run inside the region holding `at`.
+            let (g, h, len) = self
+                .regions
+                .iter()
+                .find(|(g, _, len)| at >= *g && at < g + len)
+                .ok_or_else(|| format!("page {at:#x} is not guest RAM"))?;
+            let stop = end.min(g + len);
+            // SAFETY: `[at, stop)` lies inside one private anonymous guest mapping this object
+            // keeps mapped; dropping its pages only makes them read as missing (then as
+            // placed).
+            let r = unsafe {
+                libc::madvise(
+                    (h + (at - g)) as *mut libc::c_void,
+                    (stop - at) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r != 0 {
+                return Err(format!(
+                    "Cannot drop stale pages at {at:#x}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            at = stop;
         }
         Ok(())
     }
