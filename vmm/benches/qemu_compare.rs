@@ -1298,7 +1298,10 @@ fn converge_summary(
             .iter()
             .filter(|h| !h.is_ferry() && **h != Hv::QemuNoAc)
             .map(|&h| (Hv::Ferry, h))
-            .chain([(Hv::FerryNoAc, Hv::QemuNoAc)]);
+            .chain([
+                (Hv::FerryNoAc, Hv::QemuNoAc),
+                (Hv::FerryPostcopy, Hv::QemuPostcopy),
+            ]);
         for (a, b) in pairs {
             let (Some(x), Some(y)) = (at(a), at(b)) else {
                 continue;
