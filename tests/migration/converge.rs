@@ -66,6 +66,15 @@ fn migrate(s: &mut Ferry, d: &mut Ferry) {
     s.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
 }
 
+/// Capability `auto-converge` on `s`, with throttle parameters `params`.
+fn auto_converge(s: &mut Ferry, params: Value) {
+    s.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+    );
+    s.ok("migrate-set-parameters", params);
+}
+
 fn throttle(info: &Value) -> u64 {
     info["cpu-throttle-percentage"]
         .as_u64()
@@ -100,12 +109,8 @@ fn a_guest_outrunning_the_link_stalls_and_the_source_runs_on() {
 fn auto_converge_throttles_the_guest_until_it_switches_over() {
     let dir = tempdir();
     let (mut s, mut d, _) = pair(dir.path());
-    s.ok(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
-    );
-    s.ok(
-        "migrate-set-parameters",
+    auto_converge(
+        &mut s,
         json!({"cpu-throttle-initial": 90, "cpu-throttle-increment": 9}),
     );
     migrate(&mut s, &mut d);
@@ -128,13 +133,9 @@ fn auto_converge_throttles_the_guest_until_it_switches_over() {
 fn throttling_ends_when_the_migration_is_cancelled() {
     let dir = tempdir();
     let (mut s, mut d, _) = pair(dir.path());
-    s.ok(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
-    );
     // Half speed leaves the guest five times faster than the link: it never converges.
-    s.ok(
-        "migrate-set-parameters",
+    auto_converge(
+        &mut s,
         json!({"cpu-throttle-initial": 50, "max-cpu-throttle": 50}),
     );
     migrate(&mut s, &mut d);
