@@ -83,14 +83,19 @@ impl Frame {
         w.write_all(&self.payload)
     }
 
+    /// A frame without payload (Session, DiscardEnd, Zero, Done).
+    pub fn new(kind: FrameKind, value: u64) -> Frame {
+        Frame {
+            kind,
+            value,
+            payload: Vec::new(),
+        }
+    }
+
     /// A page frame (a Zero frame when the page is all zero).
     pub fn page(gpa: u64, data: &[u8]) -> Frame {
         if data.iter().all(|&b| b == 0) {
-            return Frame {
-                kind: FrameKind::Zero,
-                value: gpa,
-                payload: Vec::new(),
-            };
+            return Frame::new(FrameKind::Zero, gpa);
         }
         let mut payload = Vec::with_capacity(PAGE_SIZE + 4);
         payload.extend_from_slice(data);
@@ -424,14 +429,10 @@ pub fn send_pages<'a>(
                 out.send(gpa)?;
             }
         }
-        Frame {
-            kind: FrameKind::Done,
-            value: total,
-            payload: Vec::new(),
-        }
-        .write(out.fwd)
-        .and_then(|()| out.fwd.flush())
-        .map_err(io_err("post-copy pages"))?;
+        Frame::new(FrameKind::Done, total)
+            .write(out.fwd)
+            .and_then(|()| out.fwd.flush())
+            .map_err(io_err("post-copy pages"))?;
         loop {
             let h = rx
                 .recv_timeout(io_timeout * 2)
@@ -584,17 +585,12 @@ fn read_page_set(
 }
 
 /// `set` as Discard frames and DiscardEnd, flushed.
-fn write_page_set(set: &PageSet, w: &mut dyn Write) -> io::Result<()> {
+pub(crate) fn write_page_set(set: &PageSet, w: &mut dyn Write) -> io::Result<()> {
     let mut w = io::BufWriter::new(w);
     for f in set.discard_frames() {
         f.write(&mut w)?;
     }
-    Frame {
-        kind: FrameKind::DiscardEnd,
-        value: set.len(),
-        payload: Vec::new(),
-    }
-    .write(&mut w)?;
+    Frame::new(FrameKind::DiscardEnd, set.len()).write(&mut w)?;
     w.flush()
 }
 
@@ -831,15 +827,7 @@ fn resume_inner(
     h[8..].copy_from_slice(&session.to_le_bytes());
     ch.write_all(&h).map_err(io_err("post-copy resume"))?;
     let m = Msg::read(&mut ch).map_err(io_err("post-copy resume"))?;
-    match m.kind {
-        Kind::Accept => {}
-        Kind::Refuse => return Err(MigrationError::Refused(m.text)),
-        k => {
-            return Err(MigrationError::Protocol(format!(
-                "expected Accept, got {k:?}"
-            )));
-        }
-    }
+    crate::source::accepted(m)?;
     let set = read_page_set(&mut ch, regions, None)?;
     info!(
         pages = set.len(),
@@ -949,11 +937,7 @@ mod tests {
         let frames = [
             Frame::page(0x5000, &page),
             Frame::page(0x6000, &[0; PAGE_SIZE]),
-            Frame {
-                kind: FrameKind::Done,
-                value: 2,
-                payload: vec![],
-            },
+            Frame::new(FrameKind::Done, 2),
         ];
         assert_eq!(frames[1].kind, FrameKind::Zero);
         let mut buf = Vec::new();
@@ -1074,13 +1058,7 @@ mod tests {
         set.insert(0x1000);
         set.insert(0x2000);
         let mut wire = Vec::new();
-        Frame {
-            kind: FrameKind::Session,
-            value: 7,
-            payload: vec![],
-        }
-        .write(&mut wire)
-        .unwrap();
+        Frame::new(FrameKind::Session, 7).write(&mut wire).unwrap();
         write_page_set(&set, &mut wire).unwrap();
         for f in pages {
             f.write(&mut wire).unwrap();
@@ -1102,11 +1080,7 @@ mod tests {
     }
 
     fn done(n: u64) -> Frame {
-        Frame {
-            kind: FrameKind::Done,
-            value: n,
-            payload: vec![],
-        }
+        Frame::new(FrameKind::Done, n)
     }
 
     #[test]

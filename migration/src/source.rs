@@ -622,16 +622,7 @@ fn run<V: SourceVm>(
     out.config(&mut config).map_err(io_err("handshake"))?;
     if let Some(ret) = ret.as_mut() {
         out_flush(&mut out)?;
-        let m = Msg::read(ret).map_err(io_err("handshake"))?;
-        match m.kind {
-            Kind::Accept => {}
-            Kind::Refuse => return Err(MigrationError::Refused(m.text)),
-            k => {
-                return Err(MigrationError::Protocol(format!(
-                    "expected Accept, got {k:?}"
-                )));
-            }
-        }
+        accepted(Msg::read(ret).map_err(io_err("handshake"))?)?;
     }
     let sparse = features & FEATURE_SPARSE_PAGES != 0;
     let mut chans = Vec::new();
@@ -742,24 +733,13 @@ fn run<V: SourceVm>(
         .map_err(MigrationError::StateUnknown)?;
     if let Some(set) = &postcopy {
         // The destination drops its stale copies of these pages before it runs the guest.
+        use crate::postcopy::{Frame, FrameKind};
         let session = crate::postcopy::new_session();
         progress.set_session(session);
-        let mut frames = vec![crate::postcopy::Frame {
-            kind: crate::postcopy::FrameKind::Session,
-            value: session,
-            payload: Vec::new(),
-        }];
-        frames.extend(set.discard_frames());
-        frames.push(crate::postcopy::Frame {
-            kind: crate::postcopy::FrameKind::DiscardEnd,
-            value: set.len(),
-            payload: Vec::new(),
-        });
-        let mut w = std::io::BufWriter::new(&mut ret);
-        for f in &frames {
-            f.write(&mut w).map_err(MigrationError::StateUnknown)?;
-        }
-        w.flush().map_err(MigrationError::StateUnknown)?;
+        Frame::new(FrameKind::Session, session)
+            .write(&mut ret)
+            .and_then(|()| crate::postcopy::write_page_set(set, &mut ret))
+            .map_err(MigrationError::StateUnknown)?;
     }
     match read_reply(&mut ret) {
         Ok(m) if m.kind == Kind::Committed => {}
@@ -1078,6 +1058,17 @@ fn open_channel(
     match &params.tls {
         Some(tls) => transport::tls_connect(s, tls, uri),
         None => Ok(Channel::Plain(s)),
+    }
+}
+
+/// Accept from the destination, or its refusal as an error.
+pub(crate) fn accepted(m: Msg) -> Result<(), MigrationError> {
+    match m.kind {
+        Kind::Accept => Ok(()),
+        Kind::Refuse => Err(MigrationError::Refused(m.text)),
+        k => Err(MigrationError::Protocol(format!(
+            "expected Accept, got {k:?}"
+        ))),
     }
 }
 
