@@ -906,6 +906,7 @@ fn transfer<'v, V: SourceVm>(
         let fits = est.fits(allowed_ms);
         if fits
             && (iteration >= u64::from(params.max_iterations)
+                || !crate::Lever::ShrinkPasses.on()
                 || !converge.shrink_further(sent, remaining, expected_ms))
         {
             // Converged: these pages go in stop-and-copy, with whatever dirties meanwhile.

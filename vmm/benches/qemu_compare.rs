@@ -51,7 +51,8 @@
 //!   with `QC_KEEP`).
 //! - `QC_LEVERS=1`: ablation. One more Ferry run per speed lever of `migration::levers`, with
 //!   that lever off (`FERRY_LEVERS_OFF=LEVER` in the environment of both Ferry processes):
-//!   `-prefault`, `-known-zero`, `-direct-send`, `-direct-receive`. The summary gives each
+//!   `-prefault`, `-known-zero`, `-direct-send`, `-direct-receive`, `-shrink-passes`
+//!   (`QC_LEVERS=name,...`: only those levers). The summary gives each
 //!   one's `lever cost` as the median of paired ratios to plain `ferry` of the same rounds
 //!   (total, blackout, downtime; above 1 means the lever saves that much);
 //! - `QC_FERRY_CHANNELS=0,1,4`: one more Ferry run per listed page-channel count
@@ -363,6 +364,7 @@ impl Hv {
             Hv::FerryLeverOff(Lever::KnownZero) => "-known-zero",
             Hv::FerryLeverOff(Lever::DirectSend) => "-direct-send",
             Hv::FerryLeverOff(Lever::DirectReceive) => "-direct-receive",
+            Hv::FerryLeverOff(Lever::ShrinkPasses) => "-shrink-passes",
             Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
             Hv::FerryNoAc => "ferry-noac",
             Hv::QemuNoAc => "qemu-noac",
@@ -1443,8 +1445,14 @@ fn main() {
             hvs.push(Hv::QemuTls);
         }
     }
-    if std::env::var("QC_LEVERS").is_ok_and(|v| v == "1") {
-        hvs.extend(Lever::ALL.map(Hv::FerryLeverOff));
+    if let Ok(v) = std::env::var("QC_LEVERS") {
+        let names: Vec<&str> = v.split(',').map(str::trim).collect();
+        hvs.extend(
+            Lever::ALL
+                .into_iter()
+                .filter(|l| v == "1" || names.contains(&l.name()))
+                .map(Hv::FerryLeverOff),
+        );
     }
     if cases.iter().any(|c| c.group == Group::Converge)
         && std::env::var("QC_NOAC").map_or(true, |v| v != "0")
