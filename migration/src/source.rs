@@ -638,13 +638,7 @@ fn run<V: SourceVm>(
     let res = std::thread::scope(|sc| {
         let mut senders = match ram {
             Some(ram) if !chans.is_empty() => Some(Senders::start(
-                sc,
-                chans,
-                granted.1,
-                ram,
-                sparse,
-                progress,
-                params.io_timeout,
+                sc, chans, granted.1, ram, sparse, progress, params,
             )?),
             _ => None,
         };
