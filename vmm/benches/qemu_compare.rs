@@ -633,6 +633,8 @@ struct Sample {
     ram_gbit: f64,
     /// Largest gap between two ticks of source and destination together.
     blackout_ms: f64,
+    /// Where that gap was: `src` (pre-copy), `switch` (source to destination) or `dst`.
+    blackout_at: &'static str,
     /// Last source tick to first destination tick.
     switch_ms: f64,
     /// Median tick interval on the source before the migration.
@@ -935,6 +937,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
                 gbit: f64::NAN,
                 ram_gbit: f64::NAN,
                 blackout_ms: f64::NAN,
+                blackout_at: "-",
                 switch_ms: f64::NAN,
                 interval_ms: median(&mut gaps),
                 passes: f64::NAN,
@@ -1001,17 +1004,25 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
             .copied()
             .unwrap_or(start)
     };
-    let mut window: Vec<Instant> = src_ticks
+    // Ticks tagged with their side (true: destination).
+    let mut window: Vec<(Instant, bool)> = src_ticks
         .iter()
-        .chain(&dst_ticks)
-        .copied()
-        .filter(|t| *t >= from && *t <= end)
+        .map(|t| (*t, false))
+        .chain(dst_ticks.iter().map(|t| (*t, true)))
+        .filter(|(t, _)| *t >= from && *t <= end)
         .collect();
     window.sort();
-    let blackout_ms = window
+    let (blackout_ms, blackout_at) = window
         .windows(2)
-        .map(|w| ms(w[1] - w[0]))
-        .fold(0.0, f64::max);
+        .map(|w| {
+            let at = match (w[0].1, w[1].1) {
+                (false, false) => "src",
+                (true, true) => "dst",
+                _ => "switch",
+            };
+            (ms(w[1].0 - w[0].0), at)
+        })
+        .fold((0.0, "-"), |m, g| if g.0 > m.0 { g } else { m });
     let fails = src_chars
         .iter()
         .chain(&dst_chars)
@@ -1040,6 +1051,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         gbit: bytes * 8.0 / (total_ms / 1000.0) / 1e9,
         ram_gbit: pages * 4096.0 * 8.0 / (total_ms / 1000.0) / 1e9,
         blackout_ms,
+        blackout_at,
         switch_ms: dst_ticks[0]
             .checked_duration_since(last_src)
             .map_or(f64::NAN, ms),
@@ -1599,12 +1611,13 @@ fn main() {
                     }
                     Ok(s) => {
                         println!(
-                            "run {r:>2} {:<cw$} {:<hw$} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
+                            "run {r:>2} {:<cw$} {:<hw$} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms ({:<6})  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
                             c.name,
                             hv.name(),
                             s.total_ms,
                             s.downtime_ms,
                             s.blackout_ms,
+                            s.blackout_at,
                             s.switch_ms,
                             s.interval_ms,
                             s.ram_gbit,
