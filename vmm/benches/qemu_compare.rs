@@ -56,8 +56,9 @@
 //!   one's `lever cost` as the median of paired ratios to plain `ferry` of the same rounds
 //!   (total, blackout, downtime; above 1 means the lever saves that much);
 //! - `QC_FERRY_NICE=10`: one more Ferry run per listed `__org.ferry_page-thread-nice` value
-//!   (`ferry-nice10`, on both sides), reported like the levers and, in the convergence
-//!   cases, against QEMU;
+//!   (`ferry-nice10`, on both sides; `d19`: 19 on the destination only, `ferry-dnice19`, as
+//!   if it ran on another host), reported like the levers and, in the convergence cases,
+//!   against QEMU;
 //! - `QC_FERRY_CHANNELS=0,1,4`: one more Ferry run per listed page-channel count
 //!   (`ferry-ch0`, `ferry-ch1`, ...: `multifd-channels` N, 0 to 8, on both sides; plain
 //!   `ferry` has Ferry's default of 2), reported like the levers against plain `ferry`;
@@ -334,6 +335,10 @@ enum Hv {
     FerryChannels(u8),
     /// Ferry with `__org.ferry_page-thread-nice` N on both sides (1 to 19).
     FerryNice(u8),
+    /// Ferry with `__org.ferry_page-thread-nice` 19 on the destination only: on one host the
+    /// destination's page threads compete with the source's vCPU, as they would not across
+    /// two hosts.
+    FerryDstNice,
     /// Ferry without auto-converge (convergence cases only).
     FerryNoAc,
     /// QEMU without auto-converge (convergence cases only).
@@ -394,6 +399,7 @@ impl Hv {
             Hv::FerryLeverOff(Lever::ShrinkPasses) => "-shrink-passes",
             Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
             Hv::FerryNice(n) => NICE[usize::from(n.min(19))],
+            Hv::FerryDstNice => "ferry-dnice19",
             Hv::FerryNoAc => "ferry-noac",
             Hv::QemuNoAc => "qemu-noac",
             Hv::QemuPostcopy => "qemu-postcopy",
@@ -409,6 +415,7 @@ impl Hv {
                 | Hv::FerryLeverOff(_)
                 | Hv::FerryChannels(_)
                 | Hv::FerryNice(_)
+                | Hv::FerryDstNice
                 | Hv::FerryNoAc
                 | Hv::FerryPostcopy
         )
@@ -433,7 +440,7 @@ impl Hv {
     fn is_ferry_variant(self) -> bool {
         matches!(
             self,
-            Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNice(_)
+            Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNice(_) | Hv::FerryDstNice
         )
     }
 
@@ -577,6 +584,7 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
         | Hv::FerryLeverOff(_)
         | Hv::FerryChannels(_)
         | Hv::FerryNice(_)
+        | Hv::FerryDstNice
         | Hv::FerryNoAc
         | Hv::FerryPostcopy => {
             let mut c = Command::new(&env.ferry);
@@ -771,6 +779,12 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         dst.exec(
             "migrate-set-parameters",
             json!({"__org.ferry_page-thread-nice": n}),
+        )?;
+    }
+    if hv == Hv::FerryDstNice {
+        dst.exec(
+            "migrate-set-parameters",
+            json!({"__org.ferry_page-thread-nice": 19}),
         )?;
     }
     dst.exec("migrate-set-parameters", params.clone())?;
@@ -1536,7 +1550,8 @@ fn main() {
         for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
             match v.parse::<u8>() {
                 Ok(n) if (1..=19).contains(&n) => hvs.push(Hv::FerryNice(n)),
-                _ => println!("NOTE: QC_FERRY_NICE entry {v:?} skipped (1 to 19)"),
+                _ if v == "d19" => hvs.push(Hv::FerryDstNice),
+                _ => println!("NOTE: QC_FERRY_NICE entry {v:?} skipped (1 to 19, or d19)"),
             }
         }
     }
@@ -1733,7 +1748,7 @@ fn main() {
                 let what = match hv {
                     Hv::FerryLeverOff(_) => "lever cost",
                     Hv::FerryChannels(_) => "channels",
-                    Hv::FerryNice(_) => "nice",
+                    Hv::FerryNice(_) | Hv::FerryDstNice => "nice",
                     _ => continue,
                 };
                 println!(
