@@ -513,6 +513,107 @@ pub(super) const COMMANDS: &[Command] = &[
         run: Run::Vm(|c, a| c.guest_hotplug(a)),
     },
     Command {
+        name: "query-name",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::Obj(&obj("NameInfo", &[opt("name", Ty::Str)])),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            Ok(c.query_name())
+        }),
+    },
+    Command {
+        name: "query-uuid",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::Obj(&obj("UuidInfo", &[req("UUID", Ty::Str)])),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            Ok(c.query_uuid())
+        }),
+    },
+    Command {
+        name: "query-chardev",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Obj(&obj(
+            "ChardevInfo",
+            &[
+                req("label", Ty::Str),
+                req("filename", Ty::Str),
+                req("frontend-open", Ty::Bool),
+            ],
+        ))),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            Ok(c.query_chardev())
+        }),
+    },
+    Command {
+        name: "query-cpus-fast",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Obj(&obj(
+            "CpuInfoFast",
+            &[
+                req("cpu-index", Ty::Int),
+                req("qom-path", Ty::Str),
+                req("thread-id", Ty::Int),
+                opt(
+                    "props",
+                    Ty::Obj(&obj("CpuInstanceProperties", &[opt("core-id", Ty::Int)])),
+                ),
+                req("target", Ty::Str),
+            ],
+        ))),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            c.query_cpus_fast()
+        }),
+    },
+    Command {
+        name: "query-named-block-nodes",
+        args: Params::Members(&[opt("flat", Ty::Bool)]),
+        open: false,
+        ret: Ty::List(&Ty::Any),
+        run: Run::Host(|_, a| {
+            let mut a = Args::new(a);
+            let _ = a.optional_bool("flat")?;
+            a.finish()?;
+            // Ferry has no block devices.
+            Ok(json!([]))
+        }),
+    },
+    Command {
+        name: "query-block",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Any),
+        run: Run::Host(|_, a| {
+            no_args(a)?;
+            // Ferry has no block devices.
+            Ok(json!([]))
+        }),
+    },
+    Command {
+        name: "query-jobs",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Any),
+        run: Run::Host(|_, a| {
+            no_args(a)?;
+            // Ferry has no block jobs (migrations are followed with query-migrate).
+            Ok(json!([]))
+        }),
+    },
+    Command {
+        name: "qom-list",
+        args: Params::Members(&[req("path", Ty::Str)]),
+        open: false,
+        ret: Ty::List(&Ty::Obj(&OBJECT_PROPERTY_INFO)),
+        run: Run::Vm(|c, a| c.qom_list(a)),
+    },
+    Command {
         name: "query-qmp-schema",
         args: Params::Members(&[]),
         open: false,

@@ -11,6 +11,7 @@
 //! `hotplug` and `query` the handlers by concern.
 
 mod commands;
+mod compat;
 mod hotplug;
 mod migration;
 mod objects;
@@ -18,6 +19,7 @@ mod probe;
 mod query;
 mod schema;
 
+pub use compat::{Chardev, DomainInfo};
 pub use objects::parse_object_arg;
 pub use probe::{Probe, ProbeBackend, ProbeError};
 
@@ -82,6 +84,8 @@ pub struct Controller {
     me: std::sync::Weak<Controller>,
     /// Destination: guest RAM being populated until the incoming migration completes.
     prefault: Mutex<Option<crate::vm::prefault::Prefault>>,
+    /// A domain's name, UUID and chardevs (`ferry qemu-compat`).
+    domain: Mutex<DomainInfo>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -140,6 +144,7 @@ impl Controller {
             skip_incoming_reset: AtomicBool::new(false),
             mem,
             prefault: Mutex::new(prefault),
+            domain: Mutex::default(),
             listen_addr: Mutex::new(None),
             me: me.clone(),
             vm: Mutex::new(vm),

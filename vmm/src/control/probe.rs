@@ -332,6 +332,16 @@ fn qom_types() -> Vec<QomType> {
                 ("multifunction", "bool", "on/off"),
             ],
         ),
+        t("isa-device", Some("device"), true, vec![]),
+        t(
+            "isa-serial",
+            Some("isa-device"),
+            false,
+            vec![
+                ("chardev", "str", "The -chardev the UART writes to"),
+                ("index", "uint32", "Only 0: COM1 at 0x3f8"),
+            ],
+        ),
         t("tls-creds", Some("object"), true, vec![]),
         t(
             "tls-creds-x509",
