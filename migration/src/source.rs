@@ -607,6 +607,10 @@ fn run<V: SourceVm>(
             (Box::new(s), Some(ret))
         }
         Uri::File(p) => (Box::new(transport::create_file(p)?), None),
+        Uri::Fd(name) => match &params.stream_fd {
+            Some(fd) => (Box::new(fd.writer(name)?), None),
+            None => return Err(MigrationError::BadUri(format!("fd:{name}"))),
+        },
     };
     let machine = vm.machine();
     let producer = concat!("ferry ", env!("CARGO_PKG_VERSION"));

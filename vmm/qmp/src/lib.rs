@@ -91,6 +91,19 @@ pub trait QmpBackend: Send + Sync + 'static {
     /// Run `command` (always one of [`commands`](Self::commands)) with its
     /// `arguments` object (empty when the request had none).
     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError>;
+
+    /// Like [`execute`](Self::execute), with the file descriptors the client
+    /// passed (SCM_RIGHTS) since its previous command, as QEMU's `getfd`
+    /// takes them. By default they are closed.
+    fn execute_with_fds(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Value, QmpError> {
+        drop(fds);
+        self.execute(command, arguments)
+    }
 }
 
 /// Server settings. Build with [`QmpConfig::new`] and adjust fields.

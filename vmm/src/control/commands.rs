@@ -8,6 +8,7 @@ use super::probe::Probe;
 use super::schema::{EMPTY, Enum, Params, Struct, Ty, obj, opt, req};
 use crate::qmp::{Args, QmpError};
 use serde_json::{Map, Value, json};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub(super) type Arguments = Map<String, Value>;
@@ -18,6 +19,8 @@ pub(super) enum Run {
     Vm(fn(&Arc<Controller>, Arguments) -> Result<Value, QmpError>),
     /// Answers from Ferry's tables and this host alone (also in a probe process).
     Host(fn(&Probe, Arguments) -> Result<Value, QmpError>),
+    /// Needs the VM and takes the descriptors passed with the command (`getfd`).
+    Fds(fn(&Arc<Controller>, Arguments, Vec<OwnedFd>) -> Result<Value, QmpError>),
 }
 
 /// A QMP command: its wire name, arguments, return type and handler.
@@ -594,6 +597,20 @@ pub(super) const COMMANDS: &[Command] = &[
             // Ferry has no block devices.
             Ok(json!([]))
         }),
+    },
+    Command {
+        name: "getfd",
+        args: Params::Members(&[req("fdname", Ty::Str)]),
+        open: false,
+        ret: EMPTY,
+        run: Run::Fds(|c, a, fds| c.getfd(a, fds)),
+    },
+    Command {
+        name: "closefd",
+        args: Params::Members(&[req("fdname", Ty::Str)]),
+        open: false,
+        ret: EMPTY,
+        run: Run::Vm(|c, a| c.closefd(a)),
     },
     Command {
         name: "query-jobs",

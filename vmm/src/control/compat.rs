@@ -4,6 +4,7 @@
 use super::{Controller, lock};
 use crate::qmp::QmpError;
 use serde_json::{Value, json};
+use std::os::fd::OwnedFd;
 
 /// A character device, as `query-chardev` lists it.
 #[derive(Debug, Clone)]
@@ -52,6 +53,56 @@ impl Controller {
             .map(|c| json!({"label": c.label, "filename": c.filename, "frontend-open": true}))
             .collect();
         Value::Array(list)
+    }
+
+    /// `getfd`: keeps the descriptor passed with the command under `fdname` (replacing one of
+    /// that name), for `migrate fd:NAME`.
+    pub(super) fn getfd(
+        &self,
+        a: super::commands::Arguments,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Value, QmpError> {
+        let mut a = crate::qmp::Args::new(a);
+        let name = a.required_str("fdname")?;
+        a.finish()?;
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(QmpError::parameter_expects(
+                "fdname",
+                "a name not starting with a digit",
+            ));
+        }
+        let Some(fd) = fds.pop() else {
+            return Err(QmpError::generic(
+                "No file descriptor supplied via SCM_RIGHTS",
+            ));
+        };
+        self.add_passed_fd(name, fd);
+        Ok(json!({}))
+    }
+
+    /// Keeps `fd` under `name` for `fd:NAME` (`getfd`, or `-incoming fd:N` as `N`).
+    pub fn add_passed_fd(&self, name: String, fd: OwnedFd) {
+        lock(&self.passed_fds).insert(name, fd);
+    }
+
+    /// `closefd`.
+    pub(super) fn closefd(&self, a: super::commands::Arguments) -> Result<Value, QmpError> {
+        let mut a = crate::qmp::Args::new(a);
+        let name = a.required_str("fdname")?;
+        a.finish()?;
+        lock(&self.passed_fds)
+            .remove(&name)
+            .map(|_| json!({}))
+            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))
+    }
+
+    /// Takes the descriptor named `name` out of the store (an `fd:NAME` migration uses it
+    /// up, as QEMU's does).
+    pub(super) fn take_passed_fd(&self, name: &str) -> Result<std::fs::File, String> {
+        lock(&self.passed_fds)
+            .remove(name)
+            .map(std::fs::File::from)
+            .ok_or_else(|| format!("File descriptor named '{name}' has not been found"))
     }
 
     /// `qom-list`: the devices under `/machine/peripheral` (cold-plugged and hot-plugged, by

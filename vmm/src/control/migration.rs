@@ -75,7 +75,7 @@ impl Controller {
             Uri::Tcp(_) => self
                 .tls_params(Endpoint::Client)
                 .map_err(QmpError::generic)?,
-            Uri::File(_) => None,
+            Uri::File(_) | Uri::Fd(_) => None,
         };
         if let Some(p) = lock(&self.progress).as_ref()
             && p.status().is_active()
@@ -94,6 +94,13 @@ impl Controller {
             RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
             _ => {}
         }
+        // `fd:NAME` is used up by this migration, as QEMU's.
+        let stream_fd = match &parsed {
+            Uri::Fd(name) => Some(migration::transport::PassedFd::new(
+                self.take_passed_fd(name).map_err(QmpError::generic)?,
+            )),
+            _ => None,
+        };
         // Effects the service thread has not applied yet (a configured core to start, a
         // released device to tear down) must be in place before the configuration is sent.
         lock(&self.vm).apply_pending_hotplug();
@@ -106,6 +113,7 @@ impl Controller {
         lock(&self.hp).set_migration_in_progress(true);
         let params = Params {
             tls,
+            stream_fd,
             ..lock(&self.params).clone()
         };
         let me = self.clone();
@@ -155,11 +163,16 @@ impl Controller {
                 std::fs::metadata(p).map_err(|e| format!("Cannot open {}: {e}", p.display()))?;
                 None
             }
+            Uri::Fd(_) => None,
+        };
+        let fd_file = match &parsed {
+            Uri::Fd(name) => Some(self.take_passed_fd(name)?),
+            _ => None,
         };
         *lock(&self.incoming) = IncomingMode::Started(uri.to_owned());
         // A file is read at once: its progress replaces the last attempt's before this
         // command returns, so `query-migrate` never shows a stale result for it.
-        let first = matches!(parsed, Uri::File(_)).then(|| {
+        let first = matches!(parsed, Uri::File(_) | Uri::Fd(_)).then(|| {
             let p = Arc::new(Progress::new(Some(self.progress_listener())));
             p.set_status(Status::Setup);
             *lock(&self.progress) = Some(p.clone());
@@ -168,7 +181,7 @@ impl Controller {
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(move || me.run_incoming(parsed, listener, first))
+            .spawn(move || me.run_incoming(parsed, listener, fd_file, first))
             .map_err(|e| format!("Cannot start the incoming migration thread: {e}"))?;
         Ok(())
     }
@@ -216,6 +229,7 @@ impl Controller {
         &self,
         uri: Uri,
         listener: Option<std::net::TcpListener>,
+        mut fd_file: Option<std::fs::File>,
         mut first: Option<Arc<Progress>>,
     ) {
         let acceptor = match listener.map(|l| self.acceptor(l)).transpose() {
@@ -253,6 +267,14 @@ impl Controller {
                         error!(error = %e, path = %p.display(), "cannot open the incoming stream file");
                         return;
                     }
+                },
+                // A passed descriptor is read once.
+                (Uri::Fd(_), _) => match fd_file.take() {
+                    Some(f) => {
+                        self.migrating.store(true, Ordering::SeqCst);
+                        Incoming::File(f)
+                    }
+                    None => return,
                 },
                 _ => return,
             };

@@ -86,6 +86,8 @@ pub struct Controller {
     prefault: Mutex<Option<crate::vm::prefault::Prefault>>,
     /// A domain's name, UUID and chardevs (`ferry qemu-compat`).
     domain: Mutex<DomainInfo>,
+    /// Descriptors passed by `getfd` (or on the command line), by name, for `fd:NAME`.
+    passed_fds: Mutex<std::collections::BTreeMap<String, std::os::fd::OwnedFd>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -145,6 +147,7 @@ impl Controller {
             mem,
             prefault: Mutex::new(prefault),
             domain: Mutex::default(),
+            passed_fds: Mutex::default(),
             listen_addr: Mutex::new(None),
             me: me.clone(),
             vm: Mutex::new(vm),
@@ -335,6 +338,15 @@ impl QmpBackend for Controller {
     }
 
     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+        self.execute_with_fds(command, arguments, Vec::new())
+    }
+
+    fn execute_with_fds(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Value, QmpError> {
         let Some(c) = commands::find(command) else {
             return Err(QmpError::unknown_command(command));
         };
@@ -342,6 +354,7 @@ impl QmpBackend for Controller {
         match c.run {
             commands::Run::Vm(f) => f(&self.arc(), arguments),
             commands::Run::Host(f) => f(&self.probe, arguments),
+            commands::Run::Fds(f) => f(&self.arc(), arguments, fds),
         }
     }
 }

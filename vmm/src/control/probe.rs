@@ -488,7 +488,7 @@ impl QmpBackend for ProbeBackend {
                 self.request_quit();
                 Ok(json!({}))
             }
-            Run::Vm(_) => Err(QmpError::generic(format!(
+            Run::Vm(_) | Run::Fds(..) => Err(QmpError::generic(format!(
                 "{command} needs a VM; this process was started with -machine none"
             ))),
         }

@@ -25,8 +25,17 @@ pub fn run(args: QemuArgs) -> Result<()> {
         bail!("Not a domain command line");
     };
     // Claimed first, so nothing this process opens can take the number.
+    // Descriptors the caller passed beyond stdio: the monitor, and those `fd:N` names
+    // (libvirt's restore sends `migrate-incoming fd:N`).
+    let mut inherited = inherited_fds()?;
     let listener = match &monitor {
-        Monitor::Fd(fd) => Some(passed_listener(*fd)?),
+        Monitor::Fd(fd) => {
+            let i = inherited
+                .iter()
+                .position(|(n, _)| n == fd)
+                .with_context(|| format!("Option '-chardev': fd={fd} is not open"))?;
+            Some(passed_listener(inherited.remove(i).1)?)
+        }
         Monitor::Path(_) => None,
     };
     for f in &d.secret_files {
@@ -59,6 +68,9 @@ pub fn run(args: QemuArgs) -> Result<()> {
             .filter_map(|s| Some((s.id.clone()?, "isa-serial")))
             .collect(),
     });
+    for (n, fd) in inherited {
+        ctl.add_passed_fd(n.to_string(), fd);
+    }
     ctl.set_autostart(!paused);
     ctl.start_hotplug_service();
     let cfg = QmpConfig::new(dialect()).with_event_bus(events);
@@ -160,15 +172,16 @@ fn dont_dump(vm: &Vm) -> Result<()> {
     Ok(())
 }
 
-/// A listening Unix socket passed as descriptor `fd` (libvirt's monitor).
-fn passed_listener(fd: i32) -> Result<std::os::unix::net::UnixListener> {
+/// `fd`, which must be a listening Unix socket (libvirt's monitor).
+fn passed_listener(fd: OwnedFd) -> Result<std::os::unix::net::UnixListener> {
+    use std::os::fd::AsRawFd;
     let mut accepting: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; an fd that is not an
-    // open socket only makes it fail.
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a descriptor that is
+    // not a socket only makes it fail.
     let r = unsafe {
         libc::getsockopt(
-            fd,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_ACCEPTCONN,
             (&raw mut accepting).cast(),
@@ -176,14 +189,33 @@ fn passed_listener(fd: i32) -> Result<std::os::unix::net::UnixListener> {
         )
     };
     if r != 0 || accepting == 0 {
-        bail!("Option '-chardev': fd={fd} is not a listening socket");
+        bail!(
+            "Option '-chardev': fd={} is not a listening socket",
+            fd.as_raw_fd()
+        );
     }
-    // SAFETY: `fd` is an open listening socket (checked above) inherited from the parent;
-    // nothing else in this process owns it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: fcntl on a descriptor this function owns.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(std::os::unix::net::UnixListener::from(owned))
+    Ok(std::os::unix::net::UnixListener::from(fd))
+}
+
+/// Every descriptor above stdio this process inherited (call before opening any).
+fn inherited_fds() -> Result<Vec<(i32, OwnedFd)>> {
+    let numbers: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .context("Cannot list /proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&n| n > 2)
+        .collect();
+    // The listing's own descriptor is closed by now: only open ones are kept.
+    let mut out = Vec::new();
+    for n in numbers {
+        // SAFETY: F_SETFD only sets the close-on-exec flag; a closed descriptor makes it fail.
+        if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+            continue;
+        }
+        // SAFETY: `n` is open (F_SETFD succeeded) and was inherited: nothing in this process
+        // owns it yet.
+        out.push((n, unsafe { OwnedFd::from_raw_fd(n) }));
+    }
+    Ok(out)
 }
 
 /// The serial port's output and the chardevs `query-chardev` lists.
