@@ -212,6 +212,12 @@ fn save_and_restore_through_a_passed_descriptor() {
     lv.virsh("start ferry1");
     let first = process(&lv, "ferry1");
     let mut qmp = lv.qmp("ferry1");
+    // With a hot-plugged core, which the restored domain must have too.
+    lv.virsh("setvcpus ferry1 2 --live");
+    wait_for(
+        "the guest never configured the hot-plugged core vcpu1",
+        || vcpu1(&mut qmp).filter(|c| c["state"] == "logical-configured"),
+    );
     let at_save = wait_progress(&mut qmp, 1);
     let image = dir.path().join("ferry1.save");
     // libvirt writes its header, passes the file with getfd and has Ferry migrate to
@@ -242,6 +248,12 @@ fn save_and_restore_through_a_passed_descriptor() {
         .execute("query-migrate", json!({}))
         .expect("query-migrate");
     assert_eq!(m["status"], "completed", "{m}");
+    // libvirt added vcpu1 again (device_add before migrate-incoming); the stream carried
+    // its configured connector.
+    let c = vcpu1(&mut qmp).expect("vcpu1 on the restored domain");
+    assert_eq!(c["state"], "logical-configured", "{c}");
+    let count = lv.virsh("vcpucount ferry1 --live --active");
+    assert_eq!(count.trim(), "2", "{count}");
     let p = pass(&mut qmp);
     assert!(
         p >= at_save,

@@ -239,7 +239,7 @@ pub struct Serial {
 }
 
 /// A domain: what a VM is made of.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Domain {
     /// Machine type name.
     pub machine: String,
@@ -477,7 +477,12 @@ pub fn parse(argv: &[String]) -> Result<QemuArgs, QemuArgvError> {
             "cpu" => {
                 let mut p = Props::new("cpu", v, "model")?;
                 s.cpu = Some(p.require("model")?);
-                p.finish()?;
+                if let Some((k, v)) = p.map.into_iter().next() {
+                    return Err(invalid(
+                        "cpu",
+                        format!("'{k}={v}': Ferry's CPU models are fixed (no feature changes)"),
+                    ));
+                }
             }
             "m" => s.memory = Some(parse_memory(v)?),
             "smp" => s.smp = Some(parse_smp(v)?),
@@ -932,6 +937,10 @@ mod tests {
         assert_eq!(
             err(&LIBVIRT_DOMAIN.replace("-rtc base=utc", "-rtc base=localtime")),
             "Option '-rtc': base=localtime: Ferry's machines have no RTC to set"
+        );
+        assert_eq!(
+            err(&LIBVIRT_DOMAIN.replace("-cpu ferry-v2", "-cpu ferry-v2,avx2=on")),
+            "Option '-cpu': 'avx2=on': Ferry's CPU models are fixed (no feature changes)"
         );
         assert_eq!(
             err(&LIBVIRT_DOMAIN.replace("-accel kvm", "-accel tcg")),

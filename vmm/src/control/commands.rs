@@ -13,6 +13,10 @@ use std::sync::Arc;
 
 pub(super) type Arguments = Map<String, Value>;
 
+/// A handler taking the descriptors passed with its command.
+pub(super) type FdHandler =
+    fn(&Arc<Controller>, Arguments, Vec<OwnedFd>) -> Result<Value, QmpError>;
+
 /// How a command runs.
 pub(super) enum Run {
     /// Needs the VM (refused by a `-machine none` probe process).
@@ -20,7 +24,7 @@ pub(super) enum Run {
     /// Answers from Ferry's tables and this host alone (also in a probe process).
     Host(fn(&Probe, Arguments) -> Result<Value, QmpError>),
     /// Needs the VM and takes the descriptors passed with the command (`getfd`).
-    Fds(fn(&Arc<Controller>, Arguments, Vec<OwnedFd>) -> Result<Value, QmpError>),
+    Fds(FdHandler),
 }
 
 /// A QMP command: its wire name, arguments, return type and handler.

@@ -115,11 +115,22 @@ pub fn run(args: QemuArgs) -> Result<()> {
 /// hot-pluggable core per vCPU above the boot ones.
 fn build_vm(d: &Domain, serial: vmm::devices::uart::SerialOut, load: bool) -> Result<Vm> {
     let machine = machine_types::MachineType::lookup(&d.machine)?;
-    let cpu_model = d
-        .cpu
-        .as_deref()
-        .map(vmm::config::parse_cpu_model)
-        .transpose()?;
+    let cpu_model = match d.cpu.as_deref() {
+        None => None,
+        Some(name) => Some(machine_types::CpuModel::by_name(name).ok_or_else(|| {
+            vmm::config::ConfigError::CpuModel {
+                model: name.to_owned(),
+                machine: machine.name().to_owned(),
+                valid: machine
+                    .compat()
+                    .cpu_models
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?),
+    };
     let config = VmConfig {
         memory_size: d.memory,
         vcpus: d.vcpus,
