@@ -101,8 +101,7 @@ fn define_start_suspend_resume_dominfo_destroy() {
         .expect("RESUME after virsh resume");
     wait_progress(&mut qmp, frozen);
 
-    // A job first, so this virsh has finished re-attaching before it destroys.
-    lv.virsh(r#"qemu-monitor-command ferry1 '{"execute":"query-status"}'; destroy ferry1"#);
+    lv.virsh("destroy ferry1");
     assert!(
         ferry.wait_exit(TIMEOUT),
         "ferry (pid {}) still runs {TIMEOUT:?} after virsh destroy",
@@ -113,7 +112,7 @@ fn define_start_suspend_resume_dominfo_destroy() {
     lv.virsh("start ferry1");
     assert_eq!(lv.state("ferry1"), "running");
     let again = process(&lv, "ferry1");
-    lv.virsh(r#"qemu-monitor-command ferry1 '{"execute":"query-status"}'; destroy ferry1"#);
+    lv.virsh("destroy ferry1");
     assert!(again.wait_exit(TIMEOUT), "ferry still runs after destroy");
 }
 
@@ -139,7 +138,7 @@ fn a_new_libvirt_reattaches_without_stopping_the_guest() {
     assert_eq!(lv.pid("ferry1"), Some(ferry.pid), "a new process");
     assert!(!ferry.wait_exit(Duration::ZERO), "ferry exited");
     wait_progress(&mut qmp, before);
-    lv.virsh(r#"qemu-monitor-command ferry1 '{"execute":"query-status"}'; destroy ferry1"#);
+    lv.virsh("destroy ferry1");
     assert!(ferry.wait_exit(TIMEOUT), "ferry still runs after destroy");
 }
 
@@ -198,7 +197,7 @@ fn setvcpus_live_hotplugs_and_unplugs_a_ferry_cpu_core() {
     assert!(vcpu1(&mut qmp).is_none(), "vcpu1 is still plugged");
     let p = pass(&mut qmp);
     wait_progress(&mut qmp, p);
-    lv.virsh(r#"qemu-monitor-command ferry1 '{"execute":"query-status"}'; destroy ferry1"#);
+    lv.virsh("destroy ferry1");
     assert!(ferry.wait_exit(TIMEOUT), "ferry still runs after destroy");
 }
 
@@ -299,6 +298,6 @@ fn a_device_ferry_lacks_fails_to_start_naming_it() {
     assert_eq!(lv.pid("ferry1"), Some(good.pid));
     assert_eq!(status(&mut qmp), "running");
     wait_progress(&mut qmp, before);
-    lv.virsh(r#"qemu-monitor-command ferry1 '{"execute":"query-status"}'; destroy ferry1"#);
+    lv.virsh("destroy ferry1");
     assert!(good.wait_exit(TIMEOUT), "ferry still runs after destroy");
 }

@@ -163,10 +163,15 @@ pub struct Libvirt {
     names: std::cell::RefCell<Vec<String>>,
 }
 
+/// What `try_virsh` has virsh print once every running domain is re-attached.
+const ATTACHED: &str = "@@re-attached@@";
+
 /// What a virsh run printed.
 #[derive(Debug)]
 pub struct VirshOutput {
     pub ok: bool,
+    /// How virsh ended.
+    pub status: std::process::ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
@@ -212,7 +217,26 @@ impl Libvirt {
 
     /// Runs `virsh -c URI COMMANDS` (`;`-separated) in the private mount namespace, bounded
     /// by `TIMEOUT`.
+    ///
+    /// A new embedded driver re-attaches to every running domain on a thread of its own, and
+    /// libvirt 9.0 lets virsh exit (and run its libraries' destructors) while that thread
+    /// still works: virsh then crashes in libnuma (seen with `define` and `domstate`, about
+    /// one run in twenty), and a `destroy` may kill the process under the re-attach and
+    /// report "domain is not running". So `COMMANDS` run after one command per running
+    /// domain that takes a job, which waits for its re-attach; their output is dropped.
     pub fn try_virsh(&self, commands: &str) -> VirshOutput {
+        let mut all = String::new();
+        for name in self.names.borrow().iter() {
+            if self
+                .pid(name)
+                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+            {
+                all.push_str(&format!(
+                    "qemu-monitor-command {name} '{{\"execute\":\"query-status\"}}'; "
+                ));
+            }
+        }
+        all.push_str(&format!("echo {ATTACHED}; {commands}"));
         let script = format!(
             "set -e; mount --make-rprivate /; mount --bind \"$1\" {CPU_MAP}; \
              exec virsh -q -c \"qemu:///embed?root=$2\" \"$3\""
@@ -221,16 +245,22 @@ impl Libvirt {
             .args(["--mount", "sh", "-c", &script, "sh"])
             .arg(&self.map)
             .arg(&self.root)
-            .arg(commands)
+            .arg(&all)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("run unshare (util-linux)");
         let out = wait_output(child, TIMEOUT, &format!("virsh '{commands}'"))
             .unwrap_or_else(|e| panic!("{e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = match stdout.split_once(ATTACHED) {
+            Some((_, after)) => after.trim_start_matches('\n').to_owned(),
+            None => stdout.into_owned(),
+        };
         VirshOutput {
             ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            status: out.status,
+            stdout,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
@@ -240,9 +270,10 @@ impl Libvirt {
         let out = self.try_virsh(commands);
         assert!(
             out.ok,
-            "virsh '{commands}' failed (this test needs root for its mount namespace; \
+            "virsh '{commands}' failed ({}; this test needs root for its mount namespace; \
              libvirt's privileged driver also needs the system user libvirt-qemu, which \
              .ci/run creates): {}\nlogs:\n{}",
+            out.status,
             out.stderr,
             self.logs()
         );
