@@ -78,6 +78,9 @@ fn define_start_suspend_resume_dominfo_destroy() {
     assert_eq!(status(&mut qmp), "running");
     let p = wait_progress(&mut qmp, 0);
 
+    // The serial port is a pty Ferry made (query-chardev).
+    let tty = lv.virsh("ttyconsole ferry1");
+    assert!(tty.trim().starts_with("/dev/pts/"), "ttyconsole: {tty}");
     let info = dominfo(&lv, "ferry1");
     assert_eq!(info["State"], "running", "{info:?}");
     assert_eq!(info["CPU(s)"], "1", "{info:?}");
@@ -300,4 +303,44 @@ fn a_device_ferry_lacks_fails_to_start_naming_it() {
     wait_progress(&mut qmp, before);
     lv.virsh("destroy ferry1");
     assert!(good.wait_exit(TIMEOUT), "ferry still runs after destroy");
+}
+
+#[test]
+fn a_boot_sector_guest_writes_to_a_serial_file() {
+    require_kvm();
+    require_libvirt();
+    let dir = tempdir();
+    let lv = Libvirt::new(dir.path());
+    // mov dx, 0x3f8; mov al, 'O'; out dx, al; mov al, 'K'; out dx, al; mov al, 10;
+    // out dx, al; jmp $
+    let mut image = vec![
+        0xBA, 0xF8, 0x03, 0xB0, b'O', 0xEE, 0xB0, b'K', 0xEE, 0xB0, b'\n', 0xEE, 0xEB, 0xFE,
+    ];
+    image.resize(510, 0);
+    image.extend([0x55, 0xAA]);
+    let boot = dir.path().join("boot.img");
+    std::fs::write(&boot, image).expect("write the boot sector");
+    let out = dir.path().join("serial.txt");
+    // libvirt opens the file itself and passes it: -add-fd, path=/dev/fdset/N.
+    lv.define_with("boot1", |xml| {
+        xml.replace(
+            "hvm</type>",
+            &format!("hvm</type>\n    <kernel>{}</kernel>", boot.display()),
+        )
+        .replace(
+            "<serial type='pty'/>",
+            &format!(
+                "<serial type='file'><source path='{}'/></serial>",
+                out.display()
+            ),
+        )
+        .replace("    <console type='pty'/>\n", "")
+    });
+    lv.virsh("start boot1");
+    let ferry = process(&lv, "boot1");
+    wait_for("the boot sector's OK never reached the serial file", || {
+        std::fs::read_to_string(&out).ok().filter(|s| s == "OK\n")
+    });
+    lv.virsh("destroy boot1");
+    assert!(ferry.wait_exit(TIMEOUT), "ferry still runs after destroy");
 }

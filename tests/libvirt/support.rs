@@ -283,6 +283,13 @@ impl Libvirt {
     /// Defines domain `name` from README's domain XML (`tests/libvirt/domain.xml`), with
     /// `devices` added to its `<devices>`.
     pub fn define(&self, name: &str, devices: &str) {
+        self.define_with(name, |xml| {
+            xml.replace("  </devices>", &format!("{devices}  </devices>"))
+        });
+    }
+
+    /// Defines domain `name` from README's domain XML, changed by `edit`.
+    pub fn define_with(&self, name: &str, edit: impl FnOnce(String) -> String) {
         let template = ferry_tests::tests_dir().join("libvirt/domain.xml");
         let xml = std::fs::read_to_string(&template)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", template.display()))
@@ -290,8 +297,8 @@ impl Libvirt {
             .replace(
                 "/usr/local/bin/ferry-qemu",
                 &self.shim.display().to_string(),
-            )
-            .replace("  </devices>", &format!("{devices}  </devices>"));
+            );
+        let xml = edit(xml);
         let file = self.dir.join(format!("{name}.xml"));
         std::fs::write(&file, xml).expect("write the domain XML");
         self.names.borrow_mut().push(name.to_owned());

@@ -176,6 +176,19 @@ pub const OPTIONS: &[QemuOption] = &[
         ],
         "a cold-plugged device",
     ),
+    valued(
+        "add-fd",
+        &[
+            ("fd", "number", "an inherited descriptor"),
+            (
+                "set",
+                "number",
+                "its fdset: a chardev's path=/dev/fdset/SET",
+            ),
+            ("opaque", "string", "a label"),
+        ],
+        "a descriptor a file chardev writes to",
+    ),
     valued("kernel", &[], "a 512-byte boot sector, run at 0x7c00"),
     valued(
         "incoming",
@@ -263,6 +276,9 @@ pub struct Domain {
     pub incoming: Option<String>,
     /// `-object secret,...,file=PATH`: files the secrets are read from.
     pub secret_files: Vec<String>,
+    /// `-add-fd set=SET,fd=FD`: the inherited descriptor of each fdset a chardev's
+    /// `path=/dev/fdset/SET` names.
+    pub fdsets: BTreeMap<u32, i32>,
 }
 
 /// A parsed QEMU command line.
@@ -431,6 +447,7 @@ struct Seen {
     kernel: Option<String>,
     incoming: Option<String>,
     secret_files: Vec<String>,
+    fdsets: BTreeMap<u32, i32>,
 }
 
 /// Parses QEMU's argv (without the program name): a probe process (`-machine none` with
@@ -565,6 +582,24 @@ pub fn parse(argv: &[String]) -> Result<QemuArgs, QemuArgvError> {
                 p.only("index", &["0"], "Ferry has one serial port (COM1)")?;
                 p.finish()?;
             }
+            "add-fd" => {
+                let mut p = Props::new("add-fd", v, "")?;
+                let fd = p
+                    .number("fd")?
+                    .ok_or_else(|| invalid("add-fd", "'fd' is required"))?;
+                let set = p
+                    .number("set")?
+                    .ok_or_else(|| invalid("add-fd", "'set' is required"))?;
+                p.take("opaque");
+                p.finish()?;
+                let fd = i32::try_from(fd).map_err(|_| invalid("add-fd", format!("fd={fd}")))?;
+                if s.fdsets.insert(set, fd).is_some() {
+                    return Err(invalid(
+                        "add-fd",
+                        format!("set={set}: Ferry takes one descriptor per fdset"),
+                    ));
+                }
+            }
             "kernel" => s.kernel = Some(v.to_owned()),
             "incoming" => s.incoming = Some(v.to_owned()),
             _ => return Err(QemuArgvError::Unknown(name.to_owned())),
@@ -609,6 +644,24 @@ pub fn parse(argv: &[String]) -> Result<QemuArgs, QemuArgvError> {
     if let Some(id) = s.chardevs.keys().next() {
         return Err(invalid("chardev", format!("'{id}' is used by nothing")));
     }
+    let used_set = match &serial {
+        Some(Serial {
+            backend: SerialBackend::File { path, .. },
+            ..
+        }) => path
+            .strip_prefix("/dev/fdset/")
+            .map(|n| {
+                n.parse::<u32>()
+                    .ok()
+                    .filter(|n| s.fdsets.contains_key(n))
+                    .ok_or_else(|| invalid("chardev", format!("path={path}: no such fdset")))
+            })
+            .transpose()?,
+        _ => None,
+    };
+    if let Some(set) = s.fdsets.keys().find(|k| Some(**k) != used_set) {
+        return Err(invalid("add-fd", format!("fdset {set} is used by nothing")));
+    }
     let (vcpus, max_vcpus) = s.smp.unwrap_or((1, 1));
     Ok(QemuArgs {
         paused,
@@ -627,6 +680,7 @@ pub fn parse(argv: &[String]) -> Result<QemuArgs, QemuArgvError> {
             kernel: s.kernel,
             incoming: s.incoming,
             secret_files: s.secret_files,
+            fdsets: s.fdsets,
         }),
     })
 }
@@ -647,6 +701,7 @@ fn probe_args(
         (s.serial.is_some(), "device"),
         (s.kernel.is_some(), "kernel"),
         (s.incoming.is_some(), "incoming"),
+        (!s.fdsets.is_empty(), "add-fd"),
     ];
     if let Some((_, o)) = domain_only.iter().find(|(set, _)| *set) {
         return Err(invalid(
@@ -875,7 +930,32 @@ mod tests {
                 kernel: None,
                 incoming: None,
                 secret_files: vec!["/run/master-key.aes".into()],
+                fdsets: BTreeMap::new(),
             }
+        );
+    }
+
+    #[test]
+    fn parses_a_serial_file_libvirt_passes_as_an_fdset() {
+        let a = parse(&argv(&LIBVIRT_DOMAIN.replace(
+            "-chardev pty,id=charserial0",
+            "-add-fd set=0,fd=9,opaque=serial0-source \
+             -chardev file,id=charserial0,path=/dev/fdset/0,append=on",
+        )))
+        .expect("a file serial port");
+        let d = a.domain.expect("a domain");
+        assert_eq!(d.fdsets, BTreeMap::from([(0, 9)]));
+        assert_eq!(
+            d.serial.map(|s| s.backend),
+            Some(SerialBackend::File {
+                path: "/dev/fdset/0".into(),
+                append: true
+            })
+        );
+        let err = |s: &str| parse(&argv(s)).unwrap_err().to_string();
+        assert_eq!(
+            err(&format!("{LIBVIRT_DOMAIN} -add-fd set=1,fd=10")),
+            "Option '-add-fd': fdset 1 is used by nothing"
         );
     }
 

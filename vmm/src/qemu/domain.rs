@@ -43,7 +43,7 @@ pub fn run(args: QemuArgs) -> Result<()> {
         // an error, as for QEMU.
         std::fs::metadata(f).with_context(|| format!("Cannot read the secret file {f}"))?;
     }
-    let (serial, chardevs) = open_serial(&d)?;
+    let (serial, chardevs) = open_serial(&d, &mut inherited)?;
     let incoming = match d.incoming.as_deref() {
         None => IncomingMode::None,
         Some("defer") => IncomingMode::Defer,
@@ -230,7 +230,10 @@ fn inherited_fds() -> Result<Vec<(i32, OwnedFd)>> {
 }
 
 /// The serial port's output and the chardevs `query-chardev` lists.
-fn open_serial(d: &Domain) -> Result<(vmm::devices::uart::SerialOut, Vec<Chardev>)> {
+fn open_serial(
+    d: &Domain,
+    inherited: &mut Vec<(i32, OwnedFd)>,
+) -> Result<(vmm::devices::uart::SerialOut, Vec<Chardev>)> {
     let Some(s) = &d.serial else {
         return Ok((Box::new(std::io::sink()), Vec::new()));
     };
@@ -240,6 +243,20 @@ fn open_serial(d: &Domain) -> Result<(vmm::devices::uart::SerialOut, Vec<Chardev
             // As QEMU prints it (and older libvirt read it from the log).
             eprintln!("char device redirected to {path} (label {})", s.chardev);
             (Box::new(PtyOut(master)), format!("pty:{path}"))
+        }
+        // `-add-fd`: libvirt opened the file and passed it.
+        SerialBackend::File { path, .. } if path.starts_with("/dev/fdset/") => {
+            let fd = path
+                .strip_prefix("/dev/fdset/")
+                .and_then(|n| n.parse().ok())
+                .and_then(|n: u32| d.fdsets.get(&n))
+                .with_context(|| format!("Option '-chardev': path={path}: no such fdset"))?;
+            let i = inherited
+                .iter()
+                .position(|(n, _)| n == fd)
+                .with_context(|| format!("Option '-add-fd': fd={fd} is not open"))?;
+            let f = std::fs::File::from(inherited.remove(i).1);
+            (Box::new(f), format!("file:{path}"))
         }
         SerialBackend::File { path, append } => {
             let f = std::fs::OpenOptions::new()
