@@ -37,6 +37,27 @@ impl PassedFd {
             source,
         })
     }
+
+    /// The descriptor as a connected TCP socket (libvirt connects to the destination itself
+    /// and passes the socket), or `None` if it is not a socket. A socket of another family
+    /// is refused: the migration protocol's return path needs TCP.
+    pub fn tcp_stream(&self, name: &str) -> Result<Option<TcpStream>, MigrationError> {
+        use std::os::unix::fs::FileTypeExt;
+        let open_err = |source| MigrationError::Open {
+            target: format!("fd:{name}"),
+            source,
+        };
+        if !self.0.metadata().map_err(open_err)?.file_type().is_socket() {
+            return Ok(None);
+        }
+        let s = TcpStream::from(std::os::fd::OwnedFd::from(self.writer(name)?));
+        match s.peer_addr() {
+            Ok(_) => Ok(Some(s)),
+            Err(e) => Err(MigrationError::BadUri(format!(
+                "fd:{name} (a socket that is not a connected TCP socket: {e})"
+            ))),
+        }
+    }
 }
 
 impl PartialEq for PassedFd {

@@ -117,7 +117,7 @@ const MIGRATION_CAPABILITY: Struct = obj(
             "capability",
             Ty::Enum(&Enum {
                 name: "MigrationCapability",
-                values: &["events", "auto-converge", "postcopy-ram"],
+                values: &["events", "auto-converge", "postcopy-ram", "return-path"],
             }),
         ),
         req("state", Ty::Bool),

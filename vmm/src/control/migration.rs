@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Migration capabilities Ferry has (`migrate-set-capabilities` refuses the rest by name).
-const CAPABILITIES: &[&str] = &["events", "auto-converge", "postcopy-ram"];
+const CAPABILITIES: &[&str] = &["events", "auto-converge", "postcopy-ram", "return-path"];
 use std::time::Duration;
 use tracing::{error, info};
 
@@ -70,6 +70,7 @@ impl Controller {
             return self.migrate_resume(uri);
         }
         let parsed = Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        self.check_return_path(&parsed).map_err(QmpError::generic)?;
         // TLS protects a TCP channel; a file has no peer to authenticate.
         let tls = match parsed {
             Uri::Tcp(_) => self
@@ -153,6 +154,7 @@ impl Controller {
     /// Begin receiving from `uri` (from `--incoming URI` or `migrate-incoming`).
     pub fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
         let parsed = Uri::parse(uri).map_err(|e| e.to_string())?;
+        self.check_return_path(&parsed)?;
         let listener = match &parsed {
             Uri::Tcp(_) => {
                 let l = migration::transport::listen(&parsed).map_err(|e| migration::chain(&e))?;
@@ -436,6 +438,17 @@ impl Controller {
         v
     }
 
+    /// Ferry's TCP migration cannot run without its return path (LOADED, COMMIT).
+    fn check_return_path(&self, uri: &Uri) -> Result<(), String> {
+        if matches!(uri, Uri::Tcp(_)) && !self.probe.return_path.load(Ordering::SeqCst) {
+            return Err(
+                "Ferry's migration over TCP needs its return path: capability 'return-path' is off"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     pub(super) fn set_capabilities(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         let mut a = Args::new(args);
         let caps = a.required_array("capabilities")?;
@@ -468,6 +481,7 @@ impl Controller {
             match name.as_str() {
                 "events" => self.events_cap.store(on, Ordering::SeqCst),
                 "postcopy-ram" => lock(&self.params).postcopy = on,
+                "return-path" => self.probe.return_path.store(on, Ordering::SeqCst),
                 _ => lock(&self.params).converge.auto_converge = on,
             }
         }
