@@ -365,3 +365,193 @@ impl Drop for Libvirt {
         }
     }
 }
+
+/// A private libvirtd: its own `/etc/libvirt`, `/var` and `/run` (bind mounts and a tmpfs in
+/// a mount namespace of its own), its own host UUID, its socket in `DIR/sock` and the QEMU
+/// driver running Ferry through `shim`. Two of them are two hosts to `virsh migrate`.
+#[derive(Debug)]
+pub struct LibvirtDaemon {
+    pub dir: PathBuf,
+    pub uri: String,
+    daemon: std::process::Child,
+    names: std::cell::RefCell<Vec<String>>,
+    shim: PathBuf,
+}
+
+impl LibvirtDaemon {
+    /// Starts libvirtd under `dir` (host UUID `uuid`) and waits for its socket.
+    pub fn start(dir: &Path, uuid: &str, shim: &Path, cpu_map: &Path) -> LibvirtDaemon {
+        for d in [
+            "etc",
+            "sock",
+            "var/lib/libvirt",
+            "var/cache/libvirt",
+            "var/log/libvirt",
+        ] {
+            std::fs::create_dir_all(dir.join(d)).expect("mkdir the daemon's directories");
+        }
+        std::fs::write(
+            dir.join("etc/qemu.conf"),
+            "user = \"root\"\ngroup = \"root\"\nstdio_handler = \"file\"\n",
+        )
+        .expect("write qemu.conf");
+        let sock = dir.join("sock");
+        std::fs::write(
+            dir.join("etc/libvirtd.conf"),
+            format!(
+                "unix_sock_dir = \"{}\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+                 host_uuid = \"{uuid}\"\nlog_outputs = \"3:file:{}\"\n",
+                sock.display(),
+                dir.join("libvirtd.log").display()
+            ),
+        )
+        .expect("write libvirtd.conf");
+        let script = format!(
+            "set -e; mount --make-rprivate /; mount --bind \"$1\" {CPU_MAP}; \
+             mount --bind \"$2/etc\" /etc/libvirt; mount --bind \"$2/var\" /var; \
+             mount -t tmpfs tmpfs /run; mkdir -p /run/libvirt; \
+             exec libvirtd --config \"$2/etc/libvirtd.conf\""
+        );
+        let daemon = Command::new("unshare")
+            .args(["--mount", "sh", "-c", &script, "sh"])
+            .arg(cpu_map)
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr")).expect("create stderr"))
+            .spawn()
+            .expect("run unshare (util-linux)");
+        let socket = sock.join("libvirt-sock");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "libvirtd under {} did not create {} within {TIMEOUT:?}: {}",
+                dir.display(),
+                socket.display(),
+                std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        LibvirtDaemon {
+            dir: dir.to_path_buf(),
+            uri: format!("qemu+unix:///system?socket={}", socket.display()),
+            daemon,
+            names: Default::default(),
+            shim: shim.to_path_buf(),
+        }
+    }
+
+    /// `virsh -c URI COMMANDS`, bounded by `TIMEOUT`.
+    pub fn try_virsh(&self, commands: &str) -> VirshOutput {
+        let child = Command::new("virsh")
+            .args(["-q", "-c", &self.uri, commands])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run virsh");
+        let out = wait_output(child, TIMEOUT, &format!("virsh '{commands}'"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        VirshOutput {
+            ok: out.status.success(),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// [`try_virsh`](Self::try_virsh), which must succeed; returns stdout.
+    pub fn virsh(&self, commands: &str) -> String {
+        let out = self.try_virsh(commands);
+        assert!(
+            out.ok,
+            "virsh -c {} '{commands}' failed ({}): {}\nlogs:\n{}",
+            self.uri,
+            out.status,
+            out.stderr,
+            self.logs()
+        );
+        out.stdout
+    }
+
+    /// Defines domain `name` from README's domain XML.
+    pub fn define(&self, name: &str) {
+        let template = ferry_tests::tests_dir().join("libvirt/domain.xml");
+        let xml = std::fs::read_to_string(&template)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", template.display()))
+            .replace("ferry1", name)
+            .replace(
+                "/usr/local/bin/ferry-qemu",
+                &self.shim.display().to_string(),
+            );
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("write the domain XML");
+        self.names.borrow_mut().push(name.to_owned());
+        self.virsh(&format!("define '{}'", file.display()));
+    }
+
+    /// Domain `name` runs here now (after a migration in).
+    pub fn adopt(&self, name: &str) {
+        self.names.borrow_mut().push(name.to_owned());
+    }
+
+    /// The pid of domain `name`'s process, from libvirt's pid file (in the daemon's own
+    /// `/run`, seen through its `/proc/PID/root`).
+    pub fn pid(&self, name: &str) -> Option<i32> {
+        let p = format!(
+            "/proc/{}/root/run/libvirt/qemu/{name}.pid",
+            self.daemon.id()
+        );
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    }
+
+    /// A QMP client on domain `name`'s monitor.
+    pub fn qmp(&self, name: &str) -> ferry_tests::QmpClient {
+        let base = self.dir.join("var/lib/libvirt/qemu");
+        let dir = std::fs::read_dir(&base)
+            .expect("libvirt's domain directories")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with("domain-") && f.ends_with(&format!("-{name}")))
+            })
+            .unwrap_or_else(|| panic!("no domain directory of {name} under {}", base.display()));
+        ferry_tests::QmpClient::connect(&dir.join("monitor.sock"), TIMEOUT)
+            .unwrap_or_else(|e| panic!("cannot connect to {name}'s monitor: {e}"))
+    }
+
+    /// Every domain's log here.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for name in self.names.borrow().iter() {
+            let p = self.dir.join(format!("var/log/libvirt/qemu/{name}.log"));
+            out.push_str(&format!(
+                "--- {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for LibvirtDaemon {
+    /// Destroys what runs here, then stops the daemon (SIGTERM, bounded, then SIGKILL).
+    fn drop(&mut self) {
+        for name in self.names.borrow().iter() {
+            let _ = self.try_virsh(&format!("destroy {name}"));
+        }
+        // SAFETY: kill takes a pid and a signal; the child is ours and not yet reaped.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.daemon.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
