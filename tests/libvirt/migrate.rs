@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::{QmpClient, TIMEOUT, require_kvm, tempdir};
 use serde_json::{Value, json};
 
-use crate::support::{Daemon, Libvirt, LibvirtDaemon, require_libvirt};
+use crate::support::{Daemon, Libvirt, LibvirtDaemon, require_libvirtd};
 
 fn pass(qmp: &mut QmpClient) -> u64 {
     let g = qmp
@@ -42,7 +42,7 @@ fn vcpu1(qmp: &mut QmpClient) -> Option<Value> {
 #[test]
 fn virsh_migrate_live_with_a_hot_plugged_core() {
     require_kvm();
-    require_libvirt();
+    require_libvirtd();
     let dir = tempdir();
     // The shim and Ferry's CPU map, as for the embedded driver.
     let lv = Libvirt::new(&dir.path().join("embedded"));
@@ -108,4 +108,79 @@ fn virsh_migrate_live_with_a_hot_plugged_core() {
         .expect("__org.ferry_verify-guest");
     assert_eq!(v["ok"], true, "{v}");
     dst.virsh("resume ferry1; destroy ferry1");
+}
+
+#[test]
+fn device_add_during_virsh_migrate_is_refused_as_qemu_refuses_it() {
+    require_kvm();
+    require_libvirtd();
+    let dir = tempdir();
+    let lv = Libvirt::new(&dir.path().join("embedded"));
+    let map = lv.dir.join("cpu_map");
+    let src = LibvirtDaemon::start(
+        &dir.path().join("src"),
+        "11111111-2222-3333-4444-555555555555",
+        &lv.shim,
+        &map,
+    );
+    let dst = LibvirtDaemon::start(
+        &dir.path().join("dst"),
+        "99999999-2222-3333-4444-555555555555",
+        &lv.shim,
+        &map,
+    );
+    src.define("ferry1");
+    src.virsh("start ferry1");
+    let mut qmp = src.qmp("ferry1");
+    // 1 MiB/s: the 16 MiB working set keeps the migration going while the test looks.
+    let migrate = std::process::Command::new("virsh")
+        .args([
+            "-q",
+            "-c",
+            &src.uri,
+            "migrate",
+            "--live",
+            "--bandwidth",
+            "1",
+        ])
+        .args(["ferry1", &dst.uri])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run virsh migrate");
+    wait_for("the migration never became active", || {
+        let m = qmp.execute("query-migrate", json!({})).ok()?;
+        (m["status"] == "active").then_some(())
+    });
+    // Through libvirt, Ferry's refusal as QEMU words it.
+    let reply = src.virsh(
+        r#"qemu-monitor-command ferry1 '{"execute":"device_add","arguments":{"driver":"ferry-cpu-core","id":"vcpu1","core-id":0}}'"#,
+    );
+    assert!(
+        reply.contains(r#""class":"GenericError","desc":"device_add not allowed while migrating""#),
+        "{reply}"
+    );
+    assert!(
+        vcpu1(&mut qmp).is_none(),
+        "vcpu1 was plugged during the migration"
+    );
+    // Cancelled: the source runs on, the destination has nothing.
+    src.virsh("domjobabort ferry1");
+    let out = ferry_tests::python::wait_output(migrate, TIMEOUT, "virsh migrate")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !out.status.success(),
+        "the migration completed despite domjobabort"
+    );
+    assert_eq!(src.virsh("domstate ferry1").trim(), "running");
+    assert_eq!(
+        dst.virsh("list --all --name").trim(),
+        "",
+        "the destination kept a domain"
+    );
+    let p = pass(&mut qmp);
+    wait_for(&format!("the source's guest is stuck at pass {p}"), || {
+        Some(pass(&mut qmp)).filter(|q| *q > p)
+    });
+    src.virsh("destroy ferry1");
 }

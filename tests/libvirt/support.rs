@@ -148,6 +148,17 @@ pub fn require_libvirt() {
     );
 }
 
+/// [`require_libvirt`], and libvirtd.
+pub fn require_libvirtd() {
+    require_libvirt();
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .any(|d| d.join("libvirtd").exists());
+    assert!(found, "libvirtd is missing: {INSTALL}");
+}
+
 /// A private libvirt: the embedded QEMU driver (`qemu:///embed?root=DIR/root`, its own config,
 /// cache, state and run directories, no daemon), a shim starting `ferry qemu-compat`, and
 /// libvirt's CPU map with Ferry's models (`ferry libvirt-cpu-map`) bind-mounted in a private
