@@ -16,15 +16,19 @@ pub enum Lever {
     DirectSend,
     /// Destination: DATA pages are read from the channel straight into guest memory.
     DirectReceive,
+    /// Source: a pass that fits the downtime but leaves at most half of what it sent dirty
+    /// is followed by another ([`crate::converge::Converge::shrink_further`]).
+    ShrinkPasses,
 }
 
 impl Lever {
     /// Every lever, in the order the benchmark reports them.
-    pub const ALL: [Lever; 4] = [
+    pub const ALL: [Lever; 5] = [
         Lever::Prefault,
         Lever::KnownZero,
         Lever::DirectSend,
         Lever::DirectReceive,
+        Lever::ShrinkPasses,
     ];
 
     /// The name used in `FERRY_LEVERS_OFF`.
@@ -34,6 +38,7 @@ impl Lever {
             Lever::KnownZero => "known-zero",
             Lever::DirectSend => "direct-send",
             Lever::DirectReceive => "direct-receive",
+            Lever::ShrinkPasses => "shrink-passes",
         }
     }
 

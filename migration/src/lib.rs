@@ -112,6 +112,10 @@ pub struct Params {
     pub postcopy: bool,
     /// `max-postcopy-bandwidth`: cap on background post-copy pages in bytes/s (0: none).
     pub max_postcopy_bandwidth: u64,
+    /// `__org.ferry_page-thread-nice`: nice value of this side's page-channel threads
+    /// (0..=19; 0 leaves them at the process's priority), so a migration gives the CPU to
+    /// running guests first.
+    pub page_thread_nice: u8,
 }
 
 impl Default for Params {
@@ -130,6 +134,7 @@ impl Default for Params {
             converge: ConvergeParams::default(),
             postcopy: false,
             max_postcopy_bandwidth: 0,
+            page_thread_nice: 0,
         }
     }
 }

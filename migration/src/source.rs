@@ -459,7 +459,7 @@ pub fn send<V: SourceVm>(
         Err(e) => {
             error!(error = %e, "migration failed");
             end_throttle(vm, progress);
-            if logging && !committed {
+            if logging {
                 let _ = vm.stop_dirty_log();
             }
             if paused
@@ -650,13 +650,7 @@ fn run<V: SourceVm>(
     let res = std::thread::scope(|sc| {
         let mut senders = match ram {
             Some(ram) if !chans.is_empty() => Some(Senders::start(
-                sc,
-                chans,
-                granted.1,
-                ram,
-                sparse,
-                progress,
-                params.io_timeout,
+                sc, chans, granted.1, ram, sparse, progress, params,
             )?),
             _ => None,
         };
@@ -735,9 +729,8 @@ fn run<V: SourceVm>(
         "stop-and-copy: destination loaded"
     );
     tx.check_cancel()?;
-    // Point of no return: from here the source never resumes by itself.
-    tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
-    *logging = false;
+    // Point of no return: from here the source never resumes by itself. Dirty logging stops
+    // once the destination runs (a memslot update per region: milliseconds of downtime).
     *committed = true;
     tx.vm.handed_over();
     Msg::new(Kind::Commit, u64::from(postcopy.is_some()))
@@ -768,6 +761,8 @@ fn run<V: SourceVm>(
         "stop-and-copy: destination committed"
     );
     progress.update(|s| s.downtime_ms = downtime.as_millis() as u64);
+    tx.vm.stop_dirty_log().map_err(MigrationError::Vm)?;
+    *logging = false;
     let Some(set) = postcopy else {
         return Ok(());
     };
@@ -913,69 +908,79 @@ fn transfer<'v, V: SourceVm>(
         }
         let allowed_ms = converge.allowed_ms(progress.downtime_limit_ms(), iteration);
         progress.update(|s| s.downtime_allowed_ms = allowed_ms);
-        if est.fits(allowed_ms) {
+        let sent = (tx.pages_sent - tx.iter_pages) * PAGE_SIZE as u64;
+        let fits = est.fits(allowed_ms);
+        if fits
+            && (iteration >= u64::from(params.max_iterations)
+                || !crate::Lever::ShrinkPasses.on()
+                || !converge.shrink_further(sent, remaining, expected_ms))
+        {
             // Converged: these pages go in stop-and-copy, with whatever dirties meanwhile.
             break dirty;
         }
-        if iteration >= u64::from(params.max_iterations) {
-            match params.switchover_policy {
-                SwitchoverPolicy::Force => {
-                    warn!(iteration, expected_ms, "not converged; forcing switchover");
-                    break dirty;
-                }
-                SwitchoverPolicy::Cancel => {
-                    return Err(MigrationError::NotConverged {
-                        iterations: iteration,
-                        expected_ms,
-                        limit_ms: allowed_ms,
-                    });
+        if fits {
+            // The set is shrinking fast: one more pass takes most of it out of the downtime.
+            info!(iteration, expected_ms, "fits; one more pass to shrink it");
+        } else {
+            if iteration >= u64::from(params.max_iterations) {
+                match params.switchover_policy {
+                    SwitchoverPolicy::Force => {
+                        warn!(iteration, expected_ms, "not converged; forcing switchover");
+                        break dirty;
+                    }
+                    SwitchoverPolicy::Cancel => {
+                        return Err(MigrationError::NotConverged {
+                            iterations: iteration,
+                            expected_ms,
+                            limit_ms: allowed_ms,
+                        });
+                    }
                 }
             }
-        }
-        let sent = (tx.pages_sent - tx.iter_pages) * PAGE_SIZE as u64;
-        let step = converge.after_pass(
-            iteration,
-            sent,
-            remaining,
-            expected_ms,
-            allowed_ms,
-            Instant::now(),
-        );
-        if let Some(stall) = step.stall {
-            if postcopy_ok {
-                info!(
-                    iteration,
-                    expected_ms, "pre-copy stalled; switching to post-copy"
-                );
-                postcopy = true;
-                break dirty;
-            }
-            match params.switchover_policy {
-                SwitchoverPolicy::Force => {
-                    warn!(
+            let step = converge.after_pass(
+                iteration,
+                sent,
+                remaining,
+                expected_ms,
+                allowed_ms,
+                Instant::now(),
+            );
+            if let Some(stall) = step.stall {
+                if postcopy_ok {
+                    info!(
                         iteration,
-                        expected_ms, "pre-copy stalled; forcing switchover"
+                        expected_ms, "pre-copy stalled; switching to post-copy"
                     );
+                    postcopy = true;
                     break dirty;
                 }
-                SwitchoverPolicy::Cancel => {
-                    return Err(MigrationError::Stalled {
-                        passes: stall.passes,
-                        seconds: stall.since.as_secs_f64(),
-                        expected_ms: stall.expected_ms,
-                        allowed_ms: stall.allowed_ms,
-                    });
+                match params.switchover_policy {
+                    SwitchoverPolicy::Force => {
+                        warn!(
+                            iteration,
+                            expected_ms, "pre-copy stalled; forcing switchover"
+                        );
+                        break dirty;
+                    }
+                    SwitchoverPolicy::Cancel => {
+                        return Err(MigrationError::Stalled {
+                            passes: stall.passes,
+                            seconds: stall.since.as_secs_f64(),
+                            expected_ms: stall.expected_ms,
+                            allowed_ms: stall.allowed_ms,
+                        });
+                    }
                 }
             }
-        }
-        if let Some(pct) = step.throttle {
-            info!(percent = pct, "auto-converge: throttling vCPUs");
-            // Recorded first, so a failure here still ends the throttle.
-            progress.update(|s| {
-                s.cpu_throttle_percentage = pct;
-                s.cpu_throttle_peak = s.cpu_throttle_peak.max(pct);
-            });
-            tx.vm.set_throttle(pct).map_err(MigrationError::Vm)?;
+            if let Some(pct) = step.throttle {
+                info!(percent = pct, "auto-converge: throttling vCPUs");
+                // Recorded first, so a failure here still ends the throttle.
+                progress.update(|s| {
+                    s.cpu_throttle_percentage = pct;
+                    s.cpu_throttle_peak = s.cpu_throttle_peak.max(pct);
+                });
+                tx.vm.set_throttle(pct).map_err(MigrationError::Vm)?;
+            }
         }
         let _s = info_span!("iteration", n = iteration).entered();
         progress.pass(iteration);

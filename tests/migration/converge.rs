@@ -193,6 +193,7 @@ fn convergence_parameters_out_of_range_are_refused_and_change_nothing() {
         ("cpu-throttle-increment", 100),
         ("max-cpu-throttle", 100),
         ("throttle-trigger-threshold", 0),
+        ("__org.ferry_page-thread-nice", 20),
     ] {
         let e = s.err(
             "migrate-set-parameters",
@@ -215,4 +216,75 @@ fn convergence_parameters_out_of_range_are_refused_and_change_nothing() {
     assert_eq!(p["cpu-throttle-tailslow"], true);
     assert_eq!(p["__org.ferry_stall-timeout"], 5000);
     assert_eq!(p["max-cpu-throttle"], 99);
+}
+
+/// The nice value in a `/proc/.../stat` line (field 19; after the command name in
+/// parentheses, field 3 comes first).
+fn nice_of(stat: &str) -> Option<i64> {
+    stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(16)?
+        .parse()
+        .ok()
+}
+
+/// Nice values of `pid`'s threads.
+fn thread_nices(pid: u32) -> Vec<i64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| nice_of(&stat))
+        .collect()
+}
+
+#[test]
+fn page_channel_threads_run_at_the_nice_value_each_side_asked_for() {
+    let dir = tempdir();
+    let (mut s, mut d, _) = pair(dir.path());
+    // Two page channels; each side's own value applies to its own threads.
+    s.ok(
+        "migrate-set-parameters",
+        json!({"multifd-channels": 2, "__org.ferry_page-thread-nice": 7}),
+    );
+    d.ok(
+        "migrate-set-parameters",
+        json!({"multifd-channels": 2, "__org.ferry_page-thread-nice": 9}),
+    );
+    assert_eq!(
+        s.ok("query-migrate-parameters", json!({}))["__org.ferry_page-thread-nice"],
+        7
+    );
+    assert!(
+        !thread_nices(s.child.id()).contains(&7),
+        "no thread at nice 7 before the migration"
+    );
+    migrate(&mut s, &mut d);
+    // The capped link keeps pre-copy going while both sides are looked at.
+    let (spid, dpid) = (s.child.id(), d.child.id());
+    s.poll(
+        Duration::from_secs(60),
+        &|_| format!("source threads' nice values: {:?}", thread_nices(spid)),
+        |_| (thread_nices(spid).iter().filter(|&&n| n == 7).count() == 2).then_some(()),
+    );
+    d.poll(
+        Duration::from_secs(60),
+        &|_| format!("destination threads' nice values: {:?}", thread_nices(dpid)),
+        |_| (thread_nices(dpid).iter().filter(|&&n| n == 9).count() == 2).then_some(()),
+    );
+    // Only those two: the vCPU, the migration thread and the rest keep the process's.
+    let main = std::fs::read_to_string(format!("/proc/{spid}/stat"))
+        .ok()
+        .and_then(|st| nice_of(&st))
+        .expect("source's nice value");
+    let nices = thread_nices(spid);
+    assert_eq!(
+        nices.iter().filter(|&&n| n != main).count(),
+        2,
+        "{nices:?} (process at {main})"
+    );
+    s.ok("migrate_cancel", json!({}));
+    s.wait_migration(&["cancelled"]);
 }

@@ -51,9 +51,13 @@
 //!   with `QC_KEEP`).
 //! - `QC_LEVERS=1`: ablation. One more Ferry run per speed lever of `migration::levers`, with
 //!   that lever off (`FERRY_LEVERS_OFF=LEVER` in the environment of both Ferry processes):
-//!   `-prefault`, `-known-zero`, `-direct-send`, `-direct-receive`. The summary gives each
+//!   `-prefault`, `-known-zero`, `-direct-send`, `-direct-receive`, `-shrink-passes`
+//!   (`QC_LEVERS=name,...`: only those levers). The summary gives each
 //!   one's `lever cost` as the median of paired ratios to plain `ferry` of the same rounds
 //!   (total, blackout, downtime; above 1 means the lever saves that much);
+//! - `QC_FERRY_NICE=10`: one more Ferry run per listed `__org.ferry_page-thread-nice` value
+//!   (`ferry-nice10`, on both sides), reported like the levers and, in the convergence
+//!   cases, against QEMU;
 //! - `QC_FERRY_CHANNELS=0,1,4`: one more Ferry run per listed page-channel count
 //!   (`ferry-ch0`, `ferry-ch1`, ...: `multifd-channels` N, 0 to 8, on both sides; plain
 //!   `ferry` has Ferry's default of 2), reported like the levers against plain `ferry`;
@@ -328,6 +332,8 @@ enum Hv {
     FerryLeverOff(Lever),
     /// Ferry with `multifd-channels` N on both sides (0 to 8).
     FerryChannels(u8),
+    /// Ferry with `__org.ferry_page-thread-nice` N on both sides (1 to 19).
+    FerryNice(u8),
     /// Ferry without auto-converge (convergence cases only).
     FerryNoAc,
     /// QEMU without auto-converge (convergence cases only).
@@ -353,6 +359,28 @@ impl Hv {
             "ferry-ch7",
             "ferry-ch8",
         ];
+        const NICE: [&str; 20] = [
+            "ferry-nice0",
+            "ferry-nice1",
+            "ferry-nice2",
+            "ferry-nice3",
+            "ferry-nice4",
+            "ferry-nice5",
+            "ferry-nice6",
+            "ferry-nice7",
+            "ferry-nice8",
+            "ferry-nice9",
+            "ferry-nice10",
+            "ferry-nice11",
+            "ferry-nice12",
+            "ferry-nice13",
+            "ferry-nice14",
+            "ferry-nice15",
+            "ferry-nice16",
+            "ferry-nice17",
+            "ferry-nice18",
+            "ferry-nice19",
+        ];
         match self {
             Hv::Ferry => "ferry",
             Hv::Qemu => "qemu",
@@ -363,7 +391,9 @@ impl Hv {
             Hv::FerryLeverOff(Lever::KnownZero) => "-known-zero",
             Hv::FerryLeverOff(Lever::DirectSend) => "-direct-send",
             Hv::FerryLeverOff(Lever::DirectReceive) => "-direct-receive",
+            Hv::FerryLeverOff(Lever::ShrinkPasses) => "-shrink-passes",
             Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
+            Hv::FerryNice(n) => NICE[usize::from(n.min(19))],
             Hv::FerryNoAc => "ferry-noac",
             Hv::QemuNoAc => "qemu-noac",
             Hv::QemuPostcopy => "qemu-postcopy",
@@ -378,6 +408,7 @@ impl Hv {
                 | Hv::FerryTls
                 | Hv::FerryLeverOff(_)
                 | Hv::FerryChannels(_)
+                | Hv::FerryNice(_)
                 | Hv::FerryNoAc
                 | Hv::FerryPostcopy
         )
@@ -400,7 +431,10 @@ impl Hv {
 
     /// A variant of plain Ferry whose cost the summary gives against `ferry`.
     fn is_ferry_variant(self) -> bool {
-        matches!(self, Hv::FerryLeverOff(_) | Hv::FerryChannels(_))
+        matches!(
+            self,
+            Hv::FerryLeverOff(_) | Hv::FerryChannels(_) | Hv::FerryNice(_)
+        )
     }
 
     fn tls(self) -> bool {
@@ -542,6 +576,7 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
         | Hv::FerryTls
         | Hv::FerryLeverOff(_)
         | Hv::FerryChannels(_)
+        | Hv::FerryNice(_)
         | Hv::FerryNoAc
         | Hv::FerryPostcopy => {
             let mut c = Command::new(&env.ferry);
@@ -730,6 +765,12 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     if let Hv::FerryChannels(n) = hv {
         dst.exec("migrate-set-parameters", json!({"multifd-channels": n}))?;
     }
+    if let Hv::FerryNice(n) = hv {
+        dst.exec(
+            "migrate-set-parameters",
+            json!({"__org.ferry_page-thread-nice": n}),
+        )?;
+    }
     dst.exec("migrate-set-parameters", params.clone())?;
     if hv.tls() {
         tls_on(&mut dst, &env.dir, "server")?;
@@ -760,6 +801,12 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
     }
     if let Hv::FerryChannels(n) = hv {
         src.exec("migrate-set-parameters", json!({"multifd-channels": n}))?;
+    }
+    if let Hv::FerryNice(n) = hv {
+        src.exec(
+            "migrate-set-parameters",
+            json!({"__org.ferry_page-thread-nice": n}),
+        )?;
     }
     if conv {
         let on = !hv.converge_only();
@@ -1294,10 +1341,15 @@ fn converge_summary(
             );
         }
         let at = |h: Hv| hvs.iter().position(|&x| x == h);
-        let pairs = hvs
+        let ferries = hvs
             .iter()
-            .filter(|h| !h.is_ferry() && **h != Hv::QemuNoAc)
-            .map(|&h| (Hv::Ferry, h))
+            .filter(|h| **h == Hv::Ferry || h.is_ferry_variant());
+        let pairs = ferries
+            .flat_map(|&f| {
+                hvs.iter()
+                    .filter(|h| !h.is_ferry() && **h != Hv::QemuNoAc && !h.postcopy())
+                    .map(move |&h| (f, h))
+            })
             .chain([
                 (Hv::FerryNoAc, Hv::QemuNoAc),
                 (Hv::FerryPostcopy, Hv::QemuPostcopy),
@@ -1443,8 +1495,14 @@ fn main() {
             hvs.push(Hv::QemuTls);
         }
     }
-    if std::env::var("QC_LEVERS").is_ok_and(|v| v == "1") {
-        hvs.extend(Lever::ALL.map(Hv::FerryLeverOff));
+    if let Ok(v) = std::env::var("QC_LEVERS") {
+        let names: Vec<&str> = v.split(',').map(str::trim).collect();
+        hvs.extend(
+            Lever::ALL
+                .into_iter()
+                .filter(|l| v == "1" || names.contains(&l.name()))
+                .map(Hv::FerryLeverOff),
+        );
     }
     if cases.iter().any(|c| c.group == Group::Converge)
         && std::env::var("QC_NOAC").map_or(true, |v| v != "0")
@@ -1460,6 +1518,14 @@ fn main() {
         hvs.push(Hv::FerryPostcopy);
         if have_qemu {
             hvs.push(Hv::QemuPostcopy);
+        }
+    }
+    if let Ok(list) = std::env::var("QC_FERRY_NICE") {
+        for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+            match v.parse::<u8>() {
+                Ok(n) if (1..=19).contains(&n) => hvs.push(Hv::FerryNice(n)),
+                _ => println!("NOTE: QC_FERRY_NICE entry {v:?} skipped (1 to 19)"),
+            }
         }
     }
     if let Ok(list) = std::env::var("QC_FERRY_CHANNELS") {
@@ -1654,6 +1720,7 @@ fn main() {
                 let what = match hv {
                     Hv::FerryLeverOff(_) => "lever cost",
                     Hv::FerryChannels(_) => "channels",
+                    Hv::FerryNice(_) => "nice",
                     _ => continue,
                 };
                 println!(

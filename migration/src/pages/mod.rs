@@ -34,6 +34,22 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::sync::Mutex;
 
+/// Sets the calling thread's nice value (page-channel threads, the destination's RAM
+/// prefault); lowering it again may be refused without root (`RLIMIT_NICE`).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority changes the scheduling priority of the calling thread only (Linux
+    // applies PRIO_PROCESS with a thread id to that thread alone); no memory is passed.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Highest `__org.ferry_page-thread-nice`.
+pub const MAX_NICE: u8 = 19;
+
 /// Magic of a page channel's hello.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"FERRYCHN";
 /// Most page channels a migration may use.

@@ -142,6 +142,7 @@ impl<'scope> Receivers<'scope> {
         ram: &'env dyn SharedRam,
         torn: &'env Torn,
         progress: &'env Progress,
+        nice: u8,
     ) -> Receivers<'scope> {
         let first_failed = Arc::new(AtomicU16::new(0));
         let handles = channels
@@ -149,6 +150,11 @@ impl<'scope> Receivers<'scope> {
             .map(|(index, ch)| {
                 let first = first_failed.clone();
                 let h = scope.spawn(move || {
+                    if nice > 0
+                    && let Err(e) = super::set_thread_nice(i32::from(nice))
+                {
+                        tracing::warn!(channel = index, nice, error = %e, "page channel keeps its priority");
+                    }
                     let res = serve(index, ch, ram, torn, progress);
                     if let Err(e) = &res {
                         let _ =

@@ -106,8 +106,9 @@ impl<'scope> Senders<'scope> {
         ram: Arc<dyn SharedRam>,
         sparse: bool,
         progress: &'env Progress,
-        timeout: Duration,
+        params: &crate::Params,
     ) -> Result<Senders<'scope>, MigrationError> {
+        let (timeout, nice) = (params.io_timeout, params.page_thread_nice);
         let (ack_tx, acks) = std::sync::mpsc::channel();
         let meter = Arc::new(Meter::default());
         meter.start_window();
@@ -143,7 +144,14 @@ impl<'scope> Senders<'scope> {
                 acks: ack_tx.clone(),
             };
             s.jobs.push(tx);
-            s.handles.push(scope.spawn(move || w.run(rx)));
+            s.handles.push(scope.spawn(move || {
+                if nice > 0
+                    && let Err(e) = super::set_thread_nice(i32::from(nice))
+                {
+                    tracing::warn!(channel = index, nice, error = %e, "page channel keeps its priority");
+                }
+                w.run(rx)
+            }));
         }
         Ok(s)
     }

@@ -429,6 +429,7 @@ pub(super) const COMMANDS: &[Command] = &[
             opt("__org.ferry_stall-passes", Ty::Int),
             opt("__org.ferry_stall-timeout", Ty::Int),
             opt("max-postcopy-bandwidth", Ty::Int),
+            opt("__org.ferry_page-thread-nice", Ty::Int),
         ]),
         open: false,
         ret: EMPTY,

@@ -698,7 +698,14 @@ impl Controller {
             conv.stall_timeout = Duration::from_millis(v);
         }
         let postcopy_bw = a.optional_u64("max-postcopy-bandwidth")?;
+        let nice = a.optional_u64("__org.ferry_page-thread-nice")?;
         a.finish()?;
+        if nice.is_some_and(|n| n > u64::from(migration::pages::MAX_NICE)) {
+            return Err(QmpError::generic(format!(
+                "Parameter '__org.ferry_page-thread-nice' expects 0 (the process's priority) to {}",
+                migration::pages::MAX_NICE
+            )));
+        }
         if downtime.is_some_and(|d| d > 2_000_000) {
             return Err(QmpError::generic(
                 "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms",
@@ -734,6 +741,9 @@ impl Controller {
         p.converge = conv;
         if let Some(b) = postcopy_bw {
             p.max_postcopy_bandwidth = b;
+        }
+        if let Some(n) = nice {
+            p.page_thread_nice = n as u8;
         }
         if let Some(d) = downtime {
             p.downtime_limit_ms = d;
@@ -822,6 +832,7 @@ impl Controller {
             "__org.ferry_stall-passes": p.converge.stall_passes,
             "__org.ferry_stall-timeout": p.converge.stall_timeout.as_millis() as u64,
             "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+            "__org.ferry_page-thread-nice": p.page_thread_nice,
         })
     }
 }

@@ -83,13 +83,9 @@ fn populate(view: &RamView, stop: &AtomicBool, populated: &AtomicU64, yielding: 
 
 /// Sets this thread's nice value; raising it back may be refused (`RLIMIT_NICE`).
 fn set_nice(nice: i32) -> bool {
-    // SAFETY: setpriority changes the scheduling priority of this thread only (Linux applies
-    // PRIO_PROCESS with a thread id to that thread alone); no memory is passed.
-    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-    if ret != 0 {
-        tracing::debug!(nice, error = %std::io::Error::last_os_error(), "RAM prefault keeps its priority");
-    }
-    ret == 0
+    migration::pages::set_thread_nice(nice)
+        .inspect_err(|e| tracing::debug!(nice, error = %e, "RAM prefault keeps its priority"))
+        .is_ok()
 }
 
 #[cfg(test)]
