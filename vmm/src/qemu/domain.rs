@@ -24,9 +24,11 @@ pub fn run(args: QemuArgs) -> Result<()> {
     else {
         bail!("Not a domain command line");
     };
-    // Claimed first, so nothing this process opens can take the number.
-    // Descriptors the caller passed beyond stdio: the monitor, and those `fd:N` names
-    // (libvirt's restore sends `migrate-incoming fd:N`).
+    // Fork before any thread exists (the VM starts its vCPU threads); the parent exits once
+    // the child serves QMP.
+    let ready = if detach { Some(daemonize()?) } else { None };
+    // Claimed before this process opens anything: the descriptors the caller passed beyond
+    // stdio, the monitor and those `fd:N` names (libvirt's restore: `migrate-incoming fd:N`).
     let mut inherited = inherited_fds()?;
     let listener = match &monitor {
         Monitor::Fd(fd) => {
@@ -50,7 +52,6 @@ pub fn run(args: QemuArgs) -> Result<()> {
         Some(uri) => IncomingMode::Started(uri.to_owned()),
     };
     let vm = build_vm(&d, serial, incoming == IncomingMode::None)?;
-    let ready = if detach { Some(daemonize()?) } else { None };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
