@@ -16,8 +16,12 @@
 //! takes its arguments through [`Args`] (QEMU's error texts, [`QmpError`]).
 //! [`client::QmpClient`] is a small blocking client for tests and tools.
 //!
-//! Nothing here knows about a VM: the crate depends on tokio, serde and
-//! tracing only, so the protocol is tested without KVM.
+//! Descriptors a client sends with a command (SCM_RIGHTS, as libvirt's
+//! `getfd` does) reach the backend through
+//! [`QmpBackend::execute_with_fds`].
+//!
+//! Nothing here knows about a VM: the crate depends on tokio, serde, tracing
+//! and libc (`recvmsg`) only, so the protocol is tested without KVM.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
