@@ -180,3 +180,55 @@ fn getfd_and_migrate_fd_save_and_restore_behind_a_header() {
     );
     dst.verify();
 }
+
+#[test]
+fn a_passed_socket_gets_no_stream_it_cannot_carry() {
+    let dir = tempdir();
+    let mut src = Ferry::spawn(
+        dir.path(),
+        "src",
+        &[
+            "--machine",
+            "ferry-2.1",
+            "--memory",
+            "64M",
+            "--guest",
+            "dirty:4",
+        ],
+    );
+    src.wait_pass(1);
+    let mut raw = Raw::connect(&src);
+    // TLS asked for: a socket would carry the stream in the clear, so it is refused.
+    let ca = ferry_tls::testing::TestCa::new("Ferry test CA");
+    let pki = dir.path().join("pki");
+    ca.write(
+        &pki,
+        &ferry_tls::testing::Leaf::new("src.example.com"),
+        false,
+    );
+    raw.ok(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki, "endpoint": "client"}),
+        None,
+    );
+    raw.ok("migrate-set-parameters", json!({"tls-creds": "tls0"}), None);
+    let (ours, theirs) = UnixStream::pair().expect("a socket pair");
+    raw.ok("getfd", json!({"fdname": "sock"}), Some(theirs.as_fd()));
+    assert_eq!(
+        raw.error("migrate", json!({"uri": "fd:sock"}), None),
+        "tls-creds is set, but Ferry runs no TLS over a passed socket (fd:sock)"
+    );
+    // Without TLS: a socket that is not TCP has no return path for the protocol.
+    raw.ok("migrate-set-parameters", json!({"tls-creds": ""}), None);
+    raw.ok("getfd", json!({"fdname": "sock"}), Some(theirs.as_fd()));
+    raw.ok("migrate", json!({"uri": "fd:sock"}), None);
+    let info = src.wait_migration(&["completed", "failed"]);
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("not a connected TCP socket"), "{info}");
+    drop(ours);
+    // The source runs on.
+    assert_eq!(src.status(), "running");
+    let p = src.pass();
+    src.wait_pass(p + 1);
+}

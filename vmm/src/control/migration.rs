@@ -97,9 +97,25 @@ impl Controller {
         }
         // `fd:NAME` is used up by this migration, as QEMU's.
         let stream_fd = match &parsed {
-            Uri::Fd(name) => Some(migration::transport::PassedFd::new(
-                self.take_passed_fd(name).map_err(QmpError::generic)?,
-            )),
+            Uri::Fd(name) => {
+                let f = self.take_passed_fd(name).map_err(QmpError::generic)?;
+                let socket = f
+                    .metadata()
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                // A socket has a peer TLS would authenticate: never send in the clear what
+                // tls-creds asks to encrypt.
+                if socket
+                    && self
+                        .tls_params(Endpoint::Client)
+                        .map_err(QmpError::generic)?
+                        .is_some()
+                {
+                    return Err(QmpError::generic(format!(
+                        "tls-creds is set, but Ferry runs no TLS over a passed socket (fd:{name})"
+                    )));
+                }
+                Some(migration::transport::PassedFd::new(f))
+            }
             _ => None,
         };
         // Effects the service thread has not applied yet (a configured core to start, a
