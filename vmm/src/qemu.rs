@@ -18,11 +18,75 @@ mod domain;
 const QMP_DIALECT: (u32, u32, u32) = (7, 2, 0);
 
 pub fn run(argv: &[String]) -> Result<()> {
-    let args = vmm::qemu_argv::parse(argv)?;
+    let args = match vmm::qemu_argv::parse(argv) {
+        Ok(a) => a,
+        Err(e) => fail_to_monitor(passed_monitor(argv), e.into()),
+    };
     match args.domain {
         None => run_probe(args.monitor, args.pidfile, args.daemonize),
         Some(_) => domain::run(args),
     }
+}
+
+/// The descriptor of a `-chardev socket,...,fd=N` in `argv` (looked for in a command line
+/// that may not parse).
+fn passed_monitor(argv: &[String]) -> Option<i32> {
+    argv.windows(2)
+        .filter(|w| w[0] == "-chardev" && w[1].starts_with("socket,"))
+        .flat_map(|w| w[1].split(','))
+        .find_map(|kv| kv.strip_prefix("fd=")?.parse().ok())
+}
+
+/// Ends the process with `e` on stderr (libvirt keeps it in the domain's log). With a
+/// passed monitor socket, first waits (at most 5 s) for the caller to connect and closes
+/// the connection: libvirt then reports the log, Ferry's error, where a process gone before
+/// it connected only gets "failed to connect to monitor socket: Connection refused".
+pub(crate) fn fail_to_monitor(monitor: Option<i32>, e: anyhow::Error) -> ! {
+    eprintln!("ferry: {e:#}");
+    if let Some(fd) = monitor.filter(|fd| is_listening(*fd)) {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the call; `fd` is a listening socket (checked),
+        // open until this process exits.
+        if unsafe { libc::poll(&mut p, 1, 5000) } == 1 {
+            // SAFETY: accept4 on that socket, without an address buffer; the connection it
+            // returns is closed at once.
+            let c = unsafe {
+                libc::accept4(
+                    fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c >= 0 {
+                // SAFETY: `c` was just returned by accept4 and nothing else holds it.
+                unsafe { libc::close(c) };
+            }
+        }
+    }
+    std::process::exit(1);
+}
+
+/// Whether `fd` is a listening socket.
+pub(crate) fn is_listening(fd: i32) -> bool {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a descriptor that is
+    // not a socket only makes it fail.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut accepting).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && accepting != 0
 }
 
 /// The QMP greeting's version: QEMU's dialect, Ferry's own in `package`.

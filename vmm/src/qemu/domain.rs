@@ -40,18 +40,23 @@ pub fn run(args: QemuArgs) -> Result<()> {
         }
         Monitor::Path(_) => None,
     };
-    for f in &d.secret_files {
-        // libvirt's master key: Ferry keeps no encrypted data, but a file it cannot read is
-        // an error, as for QEMU.
-        std::fs::metadata(f).with_context(|| format!("Cannot read the secret file {f}"))?;
-    }
-    let (serial, chardevs) = open_serial(&d, &mut inherited)?;
     let incoming = match d.incoming.as_deref() {
         None => IncomingMode::None,
         Some("defer") => IncomingMode::Defer,
         Some(uri) => IncomingMode::Started(uri.to_owned()),
     };
-    let vm = build_vm(&d, serial, incoming == IncomingMode::None)?;
+    let prepared = check_secrets(&d)
+        .and_then(|()| open_serial(&d, &mut inherited))
+        .and_then(|(serial, chardevs)| {
+            Ok((
+                build_vm(&d, serial, incoming == IncomingMode::None)?,
+                chardevs,
+            ))
+        });
+    let (vm, chardevs) = match prepared {
+        Ok(v) => v,
+        Err(e) => super::fail_to_monitor(listener.as_ref().map(std::os::fd::AsRawFd::as_raw_fd), e),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,6 +114,15 @@ pub fn run(args: QemuArgs) -> Result<()> {
     let _ = runtime
         .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), task).await });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    Ok(())
+}
+
+/// libvirt's master key: Ferry keeps no encrypted data, but a file it cannot read is an
+/// error, as for QEMU.
+fn check_secrets(d: &Domain) -> Result<()> {
+    for f in &d.secret_files {
+        std::fs::metadata(f).with_context(|| format!("Cannot read the secret file {f}"))?;
+    }
     Ok(())
 }
 
@@ -187,20 +201,7 @@ fn dont_dump(vm: &Vm) -> Result<()> {
 /// `fd`, which must be a listening Unix socket (libvirt's monitor).
 fn passed_listener(fd: OwnedFd) -> Result<std::os::unix::net::UnixListener> {
     use std::os::fd::AsRawFd;
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a descriptor that is
-    // not a socket only makes it fail.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&raw mut accepting).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 || accepting == 0 {
+    if !super::is_listening(fd.as_raw_fd()) {
         bail!(
             "Option '-chardev': fd={} is not a listening socket",
             fd.as_raw_fd()
