@@ -6,8 +6,8 @@ use std::io;
 /// Why a migration did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    /// The URI is not `tcp:HOST:PORT` or `file:PATH`.
-    #[error("Invalid migration URI '{0}': expected tcp:HOST:PORT or file:PATH")]
+    /// The URI is not `tcp:HOST:PORT`, `file:PATH` or `fd:NAME`.
+    #[error("Invalid migration URI '{0}': expected tcp:HOST:PORT, file:PATH or fd:NAME")]
     BadUri(String),
     /// Connecting, listening or opening the file failed.
     #[error("Cannot open {target}")]

@@ -95,6 +95,8 @@ pub struct Params {
     pub io_timeout: Duration,
     /// Keep a copy of the forward stream here (`--dump-stream`).
     pub dump_stream: Option<PathBuf>,
+    /// Where an `fd:NAME` migration writes (the descriptor the VMM resolved NAME to).
+    pub stream_fd: Option<transport::PassedFd>,
     /// Send mostly-zero pages as SPARSE records when the destination accepts them (TCP
     /// only; default on). `file:` streams always use DATA, so any build reads them.
     pub sparse_pages: bool,
@@ -125,6 +127,7 @@ impl Default for Params {
             switchover_policy: SwitchoverPolicy::Cancel,
             io_timeout: Duration::from_secs(10),
             dump_stream: None,
+            stream_fd: None,
             sparse_pages: true,
             tls: None,
             page_channels: DEFAULT_PAGE_CHANNELS,

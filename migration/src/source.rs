@@ -521,9 +521,22 @@ fn run<V: SourceVm>(
     // Page channels granted and their token.
     let mut granted = (0u16, 0u64);
     // Forward channel, and the return path for TCP.
-    let (fwd, mut ret): (Box<dyn Write + Send>, Option<Channel>) = match &uri {
-        Uri::Tcp(_) => {
-            let s = transport::connect(&uri, params.io_timeout)?;
+    // A passed TCP socket (`fd:NAME`, connected by libvirt) runs the TCP protocol.
+    let passed_socket = match (&uri, &params.stream_fd) {
+        (Uri::Fd(name), Some(fd)) => fd.tcp_stream(name)?,
+        _ => None,
+    };
+    let (fwd, mut ret): (Box<dyn Write + Send>, Option<Channel>) = match (&uri, passed_socket) {
+        (Uri::File(p), _) => (Box::new(transport::create_file(p)?), None),
+        (Uri::Fd(name), None) => match &params.stream_fd {
+            Some(fd) => (Box::new(fd.writer(name)?), None),
+            None => return Err(MigrationError::BadUri(format!("fd:{name}"))),
+        },
+        (Uri::Tcp(_) | Uri::Fd(_), socket) => {
+            let s = match socket {
+                Some(s) => s,
+                None => transport::connect(&uri, params.io_timeout)?,
+            };
             s.set_write_timeout(Some(params.io_timeout)).ok();
             s.set_read_timeout(Some(params.io_timeout)).ok();
             progress.set_socket(s.try_clone().ok());
@@ -606,7 +619,6 @@ fn run<V: SourceVm>(
             let ret = s.try_clone().map_err(io_err("handshake"))?;
             (Box::new(s), Some(ret))
         }
-        Uri::File(p) => (Box::new(transport::create_file(p)?), None),
     };
     let machine = vm.machine();
     let producer = concat!("ferry ", env!("CARGO_PKG_VERSION"));

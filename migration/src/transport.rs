@@ -16,10 +16,60 @@ pub enum Uri {
     Tcp(String),
     /// `file:PATH`.
     File(PathBuf),
+    /// `fd:NAME`: a descriptor the VMM was handed (QMP `getfd`), carried in
+    /// [`Params::stream_fd`](crate::Params::stream_fd).
+    Fd(String),
 }
 
+/// The descriptor an `fd:` migration writes its stream to (at its current offset, as QEMU).
+#[derive(Clone, Debug)]
+pub struct PassedFd(std::sync::Arc<File>);
+
+impl PassedFd {
+    pub fn new(f: File) -> PassedFd {
+        PassedFd(std::sync::Arc::new(f))
+    }
+
+    /// A handle writing to the descriptor.
+    pub fn writer(&self, name: &str) -> Result<File, MigrationError> {
+        self.0.try_clone().map_err(|source| MigrationError::Open {
+            target: format!("fd:{name}"),
+            source,
+        })
+    }
+
+    /// The descriptor as a connected TCP socket (libvirt connects to the destination itself
+    /// and passes the socket), or `None` if it is not a socket. A socket of another family
+    /// is refused: the migration protocol's return path needs TCP.
+    pub fn tcp_stream(&self, name: &str) -> Result<Option<TcpStream>, MigrationError> {
+        use std::os::unix::fs::FileTypeExt;
+        let open_err = |source| MigrationError::Open {
+            target: format!("fd:{name}"),
+            source,
+        };
+        if !self.0.metadata().map_err(open_err)?.file_type().is_socket() {
+            return Ok(None);
+        }
+        let s = TcpStream::from(std::os::fd::OwnedFd::from(self.writer(name)?));
+        match s.peer_addr() {
+            Ok(_) => Ok(Some(s)),
+            Err(e) => Err(MigrationError::BadUri(format!(
+                "fd:{name} (a socket that is not a connected TCP socket: {e})"
+            ))),
+        }
+    }
+}
+
+impl PartialEq for PassedFd {
+    fn eq(&self, other: &PassedFd) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PassedFd {}
+
 impl Uri {
-    /// Parse `tcp:HOST:PORT` (IPv6 hosts in brackets) or `file:PATH`.
+    /// Parse `tcp:HOST:PORT` (IPv6 hosts in brackets), `file:PATH` or `fd:NAME`.
     pub fn parse(s: &str) -> Result<Uri, MigrationError> {
         let bad = || MigrationError::BadUri(s.to_owned());
         if let Some(rest) = s.strip_prefix("tcp:") {
@@ -33,6 +83,8 @@ impl Uri {
                 return Err(bad());
             }
             Ok(Uri::File(PathBuf::from(path)))
+        } else if let Some(name) = s.strip_prefix("fd:").filter(|n| !n.is_empty()) {
+            Ok(Uri::Fd(name.to_owned()))
         } else {
             Err(bad())
         }
@@ -318,6 +370,7 @@ mod tests {
             Uri::parse("file:/tmp/x").unwrap(),
             Uri::File("/tmp/x".into())
         );
+        assert_eq!(Uri::parse("fd:migrate").unwrap(), Uri::Fd("migrate".into()));
         assert_eq!(Uri::parse("tcp:[::1]:1").unwrap().host(), Some("::1"));
         assert_eq!(
             Uri::parse("tcp:dst.example.com:1").unwrap().host(),
@@ -329,12 +382,15 @@ mod tests {
             "tcp:h:99999",
             "exec:cat",
             "file:",
+            "fd:",
             "unix:/x",
         ] {
             let e = Uri::parse(bad).unwrap_err();
             assert_eq!(
                 e.to_string(),
-                format!("Invalid migration URI '{bad}': expected tcp:HOST:PORT or file:PATH")
+                format!(
+                    "Invalid migration URI '{bad}': expected tcp:HOST:PORT, file:PATH or fd:NAME"
+                )
             );
         }
     }

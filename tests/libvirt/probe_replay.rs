@@ -226,8 +226,13 @@ fn refuses_what_it_cannot_honour() {
     let qmp = "unix:/nonexistent/q,server=on,wait=off";
     let err = run(&["-machine", "none,accel=tcg", "-qmp", qmp]);
     assert!(err.contains("accel=tcg: Ferry runs on kvm only"), "{err}");
+    let err = run(&["-machine", "none", "-qmp", qmp, "-vnc", ":0"]);
+    assert!(err.contains("Unsupported option '-vnc'"), "{err}");
     let err = run(&["-machine", "none", "-qmp", qmp, "-display", "gtk"]);
-    assert!(err.contains("Unsupported option '-display'"), "{err}");
+    assert!(
+        err.contains("Option '-display': type=gtk: Ferry has no display"),
+        "{err}"
+    );
     let err = run(&["-machine", "pc-q35-7.2", "-qmp", qmp]);
     assert!(err.contains("machine type 'pc-q35-7.2'"), "{err}");
 }

@@ -11,7 +11,8 @@
 //! - [`config`]: machine shape and command-line value parsing.
 //! - [`qmp`]: the QMP control-plane server (protocol only; commands come from [`control`]).
 //! - [`libvirt_cpu_map`]: Ferry's CPU models described for libvirt's CPU map.
-//! - [`qemu_argv`]: QEMU's command line, as `ferry qemu-compat` (libvirt's probe) takes it.
+//! - [`qemu_argv`]: QEMU's command line, as `ferry qemu-compat` takes it (libvirt's probe and
+//!   domains).
 
 pub mod config;
 pub mod control;

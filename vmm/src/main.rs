@@ -36,8 +36,8 @@ enum Command {
     /// Ferry's main job: live-migrate a running guest between two ferry processes over
     /// loopback and verify the result.
     Demo(demo::DemoArgs),
-    /// Take QEMU's command line, as libvirt runs an emulator (see README "libvirt"); only a
-    /// capability probe (`-machine none`) so far.
+    /// Take QEMU's command line, as libvirt runs an emulator (see README "libvirt"): a
+    /// capability probe (`-machine none`) or a domain (a Ferry machine type).
     QemuCompat {
         /// QEMU's arguments, e.g. `-machine none,accel=kvm -qmp unix:PATH,server=on,wait=off`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

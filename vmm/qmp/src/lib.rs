@@ -16,8 +16,12 @@
 //! takes its arguments through [`Args`] (QEMU's error texts, [`QmpError`]).
 //! [`client::QmpClient`] is a small blocking client for tests and tools.
 //!
-//! Nothing here knows about a VM: the crate depends on tokio, serde and
-//! tracing only, so the protocol is tested without KVM.
+//! Descriptors a client sends with a command (SCM_RIGHTS, as libvirt's
+//! `getfd` does) reach the backend through
+//! [`QmpBackend::execute_with_fds`].
+//!
+//! Nothing here knows about a VM: the crate depends on tokio, serde, tracing
+//! and libc (`recvmsg`) only, so the protocol is tested without KVM.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -91,6 +95,19 @@ pub trait QmpBackend: Send + Sync + 'static {
     /// Run `command` (always one of [`commands`](Self::commands)) with its
     /// `arguments` object (empty when the request had none).
     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError>;
+
+    /// Like [`execute`](Self::execute), with the file descriptors the client
+    /// passed (SCM_RIGHTS) since its previous command, as QEMU's `getfd`
+    /// takes them. By default they are closed.
+    fn execute_with_fds(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Value, QmpError> {
+        drop(fds);
+        self.execute(command, arguments)
+    }
 }
 
 /// Server settings. Build with [`QmpConfig::new`] and adjust fields.
@@ -162,15 +179,16 @@ impl std::fmt::Debug for ShutdownHandle {
 /// A bound QMP socket; [`run`](Self::run) serves it.
 pub struct QmpServer {
     listener: UnixListener,
-    path: PathBuf,
-    inode: u64,
+    /// The socket file this server created (and its inode), removed on drop; `None` for a
+    /// listener it was handed.
+    path: Option<(PathBuf, u64)>,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for QmpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QmpServer")
-            .field("path", &self.path)
+            .field("path", &self.path.as_ref().map(|p| &p.0))
             .finish_non_exhaustive()
     }
 }
@@ -228,7 +246,44 @@ impl QmpServer {
         let inode = fs::symlink_metadata(&path)
             .map_err(io_err("stat", &path))?
             .ino();
+        tracing::info!(path = %path.display(), "QMP server listening");
+        Ok(Self::serve_listener(
+            listener,
+            Some((path, inode)),
+            backend,
+            config,
+        ))
+    }
 
+    /// Serve a listening socket someone else bound and handed over (QEMU's
+    /// `-chardev socket,fd=N,server=on`, as libvirt passes its monitor). The
+    /// socket file, if any, is left alone. Must be called inside a Tokio runtime.
+    pub fn from_listener(
+        listener: std::os::unix::net::UnixListener,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpConfig,
+    ) -> Result<Self, QmpServerError> {
+        let io_err = |context: &'static str| {
+            move |source| QmpServerError::Io {
+                context,
+                path: PathBuf::from("(passed descriptor)"),
+                source,
+            }
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("set_nonblocking"))?;
+        let listener = UnixListener::from_std(listener).map_err(io_err("register"))?;
+        tracing::info!("QMP server listening on a passed descriptor");
+        Ok(Self::serve_listener(listener, None, backend, config))
+    }
+
+    fn serve_listener(
+        listener: UnixListener,
+        path: Option<(PathBuf, u64)>,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpConfig,
+    ) -> Self {
         let mut backend_commands = HashSet::new();
         let mut all_commands: Vec<&'static str> = SERVER_COMMANDS.to_vec();
         for name in backend.commands() {
@@ -239,11 +294,9 @@ impl QmpServer {
             }
         }
         let (shutdown, _) = watch::channel(false);
-        tracing::info!(path = %path.display(), "QMP server listening");
-        Ok(Self {
+        Self {
             listener,
             path,
-            inode,
             shared: Arc::new(Shared {
                 backend,
                 backend_commands,
@@ -251,12 +304,12 @@ impl QmpServer {
                 config,
                 shutdown,
             }),
-        })
+        }
     }
 
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The socket path (`None` for a passed listener).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_ref().map(|p| p.0.as_path())
     }
 
     /// The bus sessions read events from (a clone of `config.event_bus`).
@@ -313,7 +366,7 @@ impl QmpServer {
             tracing::warn!("QMP sessions still busy at shutdown; aborting them");
             sessions.shutdown().await;
         }
-        tracing::info!(path = %self.path.display(), "QMP server stopped");
+        tracing::info!("QMP server stopped");
         Ok(())
     }
 }
@@ -321,8 +374,10 @@ impl QmpServer {
 impl Drop for QmpServer {
     /// Remove the socket file, unless someone replaced it since.
     fn drop(&mut self) {
-        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            let _ = fs::remove_file(&self.path);
+        if let Some((path, inode)) = &self.path
+            && fs::symlink_metadata(path).is_ok_and(|m| m.ino() == *inode)
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
@@ -24,6 +25,9 @@ use super::protocol::{ErrorReply, Greeting, Request, ReturnReply, parse_request}
 
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Descriptors a client may pass ahead of one command; more are closed.
+const MAX_PASSED_FDS: usize = 16;
+
 type EventRx = broadcast::Receiver<Arc<QmpEvent>>;
 
 /// Serve one client until it disconnects or the server shuts down.
@@ -35,6 +39,7 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         shared,
         writer,
         events: None,
+        fds: Vec::new(),
     };
     match session.run(reader).await {
         Ok(()) => tracing::debug!("session closed"),
@@ -47,10 +52,12 @@ struct Session {
     writer: OwnedWriteHalf,
     /// `Some` once capabilities negotiation completed.
     events: Option<EventRx>,
+    /// Descriptors received (SCM_RIGHTS) since the last command.
+    fds: Vec<OwnedFd>,
 }
 
 impl Session {
-    async fn run(mut self, mut reader: tokio::net::unix::OwnedReadHalf) -> io::Result<()> {
+    async fn run(mut self, reader: tokio::net::unix::OwnedReadHalf) -> io::Result<()> {
         let shared = Arc::clone(&self.shared);
         let mut shutdown = shared.shutdown.subscribe();
         self.write(&Greeting::new(&shared.config.version)).await?;
@@ -67,7 +74,7 @@ impl Session {
                     // SHUTDOWN event of `quit`), then close.
                     return self.flush_events().await;
                 }
-                read = reader.read(&mut buf) => {
+                read = read_with_fds(&reader, &mut buf, &mut self.fds) => {
                     let n = read?;
                     if n == 0 {
                         return Ok(());
@@ -146,7 +153,12 @@ impl Session {
             name if self.shared.backend_commands.contains(name) => {
                 let backend = Arc::clone(&self.shared.backend);
                 let cmd = command.clone();
-                match tokio::task::spawn_blocking(move || backend.execute(&cmd, arguments)).await {
+                let fds = std::mem::take(&mut self.fds);
+                match tokio::task::spawn_blocking(move || {
+                    backend.execute_with_fds(&cmd, arguments, fds)
+                })
+                .await
+                {
                     Ok(result) => result,
                     Err(e) => {
                         tracing::error!(%command, error = %e, "QMP backend command panicked");
@@ -198,6 +210,74 @@ impl Session {
             )),
         }
     }
+}
+
+/// Reads into `buf`, keeping the descriptors sent with the bytes (at most
+/// [`MAX_PASSED_FDS`] pending; more are closed).
+async fn read_with_fds(
+    reader: &tokio::net::unix::OwnedReadHalf,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    let stream: &UnixStream = reader.as_ref();
+    loop {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || {
+            recv_with_fds(stream.as_raw_fd(), buf, fds)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+/// One `recvmsg`: bytes into `buf`, SCM_RIGHTS descriptors onto `fds`.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    // Room for MAX_PASSED_FDS descriptors, aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both live and writable for
+    // the call; the kernel writes at most their lengths.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR stay inside `control`, and
+    // each SCM_RIGHTS payload holds `(cmsg_len - CMSG_LEN(0)) / 4` descriptors this process
+    // now owns (received, so nothing else holds them).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if fds.len() < MAX_PASSED_FDS {
+                        fds.push(owned);
+                    } else {
+                        tracing::warn!("QMP client passed too many descriptors; closing one");
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        tracing::warn!("QMP client passed more descriptors than fit; the rest were closed");
+    }
+    // Non-negative: checked above.
+    Ok(n as usize)
 }
 
 /// The next event, or never if the session is not negotiated.

@@ -8,9 +8,14 @@ use super::probe::Probe;
 use super::schema::{EMPTY, Enum, Params, Struct, Ty, obj, opt, req};
 use crate::qmp::{Args, QmpError};
 use serde_json::{Map, Value, json};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub(super) type Arguments = Map<String, Value>;
+
+/// A handler taking the descriptors passed with its command.
+pub(super) type FdHandler =
+    fn(&Arc<Controller>, Arguments, Vec<OwnedFd>) -> Result<Value, QmpError>;
 
 /// How a command runs.
 pub(super) enum Run {
@@ -18,6 +23,8 @@ pub(super) enum Run {
     Vm(fn(&Arc<Controller>, Arguments) -> Result<Value, QmpError>),
     /// Answers from Ferry's tables and this host alone (also in a probe process).
     Host(fn(&Probe, Arguments) -> Result<Value, QmpError>),
+    /// Needs the VM and takes the descriptors passed with the command (`getfd`).
+    Fds(FdHandler),
 }
 
 /// A QMP command: its wire name, arguments, return type and handler.
@@ -110,7 +117,7 @@ const MIGRATION_CAPABILITY: Struct = obj(
             "capability",
             Ty::Enum(&Enum {
                 name: "MigrationCapability",
-                values: &["events", "auto-converge", "postcopy-ram"],
+                values: &["events", "auto-converge", "postcopy-ram", "return-path"],
             }),
         ),
         req("state", Ty::Bool),
@@ -512,6 +519,121 @@ pub(super) const COMMANDS: &[Command] = &[
         open: false,
         ret: EMPTY,
         run: Run::Vm(|c, a| c.guest_hotplug(a)),
+    },
+    Command {
+        name: "query-name",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::Obj(&obj("NameInfo", &[opt("name", Ty::Str)])),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            Ok(c.query_name())
+        }),
+    },
+    Command {
+        name: "query-uuid",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::Obj(&obj("UuidInfo", &[req("UUID", Ty::Str)])),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            Ok(c.query_uuid())
+        }),
+    },
+    Command {
+        name: "query-chardev",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Obj(&obj(
+            "ChardevInfo",
+            &[
+                req("label", Ty::Str),
+                req("filename", Ty::Str),
+                req("frontend-open", Ty::Bool),
+            ],
+        ))),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            Ok(c.query_chardev())
+        }),
+    },
+    Command {
+        name: "query-cpus-fast",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Obj(&obj(
+            "CpuInfoFast",
+            &[
+                req("cpu-index", Ty::Int),
+                req("qom-path", Ty::Str),
+                req("thread-id", Ty::Int),
+                opt(
+                    "props",
+                    Ty::Obj(&obj("CpuInstanceProperties", &[opt("core-id", Ty::Int)])),
+                ),
+                req("target", Ty::Str),
+            ],
+        ))),
+        run: Run::Vm(|c, a| {
+            no_args(a)?;
+            c.query_cpus_fast()
+        }),
+    },
+    Command {
+        name: "query-named-block-nodes",
+        args: Params::Members(&[opt("flat", Ty::Bool)]),
+        open: false,
+        ret: Ty::List(&Ty::Any),
+        run: Run::Host(|_, a| {
+            let mut a = Args::new(a);
+            let _ = a.optional_bool("flat")?;
+            a.finish()?;
+            // Ferry has no block devices.
+            Ok(json!([]))
+        }),
+    },
+    Command {
+        name: "query-block",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Any),
+        run: Run::Host(|_, a| {
+            no_args(a)?;
+            // Ferry has no block devices.
+            Ok(json!([]))
+        }),
+    },
+    Command {
+        name: "getfd",
+        args: Params::Members(&[req("fdname", Ty::Str)]),
+        open: false,
+        ret: EMPTY,
+        run: Run::Fds(|c, a, fds| c.getfd(a, fds)),
+    },
+    Command {
+        name: "closefd",
+        args: Params::Members(&[req("fdname", Ty::Str)]),
+        open: false,
+        ret: EMPTY,
+        run: Run::Vm(|c, a| c.closefd(a)),
+    },
+    Command {
+        name: "query-jobs",
+        args: Params::Members(&[]),
+        open: false,
+        ret: Ty::List(&Ty::Any),
+        run: Run::Host(|_, a| {
+            no_args(a)?;
+            // Ferry has no block jobs (migrations are followed with query-migrate).
+            Ok(json!([]))
+        }),
+    },
+    Command {
+        name: "qom-list",
+        args: Params::Members(&[req("path", Ty::Str)]),
+        open: false,
+        ret: Ty::List(&Ty::Obj(&OBJECT_PROPERTY_INFO)),
+        run: Run::Vm(|c, a| c.qom_list(a)),
     },
     Command {
         name: "query-qmp-schema",

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Migration capabilities Ferry has (`migrate-set-capabilities` refuses the rest by name).
-const CAPABILITIES: &[&str] = &["events", "auto-converge", "postcopy-ram"];
+const CAPABILITIES: &[&str] = &["events", "auto-converge", "postcopy-ram", "return-path"];
 use std::time::Duration;
 use tracing::{error, info};
 
@@ -70,12 +70,13 @@ impl Controller {
             return self.migrate_resume(uri);
         }
         let parsed = Uri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        self.check_return_path(&parsed).map_err(QmpError::generic)?;
         // TLS protects a TCP channel; a file has no peer to authenticate.
         let tls = match parsed {
             Uri::Tcp(_) => self
                 .tls_params(Endpoint::Client)
                 .map_err(QmpError::generic)?,
-            Uri::File(_) => None,
+            Uri::File(_) | Uri::Fd(_) => None,
         };
         if let Some(p) = lock(&self.progress).as_ref()
             && p.status().is_active()
@@ -94,6 +95,29 @@ impl Controller {
             RunState::Shutdown => return Err(QmpError::generic("The guest has shut down")),
             _ => {}
         }
+        // `fd:NAME` is used up by this migration, as QEMU's.
+        let stream_fd = match &parsed {
+            Uri::Fd(name) => {
+                let f = self.take_passed_fd(name).map_err(QmpError::generic)?;
+                let socket = f
+                    .metadata()
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                // A socket has a peer TLS would authenticate: never send in the clear what
+                // tls-creds asks to encrypt.
+                if socket
+                    && self
+                        .tls_params(Endpoint::Client)
+                        .map_err(QmpError::generic)?
+                        .is_some()
+                {
+                    return Err(QmpError::generic(format!(
+                        "tls-creds is set, but Ferry runs no TLS over a passed socket (fd:{name})"
+                    )));
+                }
+                Some(migration::transport::PassedFd::new(f))
+            }
+            _ => None,
+        };
         // Effects the service thread has not applied yet (a configured core to start, a
         // released device to tear down) must be in place before the configuration is sent.
         lock(&self.vm).apply_pending_hotplug();
@@ -106,6 +130,7 @@ impl Controller {
         lock(&self.hp).set_migration_in_progress(true);
         let params = Params {
             tls,
+            stream_fd,
             ..lock(&self.params).clone()
         };
         let me = self.clone();
@@ -145,6 +170,7 @@ impl Controller {
     /// Begin receiving from `uri` (from `--incoming URI` or `migrate-incoming`).
     pub fn start_incoming(self: &Arc<Self>, uri: &str) -> Result<(), String> {
         let parsed = Uri::parse(uri).map_err(|e| e.to_string())?;
+        self.check_return_path(&parsed)?;
         let listener = match &parsed {
             Uri::Tcp(_) => {
                 let l = migration::transport::listen(&parsed).map_err(|e| migration::chain(&e))?;
@@ -155,11 +181,16 @@ impl Controller {
                 std::fs::metadata(p).map_err(|e| format!("Cannot open {}: {e}", p.display()))?;
                 None
             }
+            Uri::Fd(_) => None,
+        };
+        let fd_file = match &parsed {
+            Uri::Fd(name) => Some(self.take_passed_fd(name)?),
+            _ => None,
         };
         *lock(&self.incoming) = IncomingMode::Started(uri.to_owned());
         // A file is read at once: its progress replaces the last attempt's before this
         // command returns, so `query-migrate` never shows a stale result for it.
-        let first = matches!(parsed, Uri::File(_)).then(|| {
+        let first = matches!(parsed, Uri::File(_) | Uri::Fd(_)).then(|| {
             let p = Arc::new(Progress::new(Some(self.progress_listener())));
             p.set_status(Status::Setup);
             *lock(&self.progress) = Some(p.clone());
@@ -168,7 +199,7 @@ impl Controller {
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(move || me.run_incoming(parsed, listener, first))
+            .spawn(move || me.run_incoming(parsed, listener, fd_file, first))
             .map_err(|e| format!("Cannot start the incoming migration thread: {e}"))?;
         Ok(())
     }
@@ -216,6 +247,7 @@ impl Controller {
         &self,
         uri: Uri,
         listener: Option<std::net::TcpListener>,
+        mut fd_file: Option<std::fs::File>,
         mut first: Option<Arc<Progress>>,
     ) {
         let acceptor = match listener.map(|l| self.acceptor(l)).transpose() {
@@ -253,6 +285,14 @@ impl Controller {
                         error!(error = %e, path = %p.display(), "cannot open the incoming stream file");
                         return;
                     }
+                },
+                // A passed descriptor is read once.
+                (Uri::Fd(_), _) => match fd_file.take() {
+                    Some(f) => {
+                        self.migrating.store(true, Ordering::SeqCst);
+                        Incoming::File(f)
+                    }
+                    None => return,
                 },
                 _ => return,
             };
@@ -414,6 +454,17 @@ impl Controller {
         v
     }
 
+    /// Ferry's TCP migration cannot run without its return path (LOADED, COMMIT).
+    fn check_return_path(&self, uri: &Uri) -> Result<(), String> {
+        if matches!(uri, Uri::Tcp(_)) && !self.probe.return_path.load(Ordering::SeqCst) {
+            return Err(
+                "Ferry's migration over TCP needs its return path: capability 'return-path' is off"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     pub(super) fn set_capabilities(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         let mut a = Args::new(args);
         let caps = a.required_array("capabilities")?;
@@ -446,6 +497,7 @@ impl Controller {
             match name.as_str() {
                 "events" => self.events_cap.store(on, Ordering::SeqCst),
                 "postcopy-ram" => lock(&self.params).postcopy = on,
+                "return-path" => self.probe.return_path.store(on, Ordering::SeqCst),
                 _ => lock(&self.params).converge.auto_converge = on,
             }
         }

@@ -11,6 +11,7 @@
 //! `hotplug` and `query` the handlers by concern.
 
 mod commands;
+mod compat;
 mod hotplug;
 mod migration;
 mod objects;
@@ -18,6 +19,7 @@ mod probe;
 mod query;
 mod schema;
 
+pub use compat::{Chardev, DomainInfo};
 pub use objects::parse_object_arg;
 pub use probe::{Probe, ProbeBackend, ProbeError};
 
@@ -82,6 +84,10 @@ pub struct Controller {
     me: std::sync::Weak<Controller>,
     /// Destination: guest RAM being populated until the incoming migration completes.
     prefault: Mutex<Option<crate::vm::prefault::Prefault>>,
+    /// A domain's name, UUID and chardevs (`ferry qemu-compat`).
+    domain: Mutex<DomainInfo>,
+    /// Descriptors passed by `getfd` (or on the command line), by name, for `fd:NAME`.
+    passed_fds: Mutex<std::collections::BTreeMap<String, std::os::fd::OwnedFd>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -140,6 +146,8 @@ impl Controller {
             skip_incoming_reset: AtomicBool::new(false),
             mem,
             prefault: Mutex::new(prefault),
+            domain: Mutex::default(),
+            passed_fds: Mutex::default(),
             listen_addr: Mutex::new(None),
             me: me.clone(),
             vm: Mutex::new(vm),
@@ -330,6 +338,15 @@ impl QmpBackend for Controller {
     }
 
     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+        self.execute_with_fds(command, arguments, Vec::new())
+    }
+
+    fn execute_with_fds(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Value, QmpError> {
         let Some(c) = commands::find(command) else {
             return Err(QmpError::unknown_command(command));
         };
@@ -337,6 +354,7 @@ impl QmpBackend for Controller {
         match c.run {
             commands::Run::Vm(f) => f(&self.arc(), arguments),
             commands::Run::Host(f) => f(&self.probe, arguments),
+            commands::Run::Fds(f) => f(&self.arc(), arguments, fds),
         }
     }
 }

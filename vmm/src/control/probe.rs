@@ -30,6 +30,9 @@ pub struct Probe {
     kvm_cpuid: Result<Vec<CpuidLeaf>, String>,
     /// The migration capability `events` (shared with the controller).
     pub(super) events_cap: Arc<AtomicBool>,
+    /// The migration capability `return-path`: on by default, as Ferry's TCP migration
+    /// always has one; off refuses TCP migrations (file and fd streams have none).
+    pub(super) return_path: Arc<AtomicBool>,
     /// Migration parameters, `auto-converge` and `postcopy-ram` among them (shared with the
     /// controller).
     pub(super) params: Arc<std::sync::Mutex<migration::Params>>,
@@ -52,6 +55,7 @@ impl Probe {
             cpu_unavailable,
             kvm_cpuid: Ok(kvm_cpuid),
             events_cap: Arc::new(AtomicBool::new(false)),
+            return_path: Arc::new(AtomicBool::new(true)),
             params: Arc::default(),
         })
     }
@@ -79,6 +83,7 @@ impl Probe {
                 .collect(),
             kvm_cpuid,
             events_cap,
+            return_path: Arc::new(AtomicBool::new(true)),
             params,
         }
     }
@@ -90,6 +95,7 @@ impl Probe {
             {"capability": "events", "state": self.events_cap.load(std::sync::atomic::Ordering::SeqCst)},
             {"capability": "auto-converge", "state": p.converge.auto_converge},
             {"capability": "postcopy-ram", "state": p.postcopy},
+            {"capability": "return-path", "state": self.return_path.load(std::sync::atomic::Ordering::SeqCst)},
         ])
     }
 
@@ -332,6 +338,16 @@ fn qom_types() -> Vec<QomType> {
                 ("multifunction", "bool", "on/off"),
             ],
         ),
+        t("isa-device", Some("device"), true, vec![]),
+        t(
+            "isa-serial",
+            Some("isa-device"),
+            false,
+            vec![
+                ("chardev", "str", "The -chardev the UART writes to"),
+                ("index", "uint32", "Only 0: COM1 at 0x3f8"),
+            ],
+        ),
         t("tls-creds", Some("object"), true, vec![]),
         t(
             "tls-creds-x509",
@@ -478,7 +494,7 @@ impl QmpBackend for ProbeBackend {
                 self.request_quit();
                 Ok(json!({}))
             }
-            Run::Vm(_) => Err(QmpError::generic(format!(
+            Run::Vm(_) | Run::Fds(..) => Err(QmpError::generic(format!(
                 "{command} needs a VM; this process was started with -machine none"
             ))),
         }

@@ -427,10 +427,17 @@ impl Vcpu {
         let index = self.index;
         let fd = Arc::clone(&self.fd);
         let ctl = Arc::clone(&self.ctl);
+        // The thread has its name (`vcpuN`, how `query-cpus-fast` finds it) before its
+        // closure runs: waiting for the closure makes it visible when this returns.
+        let (started, wait) = std::sync::mpsc::sync_channel(0);
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run_loop(index, &fd, &ctl, &ctx))
+            .spawn(move || {
+                let _ = started.send(());
+                run_loop(index, &fd, &ctl, &ctx)
+            })
             .map_err(|source| VcpuError::Spawn { index, source })?;
+        let _ = wait.recv();
         self.thread = Some(handle);
         Ok(())
     }
