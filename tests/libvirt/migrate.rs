@@ -190,3 +190,47 @@ fn device_add_during_virsh_migrate_is_refused_as_qemu_refuses_it() {
     });
     src.virsh("destroy ferry1");
 }
+
+#[test]
+fn a_restarted_libvirtd_reattaches_to_the_running_guest() {
+    require_kvm();
+    require_libvirtd();
+    let dir = tempdir();
+    let lv = Libvirt::new(&dir.path().join("embedded"));
+    let mut host = LibvirtDaemon::start(
+        &dir.path().join("host"),
+        "11111111-2222-3333-4444-666666666666",
+        &lv.shim,
+        &lv.dir.join("cpu_map"),
+    );
+    host.define("ferry1");
+    host.virsh("start ferry1");
+    let pid = host.pid("ferry1").expect("the domain's pid file");
+    let guest = Daemon::attach(pid).expect("the domain's ferry runs");
+    let mut qmp = host.qmp("ferry1");
+    let before = wait_for("the guest does not run", || {
+        Some(pass(&mut qmp)).filter(|p| *p >= 1)
+    });
+    host.restart();
+    // The new daemon found the domain where the old one left it: same process, running.
+    assert_eq!(host.virsh("domstate ferry1").trim(), "running");
+    assert_eq!(host.pid("ferry1"), Some(pid));
+    assert!(
+        !guest.wait_exit(Duration::ZERO),
+        "the guest's ferry (pid {pid}) exited across the restart"
+    );
+    wait_for(
+        &format!("the guest stopped at pass {before} across the restart"),
+        || Some(pass(&mut qmp)).filter(|p| *p > before),
+    );
+    // And it drives it as before.
+    host.virsh("suspend ferry1");
+    assert_eq!(host.virsh("domstate ferry1").trim(), "paused");
+    host.virsh("resume ferry1");
+    assert_eq!(host.virsh("domstate ferry1").trim(), "running");
+    host.virsh("destroy ferry1");
+    assert!(
+        guest.wait_exit(TIMEOUT),
+        "the guest's ferry (pid {pid}) still runs after destroy"
+    );
+}

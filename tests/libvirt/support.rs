@@ -377,9 +377,10 @@ impl Drop for Libvirt {
     }
 }
 
-/// A private libvirtd: its own `/etc/libvirt`, `/var` and `/run` (bind mounts and a tmpfs in
-/// a mount namespace of its own), its own host UUID, its socket in `DIR/sock` and the QEMU
-/// driver running Ferry through `shim`. Two of them are two hosts to `virsh migrate`.
+/// A private libvirtd: its own `/etc/libvirt`, `/var` and `/run` (bind mounts in a mount
+/// namespace of its own, all under `DIR`, so a restarted daemon finds its domains), its own
+/// host UUID, its socket in `DIR/sock` and the QEMU driver running Ferry through `shim`. Two
+/// of them are two hosts to `virsh migrate`.
 #[derive(Debug)]
 pub struct LibvirtDaemon {
     pub dir: PathBuf,
@@ -387,6 +388,7 @@ pub struct LibvirtDaemon {
     daemon: std::process::Child,
     names: std::cell::RefCell<Vec<String>>,
     shim: PathBuf,
+    cpu_map: PathBuf,
 }
 
 impl LibvirtDaemon {
@@ -395,6 +397,7 @@ impl LibvirtDaemon {
         for d in [
             "etc",
             "sock",
+            "run",
             "var/lib/libvirt",
             "var/cache/libvirt",
             "var/log/libvirt",
@@ -417,10 +420,34 @@ impl LibvirtDaemon {
             ),
         )
         .expect("write libvirtd.conf");
+        LibvirtDaemon {
+            dir: dir.to_path_buf(),
+            uri: format!(
+                "qemu+unix:///system?socket={}",
+                sock.join("libvirt-sock").display()
+            ),
+            daemon: Self::spawn(dir, cpu_map),
+            names: Default::default(),
+            shim: shim.to_path_buf(),
+            cpu_map: cpu_map.to_path_buf(),
+        }
+    }
+
+    /// Stops the daemon (SIGTERM, as a service restart does) and starts it again on the same
+    /// directories; the domains it ran keep running meanwhile.
+    pub fn restart(&mut self) {
+        self.stop_daemon();
+        self.daemon = Self::spawn(&self.dir, &self.cpu_map);
+    }
+
+    /// Runs libvirtd in a mount namespace of its own and waits for its (new) socket.
+    fn spawn(dir: &Path, cpu_map: &Path) -> std::process::Child {
+        let socket = dir.join("sock/libvirt-sock");
+        let _ = std::fs::remove_file(&socket);
         let script = format!(
             "set -e; mount --make-rprivate /; mount --bind \"$1\" {CPU_MAP}; \
              mount --bind \"$2/etc\" /etc/libvirt; mount --bind \"$2/var\" /var; \
-             mount -t tmpfs tmpfs /run; mkdir -p /run/libvirt; \
+             mount --bind \"$2/run\" /run; mkdir -p /run/libvirt; \
              exec libvirtd --config \"$2/etc/libvirtd.conf\""
         );
         let daemon = Command::new("unshare")
@@ -431,7 +458,6 @@ impl LibvirtDaemon {
             .stderr(std::fs::File::create(dir.join("stderr")).expect("create stderr"))
             .spawn()
             .expect("run unshare (util-linux)");
-        let socket = sock.join("libvirt-sock");
         let deadline = std::time::Instant::now() + TIMEOUT;
         while !socket.exists() {
             assert!(
@@ -443,13 +469,7 @@ impl LibvirtDaemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        LibvirtDaemon {
-            dir: dir.to_path_buf(),
-            uri: format!("qemu+unix:///system?socket={}", socket.display()),
-            daemon,
-            names: Default::default(),
-            shim: shim.to_path_buf(),
-        }
+        daemon
     }
 
     /// `virsh -c URI COMMANDS`, bounded by `TIMEOUT`.
@@ -505,13 +525,9 @@ impl LibvirtDaemon {
         self.names.borrow_mut().push(name.to_owned());
     }
 
-    /// The pid of domain `name`'s process, from libvirt's pid file (in the daemon's own
-    /// `/run`, seen through its `/proc/PID/root`).
+    /// The pid of domain `name`'s process, from libvirt's pid file (in the daemon's `/run`).
     pub fn pid(&self, name: &str) -> Option<i32> {
-        let p = format!(
-            "/proc/{}/root/run/libvirt/qemu/{name}.pid",
-            self.daemon.id()
-        );
+        let p = self.dir.join(format!("run/libvirt/qemu/{name}.pid"));
         std::fs::read_to_string(p).ok()?.trim().parse().ok()
     }
 
@@ -553,6 +569,13 @@ impl Drop for LibvirtDaemon {
         for name in self.names.borrow().iter() {
             let _ = self.try_virsh(&format!("destroy {name}"));
         }
+        self.stop_daemon();
+    }
+}
+
+impl LibvirtDaemon {
+    /// SIGTERM, bounded, then SIGKILL.
+    fn stop_daemon(&mut self) {
         // SAFETY: kill takes a pid and a signal; the child is ours and not yet reaped.
         unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + TIMEOUT;
