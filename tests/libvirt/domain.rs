@@ -5,12 +5,12 @@
 //! start, naming it, and leaves a running domain alone. The guest is checked over its own
 //! monitor socket (Ferry serves every client).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::{QmpClient, TIMEOUT, require_kvm, tempdir};
 use serde_json::{Value, json};
 
-use crate::support::{Daemon, Libvirt, require_libvirt};
+use crate::support::{Daemon, Libvirt, pass, require_libvirt, wait_for};
 
 /// `query-status` of a domain, through its monitor.
 fn status(qmp: &mut QmpClient) -> String {
@@ -18,26 +18,6 @@ fn status(qmp: &mut QmpClient) -> String {
         .execute("query-status", json!({}))
         .expect("query-status");
     s["status"].as_str().unwrap_or_default().to_owned()
-}
-
-/// The test guest's pass counter.
-fn pass(qmp: &mut QmpClient) -> u64 {
-    let g = qmp
-        .execute("__org.ferry_query-guest", json!({}))
-        .expect("__org.ferry_query-guest");
-    g["pass"].as_u64().expect("a pass counter")
-}
-
-/// Polls `probe` (every 20 ms) until it returns `Some`, at most `TIMEOUT`; fails with `what`.
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what} (waited {TIMEOUT:?})");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until the guest has completed at least one more pass than `after`.

@@ -3,36 +3,17 @@
 //! its own host UUID. The domain has a hot-plugged core; on the destination the core is
 //! configured, the guest runs on from where it was and its memory verifies page by page.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::{QmpClient, TIMEOUT, require_kvm, tempdir};
 use serde_json::{Value, json};
 
-use crate::support::{Daemon, Libvirt, LibvirtDaemon, require_libvirtd};
+use crate::support::{Daemon, Libvirt, LibvirtDaemon, pass, require_libvirtd, wait_for};
 
 /// The migration stream over loopback: by default libvirt sends it to the destination's
 /// host name, which need not resolve here (and libvirt refuses loopback in its
 /// `migration_host` setting, not in `--migrateuri`).
 const LOOPBACK: &str = "--migrateuri tcp://127.0.0.1";
-
-fn pass(qmp: &mut QmpClient) -> u64 {
-    let g = qmp
-        .execute("__org.ferry_query-guest", json!({}))
-        .expect("__org.ferry_query-guest");
-    g["pass"].as_u64().expect("a pass counter")
-}
-
-/// Polls `probe` (every 20 ms) until it returns `Some`, at most `TIMEOUT`; fails with `what`.
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what} (waited {TIMEOUT:?})");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn vcpu1(qmp: &mut QmpClient) -> Option<Value> {
     let list = qmp

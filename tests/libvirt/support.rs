@@ -589,3 +589,26 @@ impl LibvirtDaemon {
         let _ = self.daemon.wait();
     }
 }
+
+/// The test guest's pass counter.
+pub fn pass(qmp: &mut ferry_tests::QmpClient) -> u64 {
+    let g = qmp
+        .execute("__org.ferry_query-guest", serde_json::json!({}))
+        .expect("__org.ferry_query-guest");
+    g["pass"].as_u64().expect("a pass counter")
+}
+
+/// Polls `probe` (every 20 ms) until it returns `Some`, at most `TIMEOUT`; fails with `what`.
+pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} (waited {TIMEOUT:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -323,23 +323,7 @@ fn props(
             })
             .collect();
     }
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    Ok(parts
+    Ok(crate::control::split_opts(value)
         .into_iter()
         .enumerate()
         .map(|(i, p)| match p.split_once('=') {

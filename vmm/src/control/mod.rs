@@ -20,7 +20,7 @@ mod query;
 mod schema;
 
 pub use compat::{Chardev, DomainInfo};
-pub use objects::parse_object_arg;
+pub use objects::{parse_object_arg, split_opts};
 pub use probe::{Probe, ProbeBackend, ProbeError};
 
 use crate::hotplug::HotplugManager;

@@ -208,18 +208,11 @@ impl Objects {
     }
 }
 
-/// `--object` in QEMU's forms: `TYPE,id=ID,key=value,...` (`,,` is a literal comma) or a
-/// JSON object, into `object-add` arguments.
-pub fn parse_object_arg(s: &str) -> Result<Map<String, Value>, String> {
-    if s.trim_start().starts_with('{') {
-        return match serde_json::from_str(s) {
-            Ok(Value::Object(m)) => Ok(m),
-            _ => Err(format!("Invalid --object '{s}': not a JSON object")),
-        };
-    }
+/// QEMU's option syntax split at its commas (`,,` is a literal comma).
+pub fn split_opts(value: &str) -> Vec<String> {
     let mut parts = Vec::new();
     let mut cur = String::new();
-    let mut chars = s.chars().peekable();
+    let mut chars = value.chars().peekable();
     while let Some(c) = chars.next() {
         if c == ',' {
             if chars.peek() == Some(&',') {
@@ -233,8 +226,20 @@ pub fn parse_object_arg(s: &str) -> Result<Map<String, Value>, String> {
         }
     }
     parts.push(cur);
+    parts
+}
+
+/// `--object` in QEMU's forms: `TYPE,id=ID,key=value,...` (`,,` is a literal comma) or a
+/// JSON object, into `object-add` arguments.
+pub fn parse_object_arg(s: &str) -> Result<Map<String, Value>, String> {
+    if s.trim_start().starts_with('{') {
+        return match serde_json::from_str(s) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err(format!("Invalid --object '{s}': not a JSON object")),
+        };
+    }
     let mut m = Map::new();
-    for (i, p) in parts.into_iter().enumerate() {
+    for (i, p) in split_opts(s).into_iter().enumerate() {
         match p.split_once('=') {
             Some((k, v)) => m.insert(k.to_owned(), Value::String(v.to_owned())),
             None if i == 0 => m.insert("qom-type".into(), Value::String(p)),
