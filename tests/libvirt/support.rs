@@ -330,37 +330,12 @@ impl Libvirt {
     /// A QMP client on domain `name`'s monitor (libvirt's socket, which Ferry serves to
     /// every client).
     pub fn qmp(&self, name: &str) -> ferry_tests::QmpClient {
-        let dir = std::fs::read_dir(self.root.join("lib/qemu"))
-            .expect("libvirt's domain directories")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|f| f.to_str())
-                    .is_some_and(|f| f.starts_with("domain-") && f.ends_with(&format!("-{name}")))
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "no domain directory of {name} under {}",
-                    self.root.display()
-                )
-            });
-        ferry_tests::QmpClient::connect(&dir.join("monitor.sock"), TIMEOUT)
-            .unwrap_or_else(|e| panic!("cannot connect to {name}'s monitor: {e}"))
+        domain_qmp(&self.root.join("lib/qemu"), name)
     }
 
     /// Every domain's log (libvirt writes the argv, Ferry its stderr).
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for name in self.names.borrow().iter() {
-            let p = self.root.join(format!("log/qemu/{name}.log"));
-            out.push_str(&format!(
-                "--- {}\n{}\n",
-                p.display(),
-                std::fs::read_to_string(&p).unwrap_or_default()
-            ));
-        }
-        out
+        domain_logs(&self.root.join("log/qemu"), &self.names.borrow())
     }
 }
 
@@ -533,34 +508,44 @@ impl LibvirtDaemon {
 
     /// A QMP client on domain `name`'s monitor.
     pub fn qmp(&self, name: &str) -> ferry_tests::QmpClient {
-        let base = self.dir.join("var/lib/libvirt/qemu");
-        let dir = std::fs::read_dir(&base)
-            .expect("libvirt's domain directories")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|f| f.to_str())
-                    .is_some_and(|f| f.starts_with("domain-") && f.ends_with(&format!("-{name}")))
-            })
-            .unwrap_or_else(|| panic!("no domain directory of {name} under {}", base.display()));
-        ferry_tests::QmpClient::connect(&dir.join("monitor.sock"), TIMEOUT)
-            .unwrap_or_else(|e| panic!("cannot connect to {name}'s monitor: {e}"))
+        domain_qmp(&self.dir.join("var/lib/libvirt/qemu"), name)
     }
 
     /// Every domain's log here.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for name in self.names.borrow().iter() {
-            let p = self.dir.join(format!("var/log/libvirt/qemu/{name}.log"));
-            out.push_str(&format!(
-                "--- {}\n{}\n",
-                p.display(),
-                std::fs::read_to_string(&p).unwrap_or_default()
-            ));
-        }
-        out
+        domain_logs(&self.dir.join("var/log/libvirt/qemu"), &self.names.borrow())
     }
+}
+
+/// A QMP client on the monitor socket of domain `name`, in its directory under `base`
+/// (libvirt's `domain-N-NAME`).
+fn domain_qmp(base: &Path, name: &str) -> ferry_tests::QmpClient {
+    let dir = std::fs::read_dir(base)
+        .expect("libvirt's domain directories")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with("domain-") && f.ends_with(&format!("-{name}")))
+        })
+        .unwrap_or_else(|| panic!("no domain directory of {name} under {}", base.display()));
+    ferry_tests::QmpClient::connect(&dir.join("monitor.sock"), TIMEOUT)
+        .unwrap_or_else(|e| panic!("cannot connect to {name}'s monitor: {e}"))
+}
+
+/// The logs `NAME.log` in `dir` of domains `names`, each under its path.
+fn domain_logs(dir: &Path, names: &[String]) -> String {
+    let mut out = String::new();
+    for name in names {
+        let p = dir.join(format!("{name}.log"));
+        out.push_str(&format!(
+            "--- {}\n{}\n",
+            p.display(),
+            std::fs::read_to_string(&p).unwrap_or_default()
+        ));
+    }
+    out
 }
 
 impl Drop for LibvirtDaemon {
