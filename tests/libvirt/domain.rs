@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use ferry_tests::{QmpClient, TIMEOUT, require_kvm, tempdir};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::{Daemon, Libvirt, pass, require_libvirt, wait_for};
+use crate::support::{Daemon, Libvirt, pass, require_libvirt, vcpu1, wait_for};
 
 /// `query-status` of a domain, through its monitor.
 fn status(qmp: &mut QmpClient) -> String {
@@ -123,17 +123,6 @@ fn a_new_libvirt_reattaches_without_stopping_the_guest() {
     wait_progress(&mut qmp, before);
     lv.virsh("destroy ferry1");
     assert!(ferry.wait_exit(TIMEOUT), "ferry still runs after destroy");
-}
-
-/// The connector of the hot-plugged core `vcpu1`, if any.
-fn vcpu1(qmp: &mut QmpClient) -> Option<Value> {
-    let list = qmp
-        .execute("__org.ferry_query-connectors", json!({}))
-        .expect("__org.ferry_query-connectors");
-    list.as_array()?
-        .iter()
-        .find(|c| c["kind"] == "cpu-core" && c["device"] == "vcpu1")
-        .cloned()
 }
 
 #[test]

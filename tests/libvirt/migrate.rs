@@ -5,25 +5,15 @@
 
 use std::time::Duration;
 
-use ferry_tests::{QmpClient, TIMEOUT, require_kvm, tempdir};
-use serde_json::{Value, json};
+use ferry_tests::{TIMEOUT, require_kvm, tempdir};
+use serde_json::json;
 
-use crate::support::{Daemon, Libvirt, LibvirtDaemon, pass, require_libvirtd, wait_for};
+use crate::support::{Daemon, Libvirt, LibvirtDaemon, pass, require_libvirtd, vcpu1, wait_for};
 
 /// The migration stream over loopback: by default libvirt sends it to the destination's
 /// host name, which need not resolve here (and libvirt refuses loopback in its
 /// `migration_host` setting, not in `--migrateuri`).
 const LOOPBACK: &str = "--migrateuri tcp://127.0.0.1";
-
-fn vcpu1(qmp: &mut QmpClient) -> Option<Value> {
-    let list = qmp
-        .execute("__org.ferry_query-connectors", json!({}))
-        .expect("__org.ferry_query-connectors");
-    list.as_array()?
-        .iter()
-        .find(|c| c["kind"] == "cpu-core" && c["device"] == "vcpu1")
-        .cloned()
-}
 
 #[test]
 fn virsh_migrate_live_with_a_hot_plugged_core() {

@@ -597,3 +597,14 @@ pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The connector of the hot-plugged core `vcpu1`, if any.
+pub fn vcpu1(qmp: &mut ferry_tests::QmpClient) -> Option<serde_json::Value> {
+    let list = qmp
+        .execute("__org.ferry_query-connectors", serde_json::json!({}))
+        .expect("__org.ferry_query-connectors");
+    list.as_array()?
+        .iter()
+        .find(|c| c["kind"] == "cpu-core" && c["device"] == "vcpu1")
+        .cloned()
+}

@@ -293,7 +293,11 @@ fn run(args: RunArgs) -> Result<()> {
             .context("Cannot start the guest")?;
         tracing::info!(guest = %args.guest, "guest running");
     }
-    install_signal_handlers(&runtime, ctl.clone());
+    let on_signal = ctl.clone();
+    qemu::on_term_signal(&runtime, move || {
+        tracing::info!("signal received");
+        on_signal.request_quit();
+    });
     ctl.wait_quit();
     tracing::info!(state = ctl.run_state().as_str(), "quitting");
     if ctl.run_state() == RunState::Shutdown {
@@ -315,22 +319,4 @@ fn start_incoming(ctl: &Arc<Controller>, uri: &str) -> Result<()> {
         .context("Cannot start the incoming migration")?;
     tracing::info!(uri, "waiting for the incoming migration");
     Ok(())
-}
-
-fn install_signal_handlers(runtime: &tokio::runtime::Runtime, ctl: Arc<Controller>) {
-    runtime.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("signal received");
-        ctl.request_quit();
-    });
 }
