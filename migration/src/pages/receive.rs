@@ -11,7 +11,7 @@ use crate::transport::Channel;
 use devstate::PAGE_SIZE;
 use devstate::wire::RamKind;
 use std::collections::HashMap;
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -208,7 +208,8 @@ fn serve(
     let _s = info_span!("page-channel", index).entered();
     let io = |phase| move |source| MigrationError::Io { phase, source };
     let mut ret = ch.try_clone().map_err(io("RAM transfer"))?;
-    let mut r = BufReader::with_capacity(256 << 10, Patient::new(ch, progress, true));
+    // A small buffer: heads come through it, page bodies mostly straight from the socket.
+    let mut r = BufReader::with_capacity(RECV_BUFFER, Patient::new(ch, progress, true));
     let direct = Lever::DirectReceive.on();
     let mut buf = Vec::new();
     let mut offset = 24u64;
@@ -242,7 +243,7 @@ fn serve(
                             // record per pass; passes are separated by SYNC).
                             let dst = unsafe { range.into_mut() };
                             for piece in dst.chunks_mut(64 << 10) {
-                                r.read_exact(piece).map_err(|e| stopped(&e, at))?;
+                                read_direct(&mut r, piece).map_err(|e| stopped(&e, at))?;
                                 hasher.update(piece);
                             }
                         } else {
@@ -314,6 +315,19 @@ fn serve(
             }
         }
     }
+}
+
+/// Bytes a page channel reads ahead of the record it parses.
+const RECV_BUFFER: usize = 16 << 10;
+
+/// Fill `out` with what `r` holds already, then straight from its socket, so page bodies are
+/// not copied through the buffer (`BufReader` reads directly only into requests at least as
+/// large as its capacity, and only when empty).
+fn read_direct<R: Read>(r: &mut BufReader<R>, out: &mut [u8]) -> std::io::Result<()> {
+    let have = r.buffer().len().min(out.len());
+    out[..have].copy_from_slice(&r.buffer()[..have]);
+    r.consume(have);
+    r.get_mut().read_exact(&mut out[have..])
 }
 
 /// Read a body CRC and compare it with `computed`.
