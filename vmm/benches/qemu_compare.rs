@@ -82,8 +82,9 @@
 //! it reads their pipes. The guests print a tick at a fixed interval (a dense guest every 64
 //! pages, ~0.4 ms here; `interval` is the median before the migration). `blackout` is the
 //! largest gap between consecutive ticks of source and destination together, from `migrate` to
-//! the destination's fourth tick; `switch` is the gap from the source's last tick to the
-//! destination's first. A dense guest prints `!` for each page that fails its check; the
+//! the destination's fourth tick (each run's line says where it was, `src`, `switch` or `dst`,
+//! and when it began, ms after `migrate`); `switch` is the gap from the source's last tick to
+//! the destination's first. A dense guest prints `!` for each page that fails its check; the
 //! destination runs two more passes after the migration, so every page it received is checked;
 //! failures are counted and printed (there must be none).
 
@@ -643,6 +644,8 @@ struct Sample {
     blackout_ms: f64,
     /// Where that gap was: `src` (pre-copy), `switch` (source to destination) or `dst`.
     blackout_at: &'static str,
+    /// When that gap began, ms after `migrate` (negative: the tick before it).
+    blackout_from_ms: f64,
     /// Last source tick to first destination tick.
     switch_ms: f64,
     /// Median tick interval on the source before the migration.
@@ -952,6 +955,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
                 ram_gbit: f64::NAN,
                 blackout_ms: f64::NAN,
                 blackout_at: "-",
+                blackout_from_ms: f64::NAN,
                 switch_ms: f64::NAN,
                 interval_ms: median(&mut gaps),
                 passes: f64::NAN,
@@ -1026,7 +1030,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         .filter(|(t, _)| *t >= from && *t <= end)
         .collect();
     window.sort();
-    let (blackout_ms, blackout_at) = window
+    let (blackout_ms, blackout_at, gap_from) = window
         .windows(2)
         .map(|w| {
             let at = match (w[0].1, w[1].1) {
@@ -1034,9 +1038,13 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
                 (true, true) => "dst",
                 _ => "switch",
             };
-            (ms(w[1].0 - w[0].0), at)
+            (ms(w[1].0 - w[0].0), at, w[0].0)
         })
-        .fold((0.0, "-"), |m, g| if g.0 > m.0 { g } else { m });
+        .fold((0.0, "-", start), |m, g| if g.0 > m.0 { g } else { m });
+    let blackout_from_ms = match gap_from.checked_duration_since(start) {
+        Some(d) => ms(d),
+        None => -ms(start - gap_from),
+    };
     let fails = src_chars
         .iter()
         .chain(&dst_chars)
@@ -1066,6 +1074,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         ram_gbit: pages * 4096.0 * 8.0 / (total_ms / 1000.0) / 1e9,
         blackout_ms,
         blackout_at,
+        blackout_from_ms,
         switch_ms: dst_ticks[0]
             .checked_duration_since(last_src)
             .map_or(f64::NAN, ms),
@@ -1626,13 +1635,14 @@ fn main() {
                     }
                     Ok(s) => {
                         println!(
-                            "run {r:>2} {:<cw$} {:<hw$} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms ({:<6})  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
+                            "run {r:>2} {:<cw$} {:<hw$} total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms ({:<6} at {:>5.0} ms)  switch {:>6.1} ms (tick {:>4.2})  RAM {:>6.2} Gbit/s  {:>6.0} MiB sent  passes {}  fails {}",
                             c.name,
                             hv.name(),
                             s.total_ms,
                             s.downtime_ms,
                             s.blackout_ms,
                             s.blackout_at,
+                            s.blackout_from_ms,
                             s.switch_ms,
                             s.interval_ms,
                             s.ram_gbit,
