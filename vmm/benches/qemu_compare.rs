@@ -24,8 +24,10 @@
 //!   not, peak `cpu-throttle-percentage` (polled; Ferry also reports its peak), the guest's
 //!   page rate from the migrate to the source's last tick against the same length of time
 //!   before it (passes after the first), the guest run time lost (that window times one
-//!   less the ratio), and the longest gap between source ticks meanwhile (a throttle's
-//!   sleep); blackout there runs from the source's last tick;
+//!   less the ratio), the longest gap between source ticks meanwhile (a throttle's
+//!   sleep), and the share of one CPU the source's vCPU thread ran and waited for a CPU
+//!   from `migrate` to completion (`/proc/PID/task/*/schedstat`; QEMU runs with
+//!   `debug-threads=on`); blackout there runs from the source's last tick;
 //! - `QC_POSTCOPY=1`: in the convergence cases, also Ferry (`ferry-postcopy`, its fault
 //!   latency from `query-migrate`) and QEMU with `postcopy-ram` on both sides
 //!   (`qemu-postcopy`, no auto-converge), `migrate-start-postcopy` once its first pass is
@@ -617,6 +619,8 @@ fn command(env: &Env, hv: Hv, case: &Case, img: &Path, sock: &Path, incoming: bo
             .arg("-m")
             .arg(format!("{}M", case.memory / MIB))
             .args(["-nodefaults", "-display", "none", "-monitor", "none"])
+            // Thread names, so the vCPU (`CPU 0/KVM`) can be found.
+            .args(["-name", "qemu-compare,debug-threads=on"])
             .args(["-serial", "stdio"])
             .arg("-drive")
             .arg(format!("file={},format=raw,if=ide", img.display()))
@@ -669,6 +673,10 @@ struct Sample {
     stall_ms: f64,
     /// Length of the window `rate_during` is measured over.
     window_ms: f64,
+    /// Share of one CPU the source's vCPU thread ran, from `migrate` to completion.
+    vcpu_ran: f64,
+    /// Share of that time it was runnable but waited for a CPU.
+    vcpu_waited: f64,
 }
 
 impl Sample {
@@ -680,6 +688,34 @@ impl Sample {
     /// Guest run time lost to the migration: its window times the share of speed lost.
     fn lost_s(&self) -> f64 {
         self.window_ms / 1000.0 * (1.0 - self.progress())
+    }
+}
+
+/// Run and run-queue wait time, ns, of process `pid`'s first vCPU thread (`vcpu0` in Ferry,
+/// `CPU 0/KVM` in QEMU with `debug-threads=on`), from `/proc/PID/task/*/schedstat`.
+fn vcpu_times(pid: u32) -> Option<(u64, u64)> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if matches!(comm.trim(), "vcpu0" | "CPU 0/KVM") {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().ok());
+            return Some((f.next()??, f.next()??));
+        }
+    }
+    None
+}
+
+/// Shares of `window` the vCPU ran and waited between two [`vcpu_times`] readings.
+fn vcpu_shares(a: Option<(u64, u64)>, b: Option<(u64, u64)>, window: Duration) -> (f64, f64) {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let w = window.as_nanos() as f64;
+            ((b.0 - a.0) as f64 / w, (b.1 - a.1) as f64 / w)
+        }
+        _ => (f64::NAN, f64::NAN),
     }
 }
 
@@ -865,6 +901,7 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         .take(20)
         .map(|w| ms(w[1] - w[0]))
         .collect();
+    let vcpu_at_start = vcpu_times(src.child.id());
     let start = Instant::now();
     src.exec(
         "migrate",
@@ -914,6 +951,8 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         std::thread::sleep(Duration::from_millis(10));
     };
     let ended = Instant::now();
+    let (vcpu_ran, vcpu_waited) =
+        vcpu_shares(vcpu_at_start, vcpu_times(src.child.id()), ended - start);
     // The guest's own progress: its rate before `migrate`, over as long a window as the
     // migration took where the warm passes allow (the first pass, which touches every page
     // first, left out), and its rate during it.
@@ -967,6 +1006,8 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
                 rate_during,
                 stall_ms,
                 window_ms: ms(ended - start),
+                vcpu_ran,
+                vcpu_waited,
             });
         }
         Err(e) => return Err(e),
@@ -1088,6 +1129,8 @@ fn run_once(env: &Env, hv: Hv, case: &Case, img: &Path, tag: &str) -> Result<Sam
         rate_during,
         stall_ms,
         window_ms: ms(window_end - start),
+        vcpu_ran,
+        vcpu_waited,
     };
     if env.dir.starts_with(std::env::temp_dir()) && std::env::var_os("QC_KEEP").is_none() {
         drop(src);
@@ -1331,7 +1374,7 @@ fn converge_summary(
         "CONVERGENCE (downtime-limit {CONVERGE_DOWNTIME_MS} ms; auto-converge on unless -noac; times are medians of converged runs; progress = guest page rate during the migration / before it)"
     );
     println!(
-        "{:<cw$} {:<hw$} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9} {:>6} {:>10} {:>8} {:>6} {:>6} {:>9} {:>5}",
+        "{:<cw$} {:<hw$} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9} {:>6} {:>10} {:>8} {:>6} {:>8} {:>6} {:>9} {:>5}",
         "case",
         "hv",
         "converged",
@@ -1344,6 +1387,7 @@ fn converge_summary(
         "MiB/s bef",
         "progress",
         "lost s",
+        "vCPU ran",
         "passes",
         "MiB sent",
         "!"
@@ -1357,7 +1401,7 @@ fn converge_summary(
             let all: Vec<Sample> = samples[ci][hi].iter().flatten().cloned().collect();
             let done: Vec<Sample> = all.iter().filter(|x| x.converged).cloned().collect();
             println!(
-                "{:<cw$} {:<hw$} {:>9} {:>9.0} {:>8.0} {:>9.1} {:>8.1} {:>9.1} {:>6.0} {:>10.0} {:>8.2} {:>6.1} {:>6.1} {:>9.0} {:>5}",
+                "{:<cw$} {:<hw$} {:>9} {:>9.0} {:>8.0} {:>9.1} {:>8.1} {:>9.1} {:>6.0} {:>10.0} {:>8.2} {:>6.1} {:>8.2} {:>6.1} {:>9.0} {:>5}",
                 c.name,
                 hv.name(),
                 format!("{}/{}", done.len(), samples[ci][hi].len()),
@@ -1370,6 +1414,7 @@ fn converge_summary(
                 col(&all, |x| mib_s(x.rate_before)),
                 col(&all, Sample::progress),
                 col(&all, Sample::lost_s),
+                col(&all, |x| x.vcpu_ran),
                 col(&done, |x| x.passes),
                 col(&done, |x| x.bytes) / MIB as f64,
                 all.iter().map(|x| x.fails).sum::<usize>(),
@@ -1395,13 +1440,14 @@ fn converge_summary(
             };
             let (x, y) = (&samples[ci][x], &samples[ci][y]);
             println!(
-                "{:<cw$} {}/{} median of paired ratios: {}  {}  {}",
+                "{:<cw$} {}/{} median of paired ratios: {}  {}  {}  {}",
                 c.name,
                 a.name(),
                 b.name(),
                 time_ratios(x, y),
                 ratio("progress", x, y, Sample::progress),
                 ratio("lost", x, y, Sample::lost_s),
+                ratio("vCPU ran", x, y, |s| s.vcpu_ran),
             );
         }
     }
@@ -1603,7 +1649,7 @@ fn main() {
                 match run_once(&env, hv, c, &imgs[ci], &tag) {
                     Ok(s) if c.group == Group::Converge => {
                         println!(
-                            "run {r:>2} {:<cw$} {:<hw$} {}  total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms  throttle peak {:>3.0} %  longest stall {:>6.1} ms  rate before {:>5.0} MiB/s, during {:>5.0} MiB/s ({:.2}x, {:.1} s lost)  {:>6.0} MiB sent  passes {}  fails {}",
+                            "run {r:>2} {:<cw$} {:<hw$} {}  total {:>6.0} ms  downtime {:>5.0} ms  blackout {:>6.1} ms  switch {:>6.1} ms  throttle peak {:>3.0} %  longest stall {:>6.1} ms  rate before {:>5.0} MiB/s, during {:>5.0} MiB/s ({:.2}x, {:.1} s lost)  vCPU ran {:.2}, waited {:.2}  {:>6.0} MiB sent  passes {}  fails {}",
                             c.name,
                             hv.name(),
                             if s.converged {
@@ -1621,6 +1667,8 @@ fn main() {
                             mib_s(s.rate_during),
                             s.progress(),
                             s.lost_s(),
+                            s.vcpu_ran,
+                            s.vcpu_waited,
                             s.bytes / MIB as f64,
                             s.passes,
                             s.fails
