@@ -271,9 +271,9 @@ fn run<V: DestinationVm>(
     };
     let paged = ram.is_some();
     let mut sections = std::thread::scope(|sc| {
-        let receivers = ram.as_deref().map(|ram| {
-            Receivers::start(sc, channels, ram, &torn, progress, params.page_thread_nice)
-        });
+        let receivers = ram
+            .as_deref()
+            .map(|ram| Receivers::start(sc, channels, ram, &torn, progress, params.page_nice()));
         let res = read_main(&mut stream, vm, ret, progress, report_progress, paged);
         let Some(receivers) = receivers else {
             return res;

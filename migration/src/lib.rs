@@ -50,6 +50,12 @@ use std::time::Duration;
 /// Page channels when `multifd-channels` is not set.
 pub const DEFAULT_PAGE_CHANNELS: u16 = 2;
 
+/// Page-channel threads' nice value while `auto-converge` is on, unless
+/// `__org.ferry_page-thread-nice` is set: the throttle is then the one thing that slows the
+/// guest, by the amount `query-migrate` reports, not the migration's own threads taking the
+/// vCPUs' cores.
+pub const AUTO_CONVERGE_PAGE_NICE: u8 = 10;
+
 /// What happens when pre-copy does not converge within `max_iterations`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SwitchoverPolicy {
@@ -114,8 +120,8 @@ pub struct Params {
     pub max_postcopy_bandwidth: u64,
     /// `__org.ferry_page-thread-nice`: nice value of this side's page-channel threads
     /// (0..=19; 0 leaves them at the process's priority), so a migration gives the CPU to
-    /// running guests first.
-    pub page_thread_nice: u8,
+    /// running guests first. Not set: see [`Params::page_nice`].
+    pub page_thread_nice: Option<u8>,
 }
 
 impl Default for Params {
@@ -134,7 +140,20 @@ impl Default for Params {
             converge: ConvergeParams::default(),
             postcopy: false,
             max_postcopy_bandwidth: 0,
-            page_thread_nice: 0,
+            page_thread_nice: None,
         }
+    }
+}
+
+impl Params {
+    /// The nice value this side's page-channel threads run at: `page_thread_nice` when set,
+    /// else [`AUTO_CONVERGE_PAGE_NICE`] while this side has `auto-converge` on, else 0.
+    pub fn page_nice(&self) -> u8 {
+        self.page_thread_nice
+            .unwrap_or(if self.converge.auto_converge {
+                AUTO_CONVERGE_PAGE_NICE
+            } else {
+                0
+            })
     }
 }

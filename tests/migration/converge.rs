@@ -288,3 +288,71 @@ fn page_channel_threads_run_at_the_nice_value_each_side_asked_for() {
     s.ok("migrate_cancel", json!({}));
     s.wait_migration(&["cancelled"]);
 }
+
+/// Threads named `migration-in` in `pid`: the incoming migration's and its page channels'.
+fn incoming_threads(pid: u32) -> Vec<i64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "migration-in")
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| nice_of(&stat))
+        .collect()
+}
+
+#[test]
+fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
+    let dir = tempdir();
+    let (mut s, mut d, _) = pair(dir.path());
+    s.ok("migrate-set-parameters", json!({"multifd-channels": 2}));
+    d.ok("migrate-set-parameters", json!({"multifd-channels": 2}));
+    let nice = |f: &mut Ferry| {
+        f.ok("query-migrate-parameters", json!({}))["__org.ferry_page-thread-nice"].clone()
+    };
+    assert_eq!(
+        nice(&mut s),
+        0,
+        "without auto-converge: the process's priority"
+    );
+    auto_converge(&mut s, json!({}));
+    assert_eq!(
+        nice(&mut s),
+        10,
+        "auto-converge on: page threads at nice 10"
+    );
+    // The destination has auto-converge too, but an explicit value wins.
+    auto_converge(&mut d, json!({}));
+    d.ok(
+        "migrate-set-parameters",
+        json!({"__org.ferry_page-thread-nice": 0}),
+    );
+    assert_eq!(nice(&mut d), 0);
+    migrate(&mut s, &mut d);
+    let (spid, dpid) = (s.child.id(), d.child.id());
+    s.poll(
+        Duration::from_secs(60),
+        &|_| format!("source threads' nice values: {:?}", thread_nices(spid)),
+        |_| (thread_nices(spid).iter().filter(|&&n| n == 10).count() == 2).then_some(()),
+    );
+    // The destination's migration thread and both page channels, all at the process's 0.
+    let seen = d.poll(
+        Duration::from_secs(60),
+        &|_| {
+            format!(
+                "destination's migration-in threads: {:?}",
+                incoming_threads(dpid)
+            )
+        },
+        |_| {
+            let t = incoming_threads(dpid);
+            (t.len() == 3).then_some(t)
+        },
+    );
+    assert_eq!(seen, [0, 0, 0]);
+    s.ok("migrate_cancel", json!({}));
+    s.wait_migration(&["cancelled"]);
+}

@@ -108,7 +108,7 @@ impl<'scope> Senders<'scope> {
         progress: &'env Progress,
         params: &crate::Params,
     ) -> Result<Senders<'scope>, MigrationError> {
-        let (timeout, nice) = (params.io_timeout, params.page_thread_nice);
+        let (timeout, nice) = (params.io_timeout, params.page_nice());
         let (ack_tx, acks) = std::sync::mpsc::channel();
         let meter = Arc::new(Meter::default());
         meter.start_window();

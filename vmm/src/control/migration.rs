@@ -759,7 +759,7 @@ impl Controller {
             p.max_postcopy_bandwidth = b;
         }
         if let Some(n) = nice {
-            p.page_thread_nice = n as u8;
+            p.page_thread_nice = Some(n as u8);
         }
         if let Some(d) = downtime {
             p.downtime_limit_ms = d;
@@ -848,7 +848,7 @@ impl Controller {
             "__org.ferry_stall-passes": p.converge.stall_passes,
             "__org.ferry_stall-timeout": p.converge.stall_timeout.as_millis() as u64,
             "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
-            "__org.ferry_page-thread-nice": p.page_thread_nice,
+            "__org.ferry_page-thread-nice": p.page_nice(),
         })
     }
 }
