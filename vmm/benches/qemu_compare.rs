@@ -57,8 +57,9 @@
 //!   (`QC_LEVERS=name,...`: only those levers). The summary gives each
 //!   one's `lever cost` as the median of paired ratios to plain `ferry` of the same rounds
 //!   (total, blackout, downtime; above 1 means the lever saves that much);
-//! - `QC_FERRY_NICE=10`: one more Ferry run per listed `__org.ferry_page-thread-nice` value
-//!   (`ferry-nice10`, on both sides; `d19`: 19 on the destination only, `ferry-dnice19`, as
+//! - `QC_FERRY_NICE=0,10`: one more Ferry run per listed `__org.ferry_page-thread-nice` value
+//!   (`ferry-nice0`, `ferry-nice10`, set on both sides; 0 is Ferry's priority without
+//!   auto-converge; `d19`: 19 on the destination only, `ferry-dnice19`, as
 //!   if it ran on another host), reported like the levers and, in the convergence cases,
 //!   against QEMU;
 //! - `QC_FERRY_CHANNELS=0,1,4`: one more Ferry run per listed page-channel count
@@ -336,7 +337,8 @@ enum Hv {
     FerryLeverOff(Lever),
     /// Ferry with `multifd-channels` N on both sides (0 to 8).
     FerryChannels(u8),
-    /// Ferry with `__org.ferry_page-thread-nice` N on both sides (1 to 19).
+    /// Ferry with `__org.ferry_page-thread-nice` N on both sides (0 to 19; 0 as set, so the
+    /// auto-converge default of 10 does not apply).
     FerryNice(u8),
     /// Ferry with `__org.ferry_page-thread-nice` 19 on the destination only: on one host the
     /// destination's page threads compete with the source's vCPU, as they would not across
@@ -1604,9 +1606,9 @@ fn main() {
     if let Ok(list) = std::env::var("QC_FERRY_NICE") {
         for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
             match v.parse::<u8>() {
-                Ok(n) if (1..=19).contains(&n) => hvs.push(Hv::FerryNice(n)),
+                Ok(n) if n <= 19 => hvs.push(Hv::FerryNice(n)),
                 _ if v == "d19" => hvs.push(Hv::FerryDstNice),
-                _ => println!("NOTE: QC_FERRY_NICE entry {v:?} skipped (1 to 19, or d19)"),
+                _ => println!("NOTE: QC_FERRY_NICE entry {v:?} skipped (0 to 19, or d19)"),
             }
         }
     }
