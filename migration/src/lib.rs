@@ -54,7 +54,7 @@ pub const DEFAULT_PAGE_CHANNELS: u16 = 2;
 /// `__org.ferry_page-thread-nice` is set: the throttle is then the one thing that slows the
 /// guest, by the amount `query-migrate` reports, not the migration's own threads taking the
 /// vCPUs' cores.
-pub const AUTO_CONVERGE_PAGE_NICE: u8 = 10;
+pub const AUTO_CONVERGE_PAGE_NICE: u8 = 19;
 
 /// What happens when pre-copy does not converge within `max_iterations`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

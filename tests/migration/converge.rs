@@ -321,8 +321,8 @@ fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
     auto_converge(&mut s, json!({}));
     assert_eq!(
         nice(&mut s),
-        10,
-        "auto-converge on: page threads at nice 10"
+        19,
+        "auto-converge on: page threads at nice 19"
     );
     // The destination has auto-converge too, but an explicit value wins.
     auto_converge(&mut d, json!({}));
@@ -336,7 +336,7 @@ fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
     s.poll(
         Duration::from_secs(60),
         &|_| format!("source threads' nice values: {:?}", thread_nices(spid)),
-        |_| (thread_nices(spid).iter().filter(|&&n| n == 10).count() == 2).then_some(()),
+        |_| (thread_nices(spid).iter().filter(|&&n| n == 19).count() == 2).then_some(()),
     );
     // The destination's migration thread and both page channels, all at the process's 0.
     let seen = d.poll(
