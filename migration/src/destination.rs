@@ -136,6 +136,8 @@ fn run<V: DestinationVm>(
         None => None,
     };
     let mut report_progress = false;
+    // The source has auto-converge on: its guest comes first here too.
+    let mut guest_first = false;
     // Post-copy may follow COMMIT.
     let mut postcopy_ok = false;
     // SPARSE records only where the handshake negotiated them; a file has no handshake (a
@@ -171,6 +173,7 @@ fn run<V: DestinationVm>(
                 }
                 postcopy_ok = accepted & FEATURE_POSTCOPY != 0;
                 report_progress = accepted & FEATURE_PROGRESS != 0;
+                guest_first = accepted & crate::protocol::FEATURE_GUEST_FIRST != 0;
                 sparse_ok = accepted & FEATURE_SPARSE_PAGES != 0;
                 let count = hello.channels.min(params.page_channels).min(MAX_CHANNELS);
                 let mut ack = Msg::new(Kind::HelloAck, 0);
@@ -271,9 +274,16 @@ fn run<V: DestinationVm>(
     };
     let paged = ram.is_some();
     let mut sections = std::thread::scope(|sc| {
-        let receivers = ram
-            .as_deref()
-            .map(|ram| Receivers::start(sc, channels, ram, &torn, progress, params.page_nice()));
+        let receivers = ram.as_deref().map(|ram| {
+            Receivers::start(
+                sc,
+                channels,
+                ram,
+                &torn,
+                progress,
+                params.page_nice_for(guest_first),
+            )
+        });
         let res = read_main(&mut stream, vm, ret, progress, report_progress, paged);
         let Some(receivers) = receivers else {
             return res;

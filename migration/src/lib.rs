@@ -149,8 +149,14 @@ impl Params {
     /// The nice value this side's page-channel threads run at: `page_thread_nice` when set,
     /// else [`AUTO_CONVERGE_PAGE_NICE`] while this side has `auto-converge` on, else 0.
     pub fn page_nice(&self) -> u8 {
+        self.page_nice_for(false)
+    }
+
+    /// [`Params::page_nice`] on a destination whose source has `auto-converge` on
+    /// (`peer_auto_converge`), which counts as this side's own.
+    pub fn page_nice_for(&self, peer_auto_converge: bool) -> u8 {
         self.page_thread_nice
-            .unwrap_or(if self.converge.auto_converge {
+            .unwrap_or(if self.converge.auto_converge || peer_auto_converge {
                 AUTO_CONVERGE_PAGE_NICE
             } else {
                 0

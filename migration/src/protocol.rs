@@ -46,9 +46,16 @@ pub const FEATURE_PAGE_CHANNELS: u32 = 4;
 /// Feature bit: post-copy may follow COMMIT ([`crate::postcopy`]); offered and accepted only
 /// with capability `postcopy-ram` on each side.
 pub const FEATURE_POSTCOPY: u32 = 8;
+/// Feature bit: the source has `auto-converge` on, so the destination runs its page-channel
+/// threads at [`crate::AUTO_CONVERGE_PAGE_NICE`] too unless its own
+/// `__org.ferry_page-thread-nice` is set (an older destination ignores it).
+pub const FEATURE_GUEST_FIRST: u32 = 16;
 /// Features this build can receive.
-pub const SUPPORTED_FEATURES: u32 =
-    FEATURE_SPARSE_PAGES | FEATURE_PROGRESS | FEATURE_PAGE_CHANNELS | FEATURE_POSTCOPY;
+pub const SUPPORTED_FEATURES: u32 = FEATURE_SPARSE_PAGES
+    | FEATURE_PROGRESS
+    | FEATURE_PAGE_CHANNELS
+    | FEATURE_POSTCOPY
+    | FEATURE_GUEST_FIRST;
 /// The destination sends [`Kind::Received`] each time it has written this many more pages.
 pub const PROGRESS_PAGES: u64 = 4096;
 /// Longest text a control message may carry.

@@ -574,6 +574,11 @@ fn run<V: SourceVm>(
                         FEATURE_POSTCOPY
                     } else {
                         0
+                    }
+                    | if params.converge.auto_converge {
+                        crate::protocol::FEATURE_GUEST_FIRST
+                    } else {
+                        0
                     },
                 channels: if ram.is_some() {
                     params.page_channels.min(crate::pages::MAX_CHANNELS)

@@ -304,8 +304,9 @@ fn incoming_threads(pid: u32) -> Vec<i64> {
         .collect()
 }
 
-#[test]
-fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
+/// Migrate with auto-converge on the source only and `dst_nice` set on the destination (or
+/// not); the nice values of the destination's `migration-in` threads mid-migration, sorted.
+fn destination_nices_with_auto_converge(dst_nice: Option<u64>) -> Vec<i64> {
     let dir = tempdir();
     let (mut s, mut d, _) = pair(dir.path());
     s.ok("migrate-set-parameters", json!({"multifd-channels": 2}));
@@ -324,13 +325,17 @@ fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
         19,
         "auto-converge on: page threads at nice 19"
     );
-    // The destination has auto-converge too, but an explicit value wins.
-    auto_converge(&mut d, json!({}));
-    d.ok(
-        "migrate-set-parameters",
-        json!({"__org.ferry_page-thread-nice": 0}),
+    if let Some(n) = dst_nice {
+        d.ok(
+            "migrate-set-parameters",
+            json!({"__org.ferry_page-thread-nice": n}),
+        );
+    }
+    assert_eq!(
+        nice(&mut d),
+        dst_nice.unwrap_or(0),
+        "the destination's own value"
     );
-    assert_eq!(nice(&mut d), 0);
     migrate(&mut s, &mut d);
     let (spid, dpid) = (s.child.id(), d.child.id());
     s.poll(
@@ -338,8 +343,8 @@ fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
         &|_| format!("source threads' nice values: {:?}", thread_nices(spid)),
         |_| (thread_nices(spid).iter().filter(|&&n| n == 19).count() == 2).then_some(()),
     );
-    // The destination's migration thread and both page channels, all at the process's 0.
-    let seen = d.poll(
+    // The destination's migration thread and its two page channels.
+    let mut seen = d.poll(
         Duration::from_secs(60),
         &|_| {
             format!(
@@ -349,10 +354,23 @@ fn with_auto_converge_page_threads_yield_to_vcpus_unless_a_nice_value_is_set() {
         },
         |_| {
             let t = incoming_threads(dpid);
-            (t.len() == 3).then_some(t)
+            // Not set: wait for both channels to take the source's 19.
+            let at19 = t.iter().filter(|&&n| n == 19).count();
+            (t.len() == 3 && (dst_nice.is_some() || at19 == 2)).then_some(t)
         },
     );
-    assert_eq!(seen, [0, 0, 0]);
     s.ok("migrate_cancel", json!({}));
     s.wait_migration(&["cancelled"]);
+    seen.sort_unstable();
+    seen
+}
+
+#[test]
+fn with_auto_converge_on_the_source_page_threads_of_both_sides_yield_to_vcpus() {
+    assert_eq!(destination_nices_with_auto_converge(None), [0, 19, 19]);
+}
+
+#[test]
+fn an_explicit_page_thread_nice_wins_over_the_auto_converge_default() {
+    assert_eq!(destination_nices_with_auto_converge(Some(0)), [0, 0, 0]);
 }
