@@ -4,8 +4,9 @@ use crate::config::{ConfigRecord, SwitchoverRecord};
 use crate::pages::{Book, Grant, MAX_CHANNELS, Receivers, Torn};
 use crate::progress::{Patient, Progress, Status};
 use crate::protocol::{
-    ACCEPTED_PROTOCOLS, FEATURE_PAGE_CHANNELS, FEATURE_POSTCOPY, FEATURE_PROGRESS,
-    FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION, SUPPORTED_FEATURES,
+    ACCEPTED_PROTOCOLS, FEATURE_GUEST_FIRST, FEATURE_PAGE_CHANNELS, FEATURE_POSTCOPY,
+    FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
+    SUPPORTED_FEATURES,
 };
 use crate::transport::{Channel, TeeReader, close_gracefully};
 use crate::vm::DestinationVm;
@@ -173,7 +174,7 @@ fn run<V: DestinationVm>(
                 }
                 postcopy_ok = accepted & FEATURE_POSTCOPY != 0;
                 report_progress = accepted & FEATURE_PROGRESS != 0;
-                guest_first = accepted & crate::protocol::FEATURE_GUEST_FIRST != 0;
+                guest_first = accepted & FEATURE_GUEST_FIRST != 0;
                 sparse_ok = accepted & FEATURE_SPARSE_PAGES != 0;
                 let count = hello.channels.min(params.page_channels).min(MAX_CHANNELS);
                 let mut ack = Msg::new(Kind::HelloAck, 0);

@@ -6,8 +6,8 @@ use crate::pages::Senders;
 use crate::postcopy::PageSet;
 use crate::progress::{Progress, Status};
 use crate::protocol::{
-    FEATURE_PAGE_CHANNELS, FEATURE_POSTCOPY, FEATURE_PROGRESS, FEATURE_SPARSE_PAGES, Hello, Kind,
-    Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
+    FEATURE_GUEST_FIRST, FEATURE_PAGE_CHANNELS, FEATURE_POSTCOPY, FEATURE_PROGRESS,
+    FEATURE_SPARSE_PAGES, Hello, Kind, Msg, PROGRESS_PAGES, PROTOCOL_VERSION,
 };
 use crate::ram::SharedRam;
 use crate::transport::{self, Channel, TeeWriter, Uri, close_gracefully};
@@ -576,7 +576,7 @@ fn run<V: SourceVm>(
                         0
                     }
                     | if params.converge.auto_converge {
-                        crate::protocol::FEATURE_GUEST_FIRST
+                        FEATURE_GUEST_FIRST
                     } else {
                         0
                     },

@@ -230,11 +230,17 @@ fn nice_of(stat: &str) -> Option<i64> {
 
 /// Nice values of `pid`'s threads.
 fn thread_nices(pid: u32) -> Vec<i64> {
+    nices_of_threads(pid, |_| true)
+}
+
+/// Nice values of `pid`'s threads whose name passes `named`.
+fn nices_of_threads(pid: u32, named: impl Fn(&str) -> bool) -> Vec<i64> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
     tasks
         .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| named(c.trim())))
         .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
         .filter_map(|stat| nice_of(&stat))
         .collect()
@@ -291,17 +297,7 @@ fn page_channel_threads_run_at_the_nice_value_each_side_asked_for() {
 
 /// Threads named `migration-in` in `pid`: the incoming migration's and its page channels'.
 fn incoming_threads(pid: u32) -> Vec<i64> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "migration-in")
-        })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
-        .filter_map(|stat| nice_of(&stat))
-        .collect()
+    nices_of_threads(pid, |name| name == "migration-in")
 }
 
 /// Migrate with auto-converge on the source only and `dst_nice` set on the destination (or
