@@ -19,16 +19,21 @@ pub enum Lever {
     /// Source: a pass that fits the downtime but leaves at most half of what it sent dirty
     /// is followed by another ([`crate::converge::Converge::shrink_further`]).
     ShrinkPasses,
+    /// Destination: the RAM prefault pauses while a migration streams in. Even at nice 19 it
+    /// holds a CPU for a whole huge page's first touch (the kernel does not preempt there),
+    /// delaying the page channels, the switch-over and, over loopback, the source's vCPUs.
+    PrefaultPause,
 }
 
 impl Lever {
     /// Every lever, in the order the benchmark reports them.
-    pub const ALL: [Lever; 5] = [
+    pub const ALL: [Lever; 6] = [
         Lever::Prefault,
         Lever::KnownZero,
         Lever::DirectSend,
         Lever::DirectReceive,
         Lever::ShrinkPasses,
+        Lever::PrefaultPause,
     ];
 
     /// The name used in `FERRY_LEVERS_OFF`.
@@ -39,6 +44,7 @@ impl Lever {
             Lever::DirectSend => "direct-send",
             Lever::DirectReceive => "direct-receive",
             Lever::ShrinkPasses => "shrink-passes",
+            Lever::PrefaultPause => "prefault-pause",
         }
     }
 

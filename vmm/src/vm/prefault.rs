@@ -5,16 +5,24 @@
 //! writing received pages.
 
 use super::ram_view::RamView;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Instant;
 
 /// A background thread populating guest RAM; it stops when this handle is dropped.
 #[derive(Debug)]
 pub struct Prefault {
-    stop: Arc<AtomicBool>,
+    mode: Arc<(Mutex<Mode>, Condvar)>,
     populated: Arc<AtomicU64>,
-    yielding: Arc<AtomicBool>,
+}
+
+/// What the populating thread should do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Run,
+    /// A migration streams in.
+    Yield,
+    Stop,
 }
 
 impl Prefault {
@@ -22,54 +30,64 @@ impl Prefault {
     /// priority: before a migration arrives the destination has nothing else to do (as
     /// QEMU's `-mem-prealloc`, but in the background).
     pub fn start(view: RamView) -> std::io::Result<Prefault> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new((Mutex::new(Mode::Run), Condvar::new()));
         let populated = Arc::new(AtomicU64::new(0));
-        let yielding = Arc::new(AtomicBool::new(false));
-        let (flag, count, low) = (stop.clone(), populated.clone(), yielding.clone());
+        let (m, count) = (mode.clone(), populated.clone());
         std::thread::Builder::new()
             .name("ram-prefault".into())
-            .spawn(move || populate(&view, &flag, &count, &low))?;
-        Ok(Prefault {
-            stop,
-            populated,
-            yielding,
-        })
+            .spawn(move || populate(&view, &m, &count))?;
+        Ok(Prefault { mode, populated })
     }
 
-    /// While a migration streams in, the thread runs at the lowest priority (nice 19) so the
-    /// page channels come first; `false` when the migration failed and the next is awaited.
+    /// While a migration streams in, the thread waits (lever `prefault-pause`; with it off,
+    /// it runs at the lowest priority, nice 19) so the page channels, the switch-over and the
+    /// vCPUs come first; `false` when the migration failed and the next is awaited.
     pub fn yield_to_migration(&self, yes: bool) {
-        self.yielding.store(yes, Ordering::Relaxed);
+        self.set(if yes { Mode::Yield } else { Mode::Run });
     }
 
     /// Bytes populated so far.
     pub fn populated(&self) -> u64 {
         self.populated.load(Ordering::Acquire)
     }
+
+    fn set(&self, mode: Mode) {
+        let (lock, cv) = &*self.mode;
+        let mut m = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if *m != Mode::Stop {
+            *m = mode;
+        }
+        cv.notify_all();
+    }
 }
 
 impl Drop for Prefault {
     fn drop(&mut self) {
         // The thread ends after its current chunk; it holds its own view of the mappings.
-        self.stop.store(true, Ordering::Relaxed);
+        self.set(Mode::Stop);
     }
 }
 
-fn populate(view: &RamView, stop: &AtomicBool, populated: &AtomicU64, yielding: &AtomicBool) {
+fn populate(view: &RamView, mode: &(Mutex<Mode>, Condvar), populated: &AtomicU64) {
     let started = Instant::now();
+    let pause = migration::Lever::PrefaultPause.on();
     let mut nice = 0;
     let mut stopped = false;
     view.populate(|done| {
         populated.store(done, Ordering::Release);
-        let want = if yielding.load(Ordering::Relaxed) {
-            19
-        } else {
-            0
-        };
+        let (lock, cv) = mode;
+        let mut m = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if pause {
+            m = cv
+                .wait_while(m, |m| *m == Mode::Yield)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let want = if *m == Mode::Yield { 19 } else { 0 };
+        stopped = *m == Mode::Stop;
+        drop(m);
         if want != nice && set_nice(want) {
             nice = want;
         }
-        stopped = stop.load(Ordering::Relaxed);
         !stopped
     });
     let mib = populated.load(Ordering::Acquire) >> 20;
