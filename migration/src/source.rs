@@ -844,7 +844,7 @@ fn transfer<'v, V: SourceVm>(
         for r in &config.memory {
             let pages = (r.size / PAGE_SIZE as u64) as usize;
             match channels.as_deref_mut() {
-                Some(c) => c.send_run(r.gpa, pages)?,
+                Some(c) => c.send_region(r.gpa, pages)?,
                 None => tx.send_run(out, r.gpa, pages)?,
             }
         }

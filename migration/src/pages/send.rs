@@ -10,6 +10,7 @@ use crate::transport::Channel;
 use crate::{MigrationError, chain};
 use devstate::PAGE_SIZE;
 use devstate::sparse::{MAX_SPARSE_BLOCKS, block_mask};
+use devstate::stream::MAX_ZERO_PAGES;
 use devstate::wire::{RamKind, Tag};
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +24,20 @@ use tracing::info_span;
 pub(crate) const CHUNK_PAGES: usize = devstate::stream::MAX_DATA_PAGES as usize;
 /// Jobs queued per channel before the dispatcher waits.
 const QUEUE: usize = 4;
+/// Pages whose known-zero state the dispatcher looks up at once (64 MiB; a 128 KiB read of
+/// `/proc/self/pagemap`).
+const SCAN_PAGES: usize = 64 * CHUNK_PAGES;
 
 enum Job {
-    Run { gpa: u64, pages: usize },
+    Run {
+        gpa: u64,
+        pages: usize,
+    },
+    /// Pages known to be zero without being read: one ZERO record.
+    Zero {
+        gpa: u64,
+        pages: u32,
+    },
     Sync(u64),
     End,
 }
@@ -88,6 +100,9 @@ pub(crate) struct Senders<'scope> {
     timeout: Duration,
     /// Shared counters.
     pub meter: Arc<Meter>,
+    ram: Arc<dyn SharedRam>,
+    /// Known-zero bits of one [`SCAN_PAGES`] window, if lever `known-zero` is on.
+    known: Option<Vec<u64>>,
 }
 
 fn channel_err(index: u16) -> impl FnOnce(MigrationError) -> MigrationError {
@@ -121,6 +136,8 @@ impl<'scope> Senders<'scope> {
             next: 0,
             timeout,
             meter,
+            ram: ram.clone(),
+            known: Lever::KnownZero.on().then(|| vec![0; SCAN_PAGES / 64]),
         };
         for (i, mut ch) in channels.into_iter().enumerate() {
             let index = i as u16 + 1;
@@ -168,17 +185,86 @@ impl<'scope> Senders<'scope> {
     pub fn send_run(&mut self, mut gpa: u64, mut pages: usize) -> Result<(), MigrationError> {
         while pages > 0 {
             let n = pages.min(CHUNK_PAGES);
-            let i = self.next % self.jobs.len();
-            self.next += 1;
-            if self.jobs[i].send(Job::Run { gpa, pages: n }).is_err() {
-                let idx = i as u16 + 1;
-                return Err(self.failure(MigrationError::PageChannel {
-                    index: idx,
-                    source: Box::new(MigrationError::Protocol("its thread stopped".into())),
-                }));
-            }
+            self.queue(Job::Run { gpa, pages: n })?;
             gpa += (n * PAGE_SIZE) as u64;
             pages -= n;
+        }
+        Ok(())
+    }
+
+    /// Queue a whole RAM region (the first pass) like [`Self::send_run`], except that runs of
+    /// chunks the guest never touched go out as single ZERO records, unread: an idle guest's
+    /// RAM costs a few records, not one job and one pagemap lookup per chunk.
+    pub fn send_region(&mut self, gpa: u64, pages: usize) -> Result<(), MigrationError> {
+        let Some(mut kz) = self.known.take() else {
+            return self.send_run(gpa, pages);
+        };
+        let res = self.send_region_with(gpa, pages, &mut kz);
+        self.known = Some(kz);
+        res
+    }
+
+    fn send_region_with(
+        &mut self,
+        gpa: u64,
+        pages: usize,
+        kz: &mut [u64],
+    ) -> Result<(), MigrationError> {
+        // The ZERO run being gathered: first page's address and its length.
+        let mut zero: Option<(u64, usize)> = None;
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(SCAN_PAGES);
+            let at = gpa + (done * PAGE_SIZE) as u64;
+            kz.fill(0);
+            let known = self.ram.known_zero(at, n, kz);
+            for c in (0..n).step_by(CHUNK_PAGES) {
+                let m = (n - c).min(CHUNK_PAGES);
+                let chunk = at + (c * PAGE_SIZE) as u64;
+                if known && (c..c + m).all(|p| kz[p / 64] >> (p % 64) & 1 == 1) {
+                    let (from, len) = zero.get_or_insert((chunk, 0));
+                    *len += m;
+                    if *len + CHUNK_PAGES > MAX_ZERO_PAGES as usize {
+                        let (from, len) = (*from, *len);
+                        zero = None;
+                        self.queue_zero(from, len)?;
+                    }
+                    continue;
+                }
+                if let Some((from, len)) = zero.take() {
+                    self.queue_zero(from, len)?;
+                }
+                self.queue(Job::Run {
+                    gpa: chunk,
+                    pages: m,
+                })?;
+            }
+            done += n;
+        }
+        if let Some((from, len)) = zero {
+            self.queue_zero(from, len)?;
+        }
+        Ok(())
+    }
+
+    fn queue_zero(&mut self, gpa: u64, pages: usize) -> Result<(), MigrationError> {
+        // At most MAX_ZERO_PAGES: the run is cut before it would grow past that.
+        self.queue(Job::Zero {
+            gpa,
+            pages: pages as u32,
+        })
+    }
+
+    /// Hand `job` to the next channel in turn.
+    fn queue(&mut self, job: Job) -> Result<(), MigrationError> {
+        let i = self.next % self.jobs.len();
+        self.next += 1;
+        if self.jobs[i].send(job).is_err() {
+            let idx = i as u16 + 1;
+            return Err(self.failure(MigrationError::PageChannel {
+                index: idx,
+                source: Box::new(MigrationError::Protocol("its thread stopped".into())),
+            }));
         }
         Ok(())
     }
@@ -383,6 +469,21 @@ impl Worker<'_> {
                     });
                     self.meter.throttle(self.progress.max_bandwidth());
                 }
+                Job::Zero { gpa, pages } => {
+                    if self.progress.cancelled() {
+                        return Err(MigrationError::Cancelled);
+                    }
+                    w.write_all(&encode_head(gpa, pages, RamKind::Zero, 0))
+                        .map_err(io)?;
+                    records += 1;
+                    self.meter
+                        .wire_bytes
+                        .fetch_add(super::HEAD as u64, Ordering::SeqCst);
+                    self.meter
+                        .pages
+                        .fetch_add(u64::from(pages), Ordering::SeqCst);
+                    self.progress.update(|s| s.zero_pages += u64::from(pages));
+                }
                 Job::Sync(pass) => {
                     w.write_all(&encode_marker(TAG_SYNC, pass)).map_err(io)?;
                     w.flush().map_err(io)?;
@@ -439,5 +540,136 @@ fn classify(page: &[u8], sparse: bool, mask: &mut u64) -> Class {
         0 => Class::Zero,
         n if n <= MAX_SPARSE_BLOCKS => Class::Sparse,
         _ => Class::Data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Next, read_next};
+    use super::*;
+    use crate::ram::HostRange;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    const MIB_PAGES: usize = (1 << 20) / PAGE_SIZE;
+
+    /// Zeroed memory (untouched by the host until written) whose pages are known zero unless
+    /// listed in `touched`.
+    struct Ram {
+        mem: std::cell::UnsafeCell<Vec<u8>>,
+        touched: Vec<usize>,
+    }
+
+    // SAFETY: the test writes `mem` before any thread reads it, and nothing writes it after.
+    unsafe impl Sync for Ram {}
+
+    impl SharedRam for Ram {
+        fn host_range(&self, gpa: u64, len: usize) -> Result<HostRange<'_>, String> {
+            // SAFETY: the vector is never resized, and lives as long as `self`.
+            let mem = unsafe { &mut *self.mem.get() };
+            let at = gpa as usize;
+            let range = mem.get_mut(at..at + len).ok_or("outside RAM")?;
+            // SAFETY: `range` is mapped and stays so while `self` lives.
+            Ok(unsafe { HostRange::new(range.as_mut_ptr(), len) })
+        }
+        fn mark_written(&self, _: u64, _: usize) {}
+        fn zero(&self, _: u64, _: u32) -> Result<(), String> {
+            unreachable!("a source never zeroes")
+        }
+        fn write_sparse(&self, _: u64, _: u32, _: &[u8]) -> Result<(), String> {
+            unreachable!("a source never writes")
+        }
+        fn known_zero(&self, gpa: u64, pages: usize, out: &mut [u64]) -> bool {
+            let first = gpa as usize / PAGE_SIZE;
+            for i in 0..pages {
+                if !self.touched.contains(&(first + i)) {
+                    out[i / 64] |= 1 << (i % 64);
+                }
+            }
+            true
+        }
+    }
+
+    /// Every record of one channel, up to END: (gpa, pages, kind, body).
+    fn records(mut s: TcpStream) -> Vec<(u64, u32, RamKind, Vec<u8>)> {
+        let mut hello = [0u8; 24];
+        s.read_exact(&mut hello).unwrap();
+        let mut out = Vec::new();
+        loop {
+            match read_next(&mut s, 0).unwrap() {
+                Next::Ram(h) => {
+                    let mut body = vec![0u8; h.body_len];
+                    s.read_exact(&mut body).unwrap();
+                    if h.body_len > 0 {
+                        s.read_exact(&mut [0u8; 4]).unwrap();
+                    }
+                    out.push((h.gpa, h.pages, h.kind, body));
+                }
+                Next::End(_) => return out,
+                Next::Sync(p) => panic!("unexpected SYNC {p}"),
+            }
+        }
+    }
+
+    #[test]
+    fn untouched_chunks_go_out_as_few_zero_records_and_the_rest_is_read() {
+        // 160 MiB: one page written at 100 MiB + 3 pages, one page touched but zero at 130 MiB.
+        let pages = 160 * MIB_PAGES;
+        let data = 100 * MIB_PAGES + 3;
+        let zero_touched = 130 * MIB_PAGES + 5;
+        let mut mem = vec![0u8; pages * PAGE_SIZE];
+        mem[data * PAGE_SIZE..(data + 1) * PAGE_SIZE].fill(0xa5);
+        let ram = Arc::new(Ram {
+            mem: std::cell::UnsafeCell::new(mem),
+            touched: vec![data, zero_touched],
+        });
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let clients: Vec<Channel> = (0..2)
+            .map(|_| TcpStream::connect(addr).unwrap().into())
+            .collect();
+        let servers: Vec<TcpStream> = (0..2).map(|_| l.accept().unwrap().0).collect();
+        let readers: Vec<_> = servers
+            .into_iter()
+            .map(|s| std::thread::spawn(move || records(s)))
+            .collect();
+        let progress = Progress::new(None);
+        std::thread::scope(|scope| {
+            let mut s = Senders::start(
+                scope,
+                clients,
+                7,
+                ram.clone(),
+                false,
+                &progress,
+                &crate::Params::default(),
+            )
+            .unwrap();
+            s.send_region(0, pages).unwrap();
+            s.finish().unwrap();
+        });
+        let mut got: Vec<_> = readers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect();
+        got.sort_by_key(|r| r.0);
+        let summary: Vec<(u64, u32, RamKind)> = got.iter().map(|r| (r.0, r.1, r.2)).collect();
+        let at = |page: usize| (page * PAGE_SIZE) as u64;
+        assert_eq!(
+            summary,
+            [
+                (0, 100 * MIB_PAGES as u32, RamKind::Zero),
+                // The chunk with a written page is read and classified page by page.
+                (at(100 * MIB_PAGES), 3, RamKind::Zero),
+                (at(data), 1, RamKind::Data),
+                (at(data + 1), MIB_PAGES as u32 - 4, RamKind::Zero),
+                (at(101 * MIB_PAGES), 29 * MIB_PAGES as u32, RamKind::Zero),
+                // A touched chunk that reads as zero: one ZERO record, after reading it.
+                (at(130 * MIB_PAGES), MIB_PAGES as u32, RamKind::Zero),
+                (at(131 * MIB_PAGES), 29 * MIB_PAGES as u32, RamKind::Zero),
+            ]
+        );
+        assert!(got[2].3.iter().all(|&b| b == 0xa5), "the data page's bytes");
+        assert_eq!(progress.snapshot().zero_pages as usize, pages - 1);
     }
 }

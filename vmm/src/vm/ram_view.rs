@@ -112,14 +112,6 @@ impl RamView {
         }
         Err(format!("{len} bytes at {gpa:#x} are not guest RAM"))
     }
-
-    fn maybe_data(&self, m: &GuestMem, gpa: u64) -> bool {
-        let Some(r) = m.find_region(GuestAddress(gpa)) else {
-            return true;
-        };
-        let off = (gpa - r.start_addr().0) as usize;
-        !self.pristine || r.bitmap().dirty_at(off)
-    }
 }
 
 impl SharedRam for RamView {
@@ -144,16 +136,17 @@ impl SharedRam for RamView {
 
     fn zero(&self, gpa: u64, pages: u32) -> Result<(), String> {
         let len = pages as usize * PAGE_SIZE as usize;
-        let (m, _) = self.find(gpa, len)?;
+        let (m, off) = self.find(gpa, len)?;
+        let r = m.find_region(GuestAddress(gpa)).expect("found just above");
         let zero = [0u8; PAGE_SIZE as usize];
         let mut page = [0u8; PAGE_SIZE as usize];
         for p in 0..u64::from(pages) {
-            let at = GuestAddress(gpa + p * PAGE_SIZE);
             // A page never written stays untouched (unallocated); others are cleared if they
             // hold data.
-            if !self.maybe_data(m, at.0) {
+            if self.pristine && !r.bitmap().dirty_at((off.0 + p * PAGE_SIZE) as usize) {
                 continue;
             }
+            let at = GuestAddress(gpa + p * PAGE_SIZE);
             m.read_slice(&mut page, at).map_err(|e| e.to_string())?;
             if page.iter().fold(0u8, |a, &b| a | b) != 0 {
                 m.write_slice(&zero, at).map_err(|e| e.to_string())?;
