@@ -54,7 +54,7 @@
 //! - `QC_LEVERS=1`: ablation. One more Ferry run per speed lever of `migration::levers`, with
 //!   that lever off (`FERRY_LEVERS_OFF=LEVER` in the environment of both Ferry processes):
 //!   `-prefault`, `-known-zero`, `-direct-send`, `-direct-receive`, `-shrink-passes`,
-//!   `-prefault-pause`
+//!   `-prefault-pause`, `-vcpu-slice`
 //!   (`QC_LEVERS=name,...`: only those levers). The summary gives each
 //!   one's `lever cost` as the median of paired ratios to plain `ferry` of the same rounds
 //!   (total, blackout, downtime; above 1 means the lever saves that much);
@@ -404,6 +404,7 @@ impl Hv {
             Hv::FerryLeverOff(Lever::DirectReceive) => "-direct-receive",
             Hv::FerryLeverOff(Lever::ShrinkPasses) => "-shrink-passes",
             Hv::FerryLeverOff(Lever::PrefaultPause) => "-prefault-pause",
+            Hv::FerryLeverOff(Lever::VcpuSlice) => "-vcpu-slice",
             Hv::FerryChannels(n) => CHANNELS[usize::from(n.min(8))],
             Hv::FerryNice(n) => NICE[usize::from(n.min(19))],
             Hv::FerryDstNice => "ferry-dnice19",

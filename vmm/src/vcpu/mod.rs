@@ -159,6 +159,51 @@ pub fn kick_signal() -> c_int {
     SIGRTMIN()
 }
 
+/// Scheduler slice a vCPU thread asks for (EEVDF custom slice, Linux 6.12 and later).
+const VCPU_SLICE: Duration = Duration::from_micros(100);
+
+/// Asks the scheduler for a [`VCPU_SLICE`] slice for the calling vCPU thread, keeping its
+/// policy and nice value: it does not change the thread's share of a CPU, but a runnable vCPU
+/// waits for a CPU-bound neighbour less long (the guest sees shorter stalls on a busy host,
+/// during a migration's switch-over too). Older kernels ignore the slice.
+fn ask_for_short_slice(index: u8) {
+    /// `struct sched_attr` as of Linux 3.14 (`SCHED_ATTR_SIZE_VER0`).
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+    }
+    // SAFETY: sched_getscheduler only reads the calling thread's policy.
+    if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+        return; // Someone gave this thread a real-time or batch policy: leave it.
+    }
+    // SAFETY: getpriority only reads the calling thread's nice value.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        flags: 0,
+        nice,
+        priority: 0,
+        runtime: VCPU_SLICE.as_nanos() as u64,
+        deadline: 0,
+        period: 0,
+    };
+    // SAFETY: sched_setattr reads `size` bytes of `attr`, a live `repr(C)` value laid out as
+    // the kernel's `struct sched_attr` (VER0, 48 bytes), and changes only the calling thread
+    // (pid 0).
+    let ret = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
+    if ret != 0 {
+        tracing::debug!(vcpu = index, error = %std::io::Error::last_os_error(), "vCPU keeps the default scheduler slice");
+    }
+}
+
 fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
     INSTALLED
@@ -434,6 +479,9 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let _ = started.send(());
+                if ::migration::Lever::VcpuSlice.on() {
+                    ask_for_short_slice(index);
+                }
                 run_loop(index, &fd, &ctl, &ctx)
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
