@@ -7,3 +7,4 @@ mod cli;
 mod load;
 mod python_client;
 mod python_ferry;
+mod sched;
