@@ -83,7 +83,8 @@
 //! until the destination acknowledged COMMIT, QEMU's until its last byte is sent, so they do
 //! not compare); RAM throughput = guest pages moved (`normal` + `duplicate`, 4 KiB each) over
 //! total time. What the guest sees: this process timestamps the serial output of both guests as
-//! it reads their pipes. The guests print a tick at a fixed interval (a dense guest every 64
+//! it reads their pipes (the readers run under `SCHED_FIFO` where allowed, so a loaded host
+//! does not batch the reads). The guests print a tick at a fixed interval (a dense guest every 64
 //! pages, ~0.4 ms here; `interval` is the median before the migration). `blackout` is the
 //! largest gap between consecutive ticks of source and destination together, from `migrate` to
 //! the destination's fourth tick (each run's line says where it was, `src`, `switch` or `dst`,
@@ -540,6 +541,21 @@ impl Proc {
     }
 }
 
+/// Puts the calling serial reader under `SCHED_FIFO` (priority 1) so that, on a loaded host, a
+/// guest's ticks are read (and timestamped) as they are written rather than in batches when a
+/// CPU-bound neighbour yields; the same for every hypervisor. Without the privilege it says so
+/// once and reads at normal priority.
+fn reader_runs_first() {
+    static NOTED: std::sync::Once = std::sync::Once::new();
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler reads `param`, a live value, and changes only the calling
+    // thread (pid 0).
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) } != 0 {
+        let e = std::io::Error::last_os_error();
+        NOTED.call_once(|| println!("NOTE: serial readers at normal priority ({e})"));
+    }
+}
+
 fn spawn(mut cmd: Command, sock: &Path, log: &Path) -> Result<Proc, String> {
     let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
     let mut child = cmd
@@ -552,6 +568,7 @@ fn spawn(mut cmd: Command, sock: &Path, log: &Path) -> Result<Proc, String> {
     let serial: Serial = Arc::default();
     let sink = serial.clone();
     std::thread::spawn(move || {
+        reader_runs_first();
         let mut buf = [0u8; 256];
         while let Ok(n) = out.read(&mut buf) {
             if n == 0 {
